@@ -1,0 +1,76 @@
+"""The emulator-builder interface and its registry.
+
+Every method has the same shape: a config dataclass, ``plan()`` that decides the emulator's
+structure as plain JSON-able data (saved in the manifest), ``apply()`` that turns the full model
+into the emulator following the plan, and ``restructure()`` that rebuilds the emulator's module
+shapes from the plan alone, so a package loads without calibration data. Methods register by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from ..errors import OffsiteError
+from ..families import Family, get_layers, set_layers
+from ..split import Split
+
+_REGISTRY: dict = {}
+
+
+class EmulatorBuilder:
+    """Base class of emulator methods (the only other abstract class besides :class:`Family`)."""
+
+    name: str = ""
+    config_cls: type = None
+    needs_calibration: bool = False
+
+    def make_config(self, **kwargs):
+        """Build the method's config, refusing unknown settings with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise OffsiteError(f"method '{self.name}' has no setting(s) {unknown}; known: {sorted(known)}")
+        return self.config_cls(**kwargs)
+
+    def plan(self, model, family: Family, split: Split, config, calibration=None) -> dict:
+        raise NotImplementedError
+
+    def apply(self, model, family: Family, split: Split, plan: dict):
+        """Default: keep the plan's layers (``plan["layers"]``) and drop the rest, in place."""
+        keep_layers(model, family, [entry["source"] for entry in plan["layers"]])
+        return model
+
+    def restructure(self, model, family: Family, plan: dict) -> None:
+        """Reshape a freshly built emulator skeleton to match the plan (default: nothing to do)."""
+
+
+def register(cls: type) -> type:
+    """Class decorator registering a builder under ``cls.name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_builder(name: str) -> EmulatorBuilder:
+    if name not in _REGISTRY:
+        raise OffsiteError(f"unknown emulator method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list:
+    return sorted(_REGISTRY)
+
+
+def keep_layers(model, family: Family, sources: list) -> None:
+    """Keep only the decoder layers at full-model indices ``sources`` (in that order)."""
+    layers = get_layers(model, family)
+    set_layers(model, family, [layers[i] for i in sources], sources)
+
+
+def layer_entries(split: Split, kept_middle: list) -> list:
+    """The plan's layer table: adapter layers plus the kept middle layers, in full-model order.
+
+    Returns:
+        ``[{"source": full_index, "role": "adapter" | "emulator"}, ...]``, one entry per emulator layer.
+    """
+    adapter = set(split.adapter)
+    sources = sorted(set(split.adapter) | set(kept_middle))
+    return [{"source": i, "role": "adapter" if i in adapter else "emulator"} for i in sources]

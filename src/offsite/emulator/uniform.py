@@ -1,0 +1,63 @@
+"""Uniform layer drop (OT†): the training-free emulator of Offsite-Tuning.
+
+Paper: Xiao, Lin, Han, "Offsite-Tuning: Transfer Learning without Full Model" (arXiv 2302.04870).
+
+Algorithm: of the M middle (non-adapter) layers keep n, at middle positions ``round(i*(M-1)/(n-1))``
+for i = 0..n-1 (Python rounding, as in the released ``uniform_choose_layers``), so the first and
+last middle layers always stay. 24-layer OPT with 2-8-2 keeps 2,5,7,10,13,16,18,21.
+
+Departures: the released code divides by zero for n = 1; here n = 1 keeps the middle-most layer
+``(M-1)//2``, and n = 0 keeps none (adapter-only emulator). With an explicit adapter index list
+(CRaSh-style placement) the rule runs over all non-adapter layers in order. The default n is 40%
+of M (OT's OPT-1.3B ratio, 8 of 20), rounded, at least 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import OffsiteError
+from .base import EmulatorBuilder, layer_entries, register
+
+
+def uniform_positions(num_middle: int, keep: int) -> list:
+    """Positions (0-based, within the middle) that uniform drop keeps.
+
+    Args:
+        num_middle: M, the number of middle layers.
+        keep: n, how many to keep (0 <= n <= M).
+    """
+    if not 0 <= keep <= num_middle:
+        raise OffsiteError(f"emulator layers must be between 0 and {num_middle} (the middle layers), got {keep}")
+    if keep == 0:
+        return []
+    if keep == 1:
+        return [(num_middle - 1) // 2]
+    stride = (num_middle - 1) / (keep - 1)
+    return [round(i * stride) for i in range(keep)]
+
+
+@dataclasses.dataclass
+class UniformConfig:
+    """Settings of uniform layer drop."""
+
+    emulator_layers: int | None = None
+    """Middle layers to keep (n); default 40% of the middle, at least 1."""
+
+    def __post_init__(self):
+        if self.emulator_layers is not None and int(self.emulator_layers) < 0:
+            raise OffsiteError(f"emulator_layers must be >= 0, got {self.emulator_layers}")
+
+
+@register
+class UniformDrop(EmulatorBuilder):
+    name = "uniform"
+    config_cls = UniformConfig
+
+    def plan(self, model, family, split, config, calibration=None) -> dict:
+        middle = list(split.middle)
+        keep = config.emulator_layers
+        if keep is None:
+            keep = max(1, round(0.4 * len(middle)))
+        kept = [middle[p] for p in uniform_positions(len(middle), int(keep))]
+        return {"layers": layer_entries(split, kept), "emulator_layers": int(keep)}

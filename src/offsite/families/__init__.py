@@ -1,0 +1,42 @@
+"""Architecture families keyed on ``config.model_type`` (the only module that knows HF internals)."""
+
+from __future__ import annotations
+
+from ..errors import OffsiteError
+from .base import (Family, count_parameters, describe, get_layers, get_submodule, layer_linears,
+                   named_layer_parameters, set_layers)
+from .catalog import FAMILIES, TINY_CONFIGS
+
+
+def supported_model_types() -> list:
+    """Sorted list of the ``config.model_type`` values offsite supports."""
+    return sorted(FAMILIES)
+
+
+def get_family(obj) -> Family:
+    """The family of a model, a config, or a ``model_type`` string.
+
+    Raises:
+        OffsiteError: the architecture is not supported; the message lists the supported types.
+    """
+    config = getattr(obj, "config", obj)
+    model_type = obj if isinstance(obj, str) else getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise OffsiteError(
+            f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return FAMILIES[model_type]
+
+
+def tiny_config(model_type: str, num_layers: int = 6):
+    """A tiny HF config of ``model_type`` with ``num_layers`` decoder layers (tests, demos)."""
+    from transformers import AutoConfig
+
+    get_family(model_type)
+    return AutoConfig.for_model(model_type, num_hidden_layers=num_layers, **TINY_CONFIGS[model_type])
+
+
+__all__ = [
+    "Family", "FAMILIES", "get_family", "supported_model_types", "tiny_config", "get_layers", "set_layers",
+    "layer_linears", "get_submodule", "named_layer_parameters", "count_parameters", "describe",
+]

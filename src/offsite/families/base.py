@@ -1,0 +1,159 @@
+"""The family interface: everything offsite knows about one Hugging Face architecture.
+
+A :class:`Family` is plain data naming *roles* (decoder layer list, attention and MLP linears,
+norms, final norm) by their module paths. Generic functions in this module turn those names into
+modules, so the rest of the library never spells out an HF module path or tests ``isinstance``
+against an HF class. Families are looked up by ``config.model_type`` (see ``catalog.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+from torch import nn
+
+from ..errors import OffsiteError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Roles of one architecture, as module paths.
+
+    Attributes:
+        model_type: the ``config.model_type`` this family serves.
+        layers: dotted path from the CausalLM root to the decoder ``nn.ModuleList``.
+        final_norm: dotted path from the CausalLM root to the norm applied after the last layer.
+        attention: role -> path inside a decoder layer. Roles are ``q``, ``k``, ``v``, ``o`` for
+            separate projections, or ``qkv`` + ``o`` for a fused projection.
+        mlp: role -> path inside a decoder layer. Roles are ``gate``, ``up``, ``down``, or
+            ``gate_up`` (fused, Phi-3) + ``down``, or ``up`` + ``down``.
+        norms: paths of the norms inside a decoder layer.
+        qkv_layout: how a fused ``qkv`` weight stacks its rows: ``"concat"`` ([q; k; v], Phi-3,
+            GPT-2), ``"per_head"`` (each head's q, k, v rows together: GPT-NeoX, BLOOM) or
+            ``"falcon"`` (depends on ``new_decoder_architecture``/``multi_query``). ``None`` when
+            q/k/v are separate.
+        conv1d: True when linears are GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
+        parallel_residual: attention and MLP read the same input (Phi, GPT-J, Falcon, NeoX).
+        extra: other architecture notes shown by ``offsite families``.
+    """
+
+    model_type: str
+    layers: str
+    final_norm: str
+    attention: dict
+    mlp: dict
+    norms: tuple
+    qkv_layout: str | None = None
+    conv1d: bool = False
+    parallel_residual: bool = False
+    extra: str = ""
+
+    @property
+    def layers_attr(self) -> str:
+        """Last component of :attr:`layers` (``"layers"`` or ``"h"``), as PEFT's ``layers_pattern``."""
+        return self.layers.rsplit(".", 1)[-1]
+
+    @property
+    def linear_roles(self) -> dict:
+        """All linears of a decoder layer: ``{"attn.q": "self_attn.q_proj", "mlp.down": ...}``."""
+        out = {f"attn.{r}": p for r, p in self.attention.items()}
+        out.update({f"mlp.{r}": p for r, p in self.mlp.items()})
+        return out
+
+    @property
+    def lora_targets(self) -> list:
+        """Leaf module names LoRA targets by default: every linear of the decoder layer."""
+        return sorted({p.rsplit(".", 1)[-1] for p in self.linear_roles.values()})
+
+    def layer_param_prefix(self, index: int) -> str:
+        """State-dict prefix of decoder layer ``index``, e.g. ``"model.layers.3."``."""
+        return f"{self.layers}.{index}."
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted path, with an error naming the path when it does not exist."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as exc:
+        raise OffsiteError(f"module path '{path}' not found in {type(root).__name__}: {exc}") from None
+
+
+def get_layers(model: nn.Module, family: Family) -> nn.ModuleList:
+    """The decoder layer list of ``model``."""
+    layers = get_submodule(model, family.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise OffsiteError(f"'{family.layers}' is a {type(layers).__name__}, expected nn.ModuleList")
+    return layers
+
+
+def layer_linears(layer: nn.Module, family: Family) -> dict:
+    """``{role: module}`` for every linear of one decoder layer (see :attr:`Family.linear_roles`)."""
+    return {role: get_submodule(layer, path) for role, path in family.linear_roles.items()}
+
+
+def set_layers(model: nn.Module, family: Family, layers: Sequence[nn.Module], origin: Sequence[int]) -> None:
+    """Replace the decoder stack with ``layers`` and make the model consistent with it.
+
+    ``origin[i]`` is the index that ``layers[i]`` had in the config being edited. Besides swapping
+    the ModuleList this (1) renumbers every ``layer_idx`` attribute, because attention modules
+    index the KV cache with it and ``generate()`` fails with an IndexError otherwise, (2) sets
+    ``config.num_hidden_layers``, and (3) keeps per-layer config lists (``layer_types``: sliding vs
+    full attention in Qwen2/Gemma2) aligned with the layers that remain.
+    """
+    if len(layers) != len(origin):
+        raise OffsiteError(f"set_layers got {len(layers)} layers but {len(origin)} origin indices")
+    parent_path, _, attr = family.layers.rpartition(".")
+    parent = get_submodule(model, parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList(list(layers)))
+    for new_idx, layer in enumerate(layers):
+        for mod in layer.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    cfg = model.config
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == cfg.num_hidden_layers:
+        cfg.layer_types = [layer_types[i] for i in origin]
+    cfg.num_hidden_layers = len(layers)
+
+
+def named_layer_parameters(model: nn.Module, family: Family, indices: Iterable[int]) -> dict:
+    """``{full state-dict name: parameter}`` for the decoder layers at ``indices``."""
+    layers = get_layers(model, family)
+    out = {}
+    for i in indices:
+        for name, p in layers[i].named_parameters():
+            out[family.layer_param_prefix(i) + name] = p
+    return out
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def describe(family: Family) -> dict:
+    """A JSON-able summary used by ``offsite families``."""
+    return {
+        "model_type": family.model_type,
+        "layers": family.layers,
+        "attention": family.attention,
+        "mlp": family.mlp,
+        "norms": list(family.norms),
+        "final_norm": family.final_norm,
+        "qkv_layout": family.qkv_layout,
+        "conv1d": family.conv1d,
+        "parallel_residual": family.parallel_residual,
+        "notes": family.extra,
+    }
+
+
+__all__ = [
+    "Family", "get_submodule", "get_layers", "layer_linears", "set_layers",
+    "named_layer_parameters", "count_parameters", "describe",
+]
