@@ -28,12 +28,12 @@ def get_family(obj) -> Family:
     return FAMILIES[model_type]
 
 
-def tiny_config(model_type: str, num_layers: int = 6):
+def tiny_config(model_type: str, num_layers: int = 6, **overrides):
     """A tiny HF config of ``model_type`` with ``num_layers`` decoder layers (tests, demos)."""
     from transformers import AutoConfig
 
     get_family(model_type)
-    return AutoConfig.for_model(model_type, num_hidden_layers=num_layers, **TINY_CONFIGS[model_type])
+    return AutoConfig.for_model(model_type, num_hidden_layers=num_layers, **{**TINY_CONFIGS[model_type], **overrides})
 
 
 __all__ = [

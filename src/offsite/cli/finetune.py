@@ -1,0 +1,49 @@
+"""``offsite finetune``: emulator package + data -> adapter artifact."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from ..data import FORMATS
+    from .common import add_out
+
+    p = sub.add_parser("finetune", help="fine-tune the adapter against the frozen emulator (data owner)")
+    p.add_argument("--emulator", required=True, help="emulator package folder")
+    p.add_argument("--data", required=True, help="training data file")
+    p.add_argument("--format", default="text", choices=FORMATS, help="data format (default text)")
+    p.add_argument("--task", default=None, help="for --format mc: use this eval task's prompts")
+    p.add_argument("--val-data", default=None, help="validation file (default: hold out 5%% of --data)")
+    p.add_argument("--lora", action="store_true", help="train LoRA on the adapter layers instead of all weights")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing <out>.ckpt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_out(p, "adapter artifact folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..finetune import finetune
+
+    keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "max_steps", "epochs", "lr", "batch_size",
+            "grad_accum", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
+            "gradient_checkpointing", "eval_every", "save_every", "resume", "device", "seed", "progress"]
+    out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, **{k: getattr(args, k) for k in keys})
+    print(f"adapter written to {out}")
+    return 0

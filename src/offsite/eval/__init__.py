@@ -1,0 +1,33 @@
+"""Evaluation of full, emulated and plugged-in models on the OT benchmark tasks, offline.
+
+* :mod:`.scoring` -- multiple-choice log-likelihood scoring (``acc``, ``acc_norm``) exactly as
+  lm-evaluation-harness 0.4 does it, with a KV-cache path that runs a shared context only once.
+* :mod:`.perplexity` -- rolling-window perplexity; WikiText-2 documents.
+* :mod:`.generation` -- greedy generation + exact match (WebQuestions).
+* :mod:`.tasks` -- task specs over the offline data folder; also build fine-tuning pairs.
+* :mod:`.run` -- :func:`evaluate`, the workflow behind ``offsite eval``.
+
+Names are imported lazily, so ``offsite.eval.tasks`` (used by fine-tuning and by the CLI's help)
+does not import torch.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "evaluate": "run", "format_table": "run",
+    "score_multiple_choice": "scoring", "loglikelihood": "scoring", "encode_pair": "scoring",
+    "resolve_max_length": "scoring",
+    "rolling_loglikelihood": "perplexity", "rolling_windows": "perplexity", "score_documents": "perplexity",
+    "load_wikitext": "perplexity",
+    "exact_match": "generation", "normalize_answer": "generation", "greedy_generate": "generation",
+    "score_exact_match": "generation",
+    "Task": "tasks", "get_task": "tasks", "list_tasks": "tasks",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

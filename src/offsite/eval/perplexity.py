@@ -1,0 +1,184 @@
+"""Rolling-window perplexity, and the WikiText-2 documents it is usually reported on.
+
+Windows (lm-eval's ``loglikelihood_rolling`` generalised by a stride). The text is encoded
+*without* special tokens and the prefix token (BOS, else EOS) is put in front so that the first
+token is predicted too; every text token is scored exactly once:
+
+* the first window predicts tokens ``1 .. min(L, n)`` from ``[prefix] + tokens[:L - 1]``;
+* each later window predicts the next ``stride`` tokens (fewer at the end) from the ``L`` tokens
+  that precede its last target, so it has ``L - stride + 1`` tokens of extra context.
+
+``L`` = ``max_length`` (default: the model's context, as in :func:`~offsite.eval.scoring.resolve_max_length`);
+``stride`` defaults to ``L``, i.e. non-overlapping windows with one token of carried context --
+exactly lm-eval's windows (its ``context_len=1``). A smaller stride gives each scored token more
+context, at more compute. Unlike lm-eval, the text itself is encoded without the tokenizer's BOS,
+so a BOS-adding tokenizer does not get a spurious predicted BOS after the prefix BOS.
+
+WikiText-2 (``<data-dir>/lm/wikitext-2-raw/wiki.{valid,test}.raw.gz``) is split into documents at
+top-level headings (lines `` = Title = ``), as lm-eval's ``wikitext_document_level`` dataset is;
+lines before the first heading join the first document. Each document is detokenised with the
+same rules as lm-eval's ``wikitext_detokenizer`` and scored on its own (rolling windows restart per
+document). Words (``re.split(r"\\s+", doc)``) and UTF-8 bytes are counted on the *original*
+document, as lm-eval does, and aggregated over the corpus:
+
+* ``word_perplexity = exp(-LL / words)``, ``byte_perplexity = exp(-LL / bytes)``,
+* ``bits_per_byte = -LL / bytes / ln 2``, ``token_perplexity = exp(-LL / scored tokens)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import OffsiteError
+from .scoring import eval_mode, prefix_token_id, progress_enabled, resolve_max_length, score_token_pairs
+
+_HEADING = re.compile(r"^ = [^=].* = $")  # top-level heading; " = = Sub = = " is a section
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_length: int,
+                    stride: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Cut ``tokens`` into scoring windows.
+
+    Args:
+        tokens: ids of the text (no special tokens).
+        prefix: id that conditions the first token.
+        max_length: model input length L.
+        stride: new tokens scored per later window, ``1 <= stride <= L`` (default L).
+
+    Returns:
+        ``[(context_ids, target_ids)]``; ``context + target`` is at most ``L + 1`` long, so the
+        model input ``(context + target)[:-1]`` fits, and the targets tile ``tokens`` exactly.
+    """
+    stride = max_length if stride is None else stride
+    if not 1 <= stride <= max_length:
+        raise OffsiteError(f"stride must be between 1 and the context length {max_length}, got {stride}")
+    seq = [prefix] + list(tokens)  # seq[i] is text token i - 1
+    windows = []
+    start, end = 1, 1 + min(max_length, len(tokens))
+    while start < end:
+        begin = max(0, end - 1 - max_length)  # input = seq[begin:end - 1], at most L tokens
+        windows.append((seq[begin:start], seq[start:end]))
+        start, end = end, min(end + stride, len(seq))
+    return windows
+
+
+def rolling_loglikelihood(model, tokenizer, text: str, max_length: int | None = None,
+                          stride: int | None = None, batch_size: int = 8) -> tuple[float, int]:
+    """Summed log-likelihood of ``text`` over rolling windows.
+
+    Returns:
+        ``(loglikelihood, number of scored tokens)``.
+    """
+    max_length = max_length or resolve_max_length(model, tokenizer)
+    tokens = list(tokenizer.encode(text, add_special_tokens=False))
+    windows = rolling_windows(tokens, prefix_token_id(tokenizer), max_length, stride)
+    with eval_mode(model):
+        scores = score_token_pairs(model, windows, batch_size, max_length)
+    return sum(ll for ll, _ in scores), len(tokens)
+
+
+def count_words(text: str) -> int:
+    """Words as lm-eval's wikitext task counts them (split on whitespace runs)."""
+    return len(re.split(r"\s+", text))
+
+
+def perplexity_metrics(loglik: float, tokens: int, words: int, n_bytes: int) -> dict:
+    """The four perplexity numbers from a summed log-likelihood and the unit counts."""
+    return {"word_perplexity": math.exp(-loglik / words) if words else float("nan"),
+            "byte_perplexity": math.exp(-loglik / n_bytes) if n_bytes else float("nan"),
+            "bits_per_byte": -loglik / n_bytes / math.log(2) if n_bytes else float("nan"),
+            "token_perplexity": math.exp(-loglik / tokens) if tokens else float("nan")}
+
+
+def score_documents(model, tokenizer, documents, max_length: int | None = None, stride: int | None = None,
+                    batch_size: int = 8, detokenize=None, progress: bool = True, desc: str = "perplexity") -> dict:
+    """Corpus perplexity over documents, each scored with its own rolling windows.
+
+    Args:
+        documents: iterable of strings (counts are taken on these, before ``detokenize``).
+        detokenize: optional ``str -> str`` applied before tokenising (e.g. :func:`wikitext_detokenize`).
+
+    Returns:
+        :func:`perplexity_metrics` plus ``n`` (documents), ``tokens``, ``words``, ``bytes``,
+        ``loglikelihood``, ``max_length``, ``stride``.
+    """
+    documents = list(documents)
+    max_length = max_length or resolve_max_length(model, tokenizer)
+    stride = stride or max_length
+    prefix = prefix_token_id(tokenizer)
+    windows, owner, tokens = [], [], 0
+    for d, doc in enumerate(documents):
+        ids = list(tokenizer.encode(detokenize(doc) if detokenize else doc, add_special_tokens=False))
+        tokens += len(ids)
+        for w in rolling_windows(ids, prefix, max_length, stride):
+            windows.append(w)
+            owner.append(d)
+    # All windows of all documents go through one length-sorted batching pass.
+    with eval_mode(model), tqdm(total=len(windows), desc=desc, disable=not progress_enabled(progress)) as bar:
+        scores = score_token_pairs(model, windows, batch_size, max_length, pbar=bar)
+    loglik = sum(ll for ll, _ in scores)
+    words = sum(count_words(d) for d in documents)
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    return {**perplexity_metrics(loglik, tokens, words, n_bytes), "n": len(documents), "tokens": tokens,
+            "words": words, "bytes": n_bytes, "loglikelihood": loglik, "max_length": max_length, "stride": stride}
+
+
+def split_wikitext_documents(text: str) -> list[str]:
+    """Split raw WikiText into articles at top-level `` = Title = `` heading lines."""
+    docs: list[list[str]] = []
+    preamble: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if _HEADING.match(line.rstrip("\n")):
+            docs.append(preamble + [line])
+            preamble = []
+        elif docs:
+            docs[-1].append(line)
+        else:
+            preamble.append(line)  # text before the first heading joins the first article
+    if preamble and "".join(preamble).strip():
+        docs.append(preamble)  # a file with no heading at all is one document
+    return ["".join(lines) for lines in docs]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenisation (`` @-@ ``, spaces before punctuation, ...), lm-eval's rules."""
+    s = text.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    for tokenised, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "),
+                             (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        s = s.replace(tokenised, plain)
+    # Brackets and quotes: drop the spaces just inside them.
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r'"\s*([^"]*?)\s*"', r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    for tokenised, plain in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"),
+                             (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
+        s = s.replace(tokenised, plain)
+    return s
+
+
+def wikitext_file(data_dir, split: str) -> Path:
+    """Path of the raw WikiText-2 file for ``split`` (``validation``/``valid`` or ``test``)."""
+    names = {"validation": "valid", "valid": "valid", "test": "test"}
+    if split not in names:
+        raise OffsiteError(f"wikitext has no {split!r} split here; allowed: validation, test "
+                           "(the raw train file is not in the offline data)")
+    path = Path(data_dir) / "lm" / "wikitext-2-raw" / f"wiki.{names[split]}.raw.gz"
+    if not path.is_file():
+        raise OffsiteError(f"wikitext data not found: tried {path}; point --data-dir (or OFFSITE_DATA_DIR) "
+                           "at the folder that contains lm/wikitext-2-raw/")
+    return path
+
+
+def load_wikitext(data_dir, split: str = "validation", limit: int | None = None) -> list[str]:
+    """The WikiText-2 raw documents of ``split`` (first ``limit`` of them when given)."""
+    with gzip.open(wikitext_file(data_dir, split), "rt", encoding="utf-8") as fh:
+        docs = split_wikitext_documents(fh.read())
+    return docs[:limit] if limit is not None else docs

@@ -1,0 +1,215 @@
+"""Workflow: emulator package + private data -> adapter artifact (data owner side).
+
+Reads top to bottom: load the emulator, choose what trains (the adapter layers, or LoRA on them),
+load data, train with AdamW + warmup/decay + accumulation + clipping, validate periodically and
+keep the best emulator validation loss (as Offsite-Tuning does), checkpoint for resumption, and
+write the adapter artifact in full-model layer numbers bound to the emulator's fingerprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapters import save_full_adapter, save_lora_adapter
+from ..artifacts import canonical_json
+from ..data import collate, load_examples
+from ..errors import OffsiteError
+from ..families import get_layers
+from ..package import load_emulator
+from .checkpoint import checkpoint_dir, load_checkpoint, remove_checkpoint, save_checkpoint
+from .config import FinetuneConfig
+from .schedule import lr_lambda
+
+__all__ = ["finetune", "FinetuneConfig"]
+
+
+def finetune(emulator, data, out, overwrite: bool = False, **settings) -> Path:
+    """Fine-tune the adapter of an emulator package on ``data`` and write an adapter artifact.
+
+    Args:
+        emulator: emulator package folder.
+        data: training file (see :mod:`offsite.data` for the formats).
+        out: adapter artifact folder to write.
+        overwrite: replace ``out`` if it exists.
+        **settings: fields of :class:`FinetuneConfig`.
+
+    Returns:
+        The artifact folder (kind ``adapter``, or ``lora`` with ``lora=True``).
+    """
+    cfg = _make_config(settings)
+    _check_out(out, overwrite)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    emu = load_emulator(emulator)
+    model = emu.model.to(device)
+    params, peft_model = _trainable(emu, cfg)
+
+    block = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
+    vocab = model.get_input_embeddings().num_embeddings
+    if emu.tokenizer is not None and len(emu.tokenizer) > vocab:
+        raise OffsiteError(f"the emulator's tokenizer has {len(emu.tokenizer)} tokens but its embedding only {vocab}")
+    train = load_examples(data, cfg.format, emu.tokenizer, block, cfg.task)
+    val = load_examples(cfg.val_data, cfg.format, emu.tokenizer, block, cfg.task) if cfg.val_data else []
+    if not cfg.val_data and cfg.val_fraction > 0 and len(train) >= 20:
+        random.Random(cfg.seed).shuffle(train)
+        cut = max(1, int(len(train) * cfg.val_fraction))
+        val, train = train[:cut], train[cut:]
+    per_step = cfg.batch_size * cfg.grad_accum
+    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(train) / per_step)
+    eval_every = cfg.eval_every or max(1, total // 10)
+    save_every = cfg.save_every or eval_every
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
+    settings_hash = hashlib.sha256(canonical_json([emu.artifact_id, str(data), _resumable(cfg)]).encode()).hexdigest()
+    ckpt = checkpoint_dir(out)
+    step, best_loss, best, log = 0, math.inf, None, {"train": [], "val": []}
+    if cfg.resume and (ckpt / "state.json").is_file():
+        state, best = load_checkpoint(ckpt, settings_hash, params, optimizer)
+        step, best_loss, log = state["step"], state["best_val_loss"], state["log"]
+        scheduler.last_epoch = step
+        print(f"resuming from {ckpt} at step {step}/{total}")
+
+    pad = emu.tokenizer.pad_token_id if emu.tokenizer.pad_token_id is not None else 0
+    autocast = _autocast(cfg.precision, device)
+    bar = _progress(total, step, cfg.progress)
+    started = time.time()
+    model.train()
+    while step < total:
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = _batch(train, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed, pad, device)
+            with autocast:
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        log["train"].append({"step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0]})
+        if val and (step % eval_every == 0 or step == total):
+            val_loss = _validate(model, val, cfg.batch_size, pad, device, autocast)
+            log["val"].append({"step": step, "loss": val_loss})
+            if val_loss < best_loss:
+                best_loss, best = val_loss, {k: p.detach().clone() for k, p in params.items()}
+            model.train()
+        if step % save_every == 0 and step < total:
+            save_checkpoint(ckpt, params, best, optimizer, {"step": step, "best_val_loss": best_loss,
+                                                             "log": log, "settings_hash": settings_hash})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}")
+    bar.close()
+
+    if best is not None:  # keep the checkpoint with the lowest emulator validation loss
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(best[name])
+    model.eval().to("cpu")
+    log.update(steps=step, best_val_loss=None if math.isinf(best_loss) else best_loss,
+               train_examples=len(train), val_examples=len(val), seconds=round(time.time() - started, 2))
+    resolved = {"command": "finetune", "emulator": str(emulator), "data": str(data), **dataclasses.asdict(cfg),
+                "device": str(device), "total_steps": total, "eval_every": eval_every}
+    if cfg.lora:
+        path = save_lora_adapter(out, emu, peft_model, resolved, log, overwrite=overwrite)
+    else:
+        path = save_full_adapter(out, emu, resolved, log, overwrite=overwrite)
+    if not cfg.keep_checkpoint:
+        remove_checkpoint(ckpt)
+    return path
+
+
+def _make_config(settings: dict) -> FinetuneConfig:
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise OffsiteError(f"unknown fine-tuning setting(s) {unknown}; known: {sorted(known)}")
+    return FinetuneConfig(**settings)
+
+
+def _resumable(cfg: FinetuneConfig) -> dict:
+    """Settings that must match for a checkpoint to be resumed (not cosmetic ones)."""
+    skip = {"resume", "keep_checkpoint", "progress", "device"}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+def _check_out(out, overwrite: bool) -> None:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OffsiteError(f"output folder {out} already exists and is not empty; pass --overwrite or pick another")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(precision: str, device: torch.device):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    # bf16 autocast is slower than fp32 on CPUs without AMX, so "auto" keeps fp32 there.
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _trainable(emu, cfg: FinetuneConfig):
+    """Freeze everything, then unfreeze the adapter layers or wrap them with LoRA."""
+    model = emu.model
+    model.requires_grad_(False)
+    if not cfg.lora:
+        layers = get_layers(model, emu.family)
+        params = {}
+        for pos in emu.adapter_positions:
+            for name, p in layers[pos].named_parameters():
+                p.requires_grad_(True)
+                params[f"{emu.family.layers}.{pos}.{name}"] = p
+        return params, None
+    from ..lora import wrap_lora
+
+    peft_model = wrap_lora(model, emu.family, emu.adapter_positions, cfg)
+    params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    return params, peft_model
+
+
+def _batch(examples, index: int, size: int, seed: int, pad: int, device) -> dict:
+    """The ``index``-th micro-batch of a deterministic per-epoch shuffle (so resuming is exact)."""
+    per_epoch = max(1, len(examples) // size)
+    epoch, offset = divmod(index, per_epoch)
+    order = list(range(len(examples)))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    chosen = [examples[i] for i in order[offset * size:(offset + 1) * size]] or [examples[order[0]]]
+    return {k: v.to(device) for k, v in collate(chosen, pad).items()}
+
+
+@torch.no_grad()
+def _validate(model, examples, size: int, pad: int, device, autocast) -> float:
+    """Token-weighted mean loss over the validation examples."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + size], pad).items()}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                   ignore_index=-100, reduction="sum")
+        total += losses.item()
+        count += int((labels != -100).sum())
+    return total / max(1, count)
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="finetune", unit="step", disable=not enabled, leave=False)

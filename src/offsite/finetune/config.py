@@ -1,0 +1,68 @@
+"""Settings of adapter fine-tuning (data owner side)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import OffsiteError
+from .schedule import SCHEDULES
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Every setting of ``offsite finetune``; defaults follow Offsite-Tuning's recipe where it has one."""
+
+    format: str = "text"
+    """Data format: text, prompt or mc."""
+    task: str | None = None
+    """For --format mc: build prompts with this evaluation task's spec (same prompts as offsite eval)."""
+    val_data: str | None = None
+    """Validation file in the same format; default: hold out val_fraction of the training data."""
+    val_fraction: float = 0.05
+    """Share of training examples held out for validation when val_data is absent (0 = no validation)."""
+    lora: bool = False
+    """Train LoRA on the adapter layers (PEFT) instead of all their weights."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list | None = None
+    """Module names LoRA targets; default every linear of the adapter layers."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs. 0 writes the untouched adapter."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    block_size: int = 512
+    precision: str = "auto"
+    """auto (bf16 autocast on GPUs that support it, fp32 on CPU), fp32, or bf16."""
+    gradient_checkpointing: bool = False
+    eval_every: int | None = None
+    """Validate every N steps (default: 10 times per run); the best emulator validation loss wins."""
+    save_every: int | None = None
+    """Write a resumable checkpoint every N steps (default: same as eval_every)."""
+    resume: bool = True
+    """Resume from <out>.ckpt when it exists and matches the settings."""
+    keep_checkpoint: bool = False
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise OffsiteError(f"schedule {self.schedule!r} unknown; allowed: {', '.join(SCHEDULES)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise OffsiteError(f"precision {self.precision!r} unknown; allowed: auto, fp32, bf16")
+        for name in ("batch_size", "grad_accum", "block_size", "lora_r"):
+            if getattr(self, name) < 1:
+                raise OffsiteError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise OffsiteError(f"max_steps must be >= 0, got {self.max_steps}")
+        if not 0 <= self.val_fraction < 1:
+            raise OffsiteError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise OffsiteError(f"lr must be > 0, got {self.lr}")

@@ -1,0 +1,53 @@
+"""Load whatever ``offsite eval`` is pointed at: a model, an emulator package, or either + adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapters import copy_into_layers, load_adapter, merge_lora, reindex
+from .artifacts import MANIFEST, read_manifest, verify_files
+from .errors import OffsiteError
+from .loading import load_model
+from .package import load_emulator
+
+
+def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto"):
+    """Load a model for scoring.
+
+    Args:
+        model: an HF folder or hub id (base or plugged model), or an emulator package folder.
+        adapter: optional adapter/LoRA artifact. On an emulator package it gives "emulator FT" (it
+            must have been trained on that emulator); on a full model it gives "plug-in" in memory.
+        dtype: dtype for HF models.
+
+    Returns:
+        ``(model, tokenizer, info)`` where ``info`` says what was loaded (kind, paths, layer map).
+    """
+    root = Path(model)
+    kind = read_manifest(root)["kind"] if (root / MANIFEST).is_file() else "model"
+    if kind == "emulator":
+        emu = load_emulator(root)
+        info = {"kind": "emulator", "path": str(root), "layers": emu.layer_map, "adapter": adapter}
+        if adapter is None:
+            return emu.model, emu.tokenizer, info
+        manifest, tensors = load_adapter(adapter, base=emu.manifest["base"], emulator_id=emu.artifact_id)
+        to_emulator = dict(zip(emu.split.adapter, emu.adapter_positions))
+        if manifest["kind"] == "adapter":
+            names = reindex(tensors, emu.family, to_emulator)
+            copy_into_layers(emu.model, emu.family, {names[k]: v for k, v in tensors.items()}, adapter)
+            return emu.model, emu.tokenizer, {**info, "kind": "emulator+adapter"}
+        merged = merge_lora(emu.model, emu.family, adapter, tensors, to_emulator)
+        return merged.eval(), emu.tokenizer, {**info, "kind": "emulator+lora"}
+    if kind not in ("model", "plugged"):
+        raise OffsiteError(f"{model} is a '{kind}' artifact; eval takes a model folder, hub id, plugged folder "
+                           "or emulator package (pass adapters with --adapter)")
+    if kind == "plugged":
+        verify_files(root, read_manifest(root))
+    full, tokenizer = load_model(model, dtype=dtype)
+    info = {"kind": kind, "path": str(model), "adapter": adapter}
+    if adapter is not None:
+        from .plug import plug_into
+
+        full, _ = plug_into(full, model, adapter)
+        info["kind"] = "plug-in"
+    return full.eval(), tokenizer, info
