@@ -183,7 +183,7 @@ _ONLY_VALIDATION = {"train": "validation", "test": "validation"}
 TASKS: dict[str, Task] = {t.name: t for t in [
     _mc("openbookqa", _stem),
     # PIQA's test labels are hidden (-1): evaluation on "test" reads validation, as lm-eval does.
-    _mc("piqa", fallback={"test": "validation"}, default="validation"),
+    _mc("piqa", splits=("train", "validation"), fallback={"test": "validation"}, default="validation"),
     _mc("arc_easy"),
     _mc("arc_challenge"),
     _mc("hellaswag", _context, splits=("validation",), fallback=_ONLY_VALIDATION, default="validation"),

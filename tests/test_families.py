@@ -1,0 +1,143 @@
+"""The conformance suite: every supported family passes the same invariants."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import state_equal
+from offsite.adapters import save_full_adapter
+from offsite.artifacts import load_tensors, unique_state_dict
+from offsite.emulate import emulate
+from offsite.errors import OffsiteError
+from offsite.families import (FAMILIES, get_family, get_layers, get_submodule, layer_linears,
+                              supported_model_types)
+from offsite.finetune import finetune
+from offsite.package import load_emulator
+from offsite.plug import plug
+
+FAMILY_NAMES = supported_model_types()
+REQUIRED = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "opt", "gpt2", "gpt_neox",
+            "falcon", "bloom", "gptj"}
+
+
+def test_required_families_are_supported():
+    assert REQUIRED <= set(FAMILIES)
+
+
+def test_unknown_architecture_is_refused_with_the_supported_list():
+    with pytest.raises(OffsiteError, match="unsupported architecture model_type='t5'.*llama"):
+        get_family("t5")
+
+
+def ids(n=2, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 120, (n, length), generator=g)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+class TestConformance:
+    def test_roles_resolve(self, model_type, saved_model):
+        _, model = saved_model(model_type, 4)
+        family = get_family(model)
+        layers = get_layers(model, family)
+        assert len(layers) == model.config.num_hidden_layers == 4
+        linears = layer_linears(layers[0], family)
+        assert any(r.startswith("attn.") for r in linears) and any(r.startswith("mlp.") for r in linears)
+        for role, module in linears.items():
+            assert module.weight.ndim == 2, role
+        for norm in family.norms:
+            get_submodule(layers[0], norm)
+        get_submodule(model, family.final_norm)
+
+    def test_emulator_dropping_nothing_reproduces_full_logits(self, model_type, saved_model, tmp_path):
+        path, model = saved_model(model_type, 6)
+        out = emulate(str(path), tmp_path / "emu", adapter_layers="2,2", emulator_layers=2)
+        out_all = emulate(str(path), tmp_path / "emu-all", adapter_layers="1,1", emulator_layers=4)
+        emu = load_emulator(out_all)
+        assert emu.layer_map == list(range(6))
+        x = ids()
+        with torch.no_grad():
+            assert torch.allclose(emu.model(x).logits, model(x).logits, atol=1e-5)
+
+    def test_drop_emulator_loads_with_stock_transformers_and_generates(self, model_type, saved_model, tmp_path):
+        path, model = saved_model(model_type, 8)
+        out = emulate(str(path), tmp_path / "emu", adapter_layers="2,2", emulator_layers=2)
+        emu = load_emulator(out)
+        assert emu.layer_map == [0, 1, 2, 5, 6, 7]
+        stock = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert stock.config.num_hidden_layers == 6
+        x = ids(1, 6)
+        with torch.no_grad():
+            assert torch.equal(stock(x).logits, emu.model(x).logits)
+            cached = stock.generate(x, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+            uncached = stock.generate(x, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+            assert torch.equal(cached, uncached)
+            # one cached decoding step equals the uncached logits of the same position
+            past = stock(x[:, :-1], use_cache=True).past_key_values
+            step = stock(x[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+            assert torch.allclose(step, stock(x).logits[:, -1], atol=1e-5)
+        # the package holds none of the dropped middle layers' weights
+        full = unique_state_dict(model)
+        shipped = [t for t in load_tensors(out / "model.safetensors").values()]
+        prefix = get_family(model).layers
+        for dropped in (3, 4):
+            for name, t in full.items():
+                if name.startswith(f"{prefix}.{dropped}.") and t.numel() > 1:
+                    assert not any(s.shape == t.shape and torch.equal(s, t) for s in shipped), name
+
+    def test_save_load_round_trip_is_bitwise(self, model_type, saved_model, tmp_path):
+        path, model = saved_model(model_type, 6)
+        out = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+        emu = load_emulator(out)
+        again = load_emulator(out)
+        assert state_equal(unique_state_dict(emu.model), unique_state_dict(again.model))
+        saved = load_tensors(out / "model.safetensors")
+        assert state_equal(saved, unique_state_dict(emu.model))
+        # the kept layers are the original ones, bit for bit
+        full = unique_state_dict(model)
+        prefix = get_family(model).layers
+        for pos, src in enumerate(emu.layer_map):
+            for name, t in saved.items():
+                if name.startswith(f"{prefix}.{pos}."):
+                    assert torch.equal(t, full[name.replace(f"{prefix}.{pos}.", f"{prefix}.{src}.", 1)])
+
+    def test_untouched_adapter_plugs_back_bit_for_bit(self, model_type, saved_model, tmp_path):
+        path, model = saved_model(model_type, 6)
+        emu = load_emulator(emulate(str(path), tmp_path / "emu", emulator_layers=1))
+        adapter = save_full_adapter(tmp_path / "adapter", emu, {}, {})
+        out = plug(str(path), adapter, tmp_path / "plugged")
+        plugged = AutoModelForCausalLM.from_pretrained(out)
+        assert state_equal(unique_state_dict(plugged), unique_state_dict(model))
+
+    def test_finetune_then_plug_changes_only_the_adapter(self, model_type, saved_model, tmp_path, text_file):
+        path, model = saved_model(model_type, 6)
+        emu_dir = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+        adapter = finetune(emu_dir, text_file, tmp_path / "adapter", format="text", max_steps=3, lr=1e-2,
+                           block_size=16, batch_size=2, progress=False)
+        plugged = AutoModelForCausalLM.from_pretrained(plug(str(path), adapter, tmp_path / "plugged"))
+        family = get_family(model)
+        before, after = unique_state_dict(model), unique_state_dict(plugged)
+        assert before.keys() == after.keys()
+        for name in before:
+            in_adapter = any(name.startswith(f"{family.layers}.{i}.") for i in (0, 1, 4, 5))
+            if not in_adapter:
+                assert torch.equal(before[name], after[name]), name
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        assert changed and all(any(n.startswith(f"{family.layers}.{i}.") for i in (0, 1, 4, 5)) for n in changed)
+
+    def test_merged_lora_equals_unmerged(self, model_type, saved_model, tmp_path, text_file):
+        from peft import PeftModel
+
+        path, _ = saved_model(model_type, 6)
+        emu_dir = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+        lora = finetune(emu_dir, text_file, tmp_path / "lora", format="text", lora=True, max_steps=3, lr=5e-2,
+                        block_size=16, batch_size=2, progress=False)
+        merged = AutoModelForCausalLM.from_pretrained(plug(str(path), lora, tmp_path / "merged")).eval()
+        peft_dir = plug(str(path), lora, tmp_path / "peft", lora_mode="peft")
+        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), peft_dir).eval()
+        base = AutoModelForCausalLM.from_pretrained(path).eval()
+        x = ids()
+        with torch.no_grad():
+            got, want, orig = merged(x).logits, unmerged(x).logits, base(x).logits
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got, orig, atol=1e-4)  # the LoRA really changed something
