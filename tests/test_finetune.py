@@ -1,0 +1,122 @@
+"""Fine-tuning: data formats, learning, resumption, and the CLI spine end to end."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import offsite.finetune as ft
+from conftest import state_equal
+from offsite.adapters import load_adapter
+from offsite.artifacts import unique_state_dict
+from offsite.cli import main
+from offsite.data import IGNORE, load_examples
+from offsite.emulate import emulate
+from offsite.errors import OffsiteError
+from offsite.finetune import finetune
+from offsite.models import load_for_eval
+
+
+def test_prompt_format_masks_the_prompt(tmp_path, tokenizer):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Question: what colour is the sky? Answer:", "completion": " blue"}) + "\n")
+    (ex,) = load_examples(path, "prompt", tokenizer, 64)
+    n_target = len(tokenizer(" blue", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert ex["labels"][:-n_target] == [IGNORE] * (len(ex["labels"]) - n_target)
+    assert ex["labels"][-n_target:] == ex["input_ids"][-n_target:]
+    assert ex["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_mc_format_targets_the_gold_answer(mc_file, tokenizer):
+    examples = load_examples(mc_file, "mc", tokenizer, 64)
+    assert len(examples) == 40
+    first = examples[0]
+    target = [t for t in first["labels"] if t != IGNORE]
+    assert tokenizer.decode(target[:-1]).strip() == "red"
+
+
+def test_bad_data_is_refused(tmp_path, tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(OffsiteError, match="lacks 'prompt'/'completion'"):
+        load_examples(bad, "prompt", tokenizer, 64)
+    with pytest.raises(OffsiteError, match="does not exist"):
+        load_examples(tmp_path / "missing.txt", "text", tokenizer, 64)
+    with pytest.raises(OffsiteError, match="allowed: text, prompt, mc"):
+        load_examples(bad, "csv", tokenizer, 64)
+    bad.write_text("not json\n")
+    with pytest.raises(OffsiteError, match="bad.jsonl:1 is not valid JSON"):
+        load_examples(bad, "mc", tokenizer, 64)
+
+
+def test_training_lowers_validation_loss_and_keeps_the_best(saved_model, tmp_path, text_file):
+    path, _ = saved_model("llama", 6)
+    emu = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+    out = finetune(emu, text_file, tmp_path / "ad", max_steps=30, lr=3e-3, block_size=16, batch_size=4,
+                   eval_every=5, warmup_steps=3, schedule="linear", grad_accum=2, progress=False)
+    log = json.loads((out / "training_log.json").read_text())
+    val = [v["loss"] for v in log["val"]]
+    assert val[-1] < val[0] - 0.3
+    assert log["best_val_loss"] == min(val)
+    assert not (tmp_path / "ad.ckpt").exists()
+    manifest, tensors = load_adapter(out)
+    assert manifest["split"]["adapter"] == [0, 1, 4, 5]
+    assert {k.split(".")[2] for k in tensors} == {"0", "1", "4", "5"}  # full-model numbering
+
+
+def test_resume_reproduces_an_uninterrupted_run(saved_model, tmp_path, text_file, monkeypatch):
+    path, _ = saved_model("llama", 6)
+    emu = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+    kw = dict(max_steps=8, lr=3e-3, block_size=16, batch_size=2, save_every=3, eval_every=4, progress=False)
+    straight = finetune(emu, text_file, tmp_path / "straight", **kw)
+
+    real_save = ft.save_checkpoint
+    calls = []
+
+    def crash_after_second_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies right after writing the step-6 checkpoint
+
+    monkeypatch.setattr(ft, "save_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(emu, text_file, tmp_path / "resumed", **kw)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.ckpt" / "state.json").is_file()
+    monkeypatch.setattr(ft, "save_checkpoint", real_save)
+    with pytest.raises(OffsiteError, match="different settings"):
+        finetune(emu, text_file, tmp_path / "resumed", **{**kw, "lr": 1e-3})
+    resumed = finetune(emu, text_file, tmp_path / "resumed", **kw)
+    assert state_equal(load_adapter(straight)[1], load_adapter(resumed)[1])
+    log = json.loads((resumed / "training_log.json").read_text())
+    assert [t["step"] for t in log["train"]] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_cli_emulate_finetune_plug_end_to_end(model_type, saved_model, tmp_path, mc_file, capsys):
+    path, model = saved_model(model_type, 8)
+    emu, ad, lora, out = (str(tmp_path / n) for n in ("emu", "ad", "lora", "plugged"))
+    assert main(["emulate", "--model", str(path), "--method", "uniform", "--adapter-layers", "2,2",
+                 "--emulator-layers", "2", "--out", emu]) == 0
+    assert main(["finetune", "--emulator", emu, "--data", str(mc_file), "--format", "mc", "--out", ad,
+                 "--max-steps", "4", "--lr", "1e-3", "--no-progress"]) == 0
+    assert main(["finetune", "--emulator", emu, "--data", str(mc_file), "--format", "mc", "--out", lora, "--lora",
+                 "--max-steps", "2", "--no-progress"]) == 0
+    assert main(["plug", "--model", str(path), "--adapter", ad, "--out", out]) == 0
+    for folder in (emu, ad, lora, out):
+        assert main(["verify", folder]) == 0
+        assert main(["inspect", folder]) == 0
+        assert (tmp_path / folder / "settings.json").is_file()
+    plugged = AutoModelForCausalLM.from_pretrained(out)
+    assert type(plugged) is type(model)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out) is not None
+    # plug-in in memory (eval path) equals the written folder
+    mem, _, info = load_for_eval(str(path), adapter=ad)
+    assert info["kind"] == "plug-in"
+    assert state_equal(unique_state_dict(mem), unique_state_dict(plugged))
+    x = torch.randint(4, 100, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(plugged(x).logits, mem(x).logits)
