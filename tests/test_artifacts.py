@@ -156,3 +156,14 @@ def test_unknown_inputs_give_one_clear_error(tmp_path, capsys, saved_model):
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         main(["emulate", "--model", str(path), "--method", "magic", "--out", str(tmp_path / "o")])
+
+
+def test_unsupported_architecture_folder_is_refused_before_loading_weights(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path / "bert")
+    assert main(["emulate", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported architecture model_type='bert'" in err and "gpt_neox" in err
+    assert not (tmp_path / "o").exists()
