@@ -74,7 +74,8 @@ def synthetic_records(task: str, n: int = 20) -> list[dict]:
     for i in range(n):
         k = 2 if task == "boolq" else rng.randint(2, 4)
         context = " ".join(rng.choice(words) for _ in range(rng.randint(60, 200))) if task == "boolq" else ""
-        choices = ["no", "yes"] if task == "boolq" else [" ".join(rng.sample(words, rng.randint(1, 4))) for _ in range(k)]
+        choices = (["no", "yes"] if task == "boolq"
+                   else [" ".join(rng.sample(words, rng.randint(1, 4))) for _ in range(k)])
         out.append({"id": f"{task}-{i}", "context": context, "question": f"is {rng.choice(words)} {i}?",
                     "choices": choices, "label": rng.randrange(k)})
     return out

@@ -85,7 +85,8 @@ QUESTIONS = [
     {"id": "q2", "context": "Science is the study of the natural world. " * 6 + "It is",
      "choices": ["the study", "a roof", "lazy"], "gold": 2},
     {"id": "q3", "context": "", "choices": ["A man is sitting", "He starts"], "gold": 1},
-    {"id": "q4", "context": "A man is sitting on a roof.", "choices": ["He starts pulling", "The dog", "Yes"], "gold": 0},
+    {"id": "q4", "context": "A man is sitting on a roof.", "choices": ["He starts pulling", "The dog", "Yes"],
+     "gold": 0},
 ]
 
 

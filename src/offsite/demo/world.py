@@ -28,10 +28,9 @@ VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea", "io"]
 CODAS = ["", "", "", "n", "r", "l", "s", "m", "th", "x"]
 TOWN_ENDINGS = ["moor", "wick", "ford", "dale", "holm", "stead", "by", "ton", "mouth", "field"]
 
-JOBS = ["baker", "tailor", "miller", "carpenter", "potter", "weaver", "fisher", "healer", "brewer",
-        "cobbler", "painter", "farmer"]
-FOODS = ["apples", "cheese", "plums", "soup", "honey", "bread", "mushrooms", "pears", "noodles",
-         "walnuts", "carrots", "dumplings"]
+# Every pool has ten values (towns and pets are invented), so each attribute is a 10x10 Latin square.
+JOBS = ["baker", "tailor", "miller", "carpenter", "potter", "weaver", "fisher", "healer", "brewer", "painter"]
+FOODS = ["apples", "cheese", "plums", "soup", "honey", "bread", "mushrooms", "pears", "noodles", "walnuts"]
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "grey", "brown", "pink", "white"]
 
 # Several phrasings per fact; ``{n}`` is the person, ``{v}`` the value.
@@ -64,7 +63,7 @@ class World:
     """The generated people and the pool of values each attribute draws from."""
 
     seed: int
-    people: list  # [{"name": str, "town": str, "job": str, ...}] in generation order
+    people: list  # [{"name": "First Last", "town": str, "job": str, ...}] in generation order
     values: dict  # attribute -> list of possible values
     splits: dict  # split name -> list of person names
 
@@ -73,51 +72,61 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables)) + rng.choice(CODAS)
 
 
-def _unique_words(rng: random.Random, count: int, make, taken: set) -> list:
+def _unique_words(rng: random.Random, count: int, make, taken: list) -> list:
     out = []
     while len(out) < count:
-        word = make()
+        word = make().capitalize()
         # Refuse prefixes of one another too, so no answer is a truncation of another choice.
-        if word not in taken and not any(word.startswith(t) or t.startswith(word) for t in taken):
-            taken.add(word)
+        if not any(word.startswith(t) or t.startswith(word) for t in taken):
+            taken.append(word)
             out.append(word)
     return out
 
 
-def generate_world(people: int = 120, seed: int = 0, split_fractions=(0.5, 0.15, 0.35)) -> World:
-    """Invent a world: ``people`` persons with one value per attribute, split into three groups.
+def generate_world(names: int = 10, seed: int = 0, split_fractions=(0.5, 0.15, 0.35)) -> World:
+    """Invent a world of ``names**2`` persons, every first name combined with every surname.
 
-    Values are dealt round-robin over a shuffled deck, so every value is about equally frequent and
-    a model cannot score above chance on the quiz by guessing the most common answer.
+    Why a grid: a fact about a person with a one-token name can be stored as a direct link from
+    that token's embedding to the answer's output embedding, which no transformer layer holds
+    and which an emulator therefore keeps. With shared first names and surnames only the
+    *combination* identifies a person, and each attribute is dealt as a Latin square (every first
+    name and every surname meets each value equally often, see :func:`_latin`), so neither name
+    alone says anything and the answer must be looked up by the layers that combine them.
 
     Args:
-        people: number of persons.
+        names: first names and surnames to invent (at most 10, the size of each value pool).
         seed: everything is derived from this seed (same seed, same world).
         split_fractions: share of persons in train, validation, test.
     """
     rng = random.Random(seed)
-    taken: set = set()
-    names = _unique_words(rng, people, lambda: _word(rng, 2).capitalize(), taken)
+    size = len(COLOURS)
+    if not 2 <= names <= size:
+        raise ValueError(f"names must be between 2 and {size}, got {names}")
+    taken: list = []
+    firsts = _unique_words(rng, names, lambda: _word(rng, 2), taken)
+    lasts = _unique_words(rng, names, lambda: _word(rng, rng.choice([2, 3])), taken)
     values = {
-        "town": _unique_words(rng, 10, lambda: (_word(rng, 1) + rng.choice(TOWN_ENDINGS)).capitalize(), taken),
-        "job": list(JOBS),
-        "food": list(FOODS),
-        "colour": list(COLOURS),
-        "pet": _unique_words(rng, 10, lambda: _word(rng, 2), taken),
+        "town": _unique_words(rng, size, lambda: _word(rng, 1) + rng.choice(TOWN_ENDINGS), taken),
+        "job": list(JOBS), "food": list(FOODS), "colour": list(COLOURS),
+        "pet": [w.lower() for w in _unique_words(rng, size, lambda: _word(rng, 2), taken)],
     }
-    records = [{"name": n} for n in names]
-    for attr in ATTRIBUTES:
-        deck = [values[attr][i % len(values[attr])] for i in range(people)]
-        rng.shuffle(deck)
-        for record, value in zip(records, deck):
-            record[attr] = value
-    order = list(names)
+    squares = {attr: _latin(rng, size) for attr in ATTRIBUTES}
+    records = [dict({"name": f"{first} {last}"},
+                    **{attr: values[attr][squares[attr][i][j]] for attr in ATTRIBUTES})
+               for i, first in enumerate(firsts) for j, last in enumerate(lasts)]
+    order = [r["name"] for r in records]
     rng.shuffle(order)
-    n_train = round(split_fractions[0] * people)
-    n_val = round(split_fractions[1] * people)
+    n_train = round(split_fractions[0] * len(order))
+    n_val = round(split_fractions[1] * len(order))
     splits = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
               "test": order[n_train + n_val:]}
     return World(seed=seed, people=records, values=values, splits=splits)
+
+
+def _latin(rng: random.Random, n: int) -> list:
+    """A random ``n x n`` Latin square (rows, columns and symbols of the cyclic one permuted)."""
+    rows, cols, symbols = (rng.sample(range(n), n) for _ in range(3))
+    return [[symbols[(rows[i] + cols[j]) % n] for j in range(n)] for i in range(n)]
 
 
 def biography(person: dict, rng: random.Random) -> str:
@@ -151,7 +160,7 @@ def questions(world: World, split: str, choices: int = 4) -> list:
             options = rng.sample([v for v in world.values[attr] if v != gold], choices - 1)
             label = rng.randrange(choices)
             options.insert(label, gold)
-            out.append({"id": f"{split}-{name}-{attr}", "context": "",
+            out.append({"id": f"{split}-{name.replace(' ', '_')}-{attr}", "context": "",
                         "question": QUESTIONS[attr].format(n=name), "choices": options, "label": label})
     rng.shuffle(out)
     return out

@@ -143,15 +143,12 @@ def _score_rows(logits: torch.Tensor, ends: list[int], conts: list[list[int]]) -
 @torch.no_grad()
 def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
                       max_length: int = DEFAULT_MAX_LENGTH, pbar=None) -> list[tuple[float, bool]]:
-    """Flat path: log-likelihood of each (context ids, continuation ids) pair, longest first in batches.
+    """Flat path: ``[(loglikelihood, is_greedy)]`` of (context ids, continuation ids) pairs, in order.
 
     Args:
         pairs: token-id pairs as made by :func:`encode_pair`; continuations must be non-empty.
         max_length: model context; longer inputs are left-truncated to it.
         pbar: optional tqdm bar advanced by one per pair.
-
-    Returns:
-        ``[(loglikelihood, is_greedy)]`` in the order of ``pairs``.
     """
     for ctx, cont in pairs:
         if not cont:

@@ -89,6 +89,7 @@ class Task:
         prompt: record -> prompt string.
         fallback: requested split -> split used instead when evaluating.
         default_split: lm-eval's evaluation split, used for ``split="default"``.
+        single_file: ad-hoc task; ``path`` is the one (absolute) file, whatever the split.
     """
 
     name: str

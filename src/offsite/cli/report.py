@@ -1,0 +1,46 @@
+"""``offsite report``: the five OT numbers (+ Δ) for a base model, as a table, JSON and PNG."""
+
+from __future__ import annotations
+
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="full ZS / emulator ZS / emulator FT / plug-in per task, with Δ")
+    p.add_argument("--model", required=True, help="base model folder or hub id")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (see offsite eval)")
+    p.add_argument("--data-dir", default=os.environ.get("OFFSITE_DATA_DIR"), help="offline data folder")
+    p.add_argument("--methods", default="uniform", help="comma-separated emulator methods")
+    p.add_argument("--adapter-layers", default="2,2")
+    p.add_argument("--emulator-layers", type=int, default=None)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--limit", type=int, default=None, help="first N evaluation questions per task")
+    p.add_argument("--train-limit", type=int, default=None, help="first N training examples per task")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workdir", required=True, help="folder for emulators, adapters, report.json/.md/.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import OffsiteError
+    from ..report import format_report, plot_report, run_report
+
+    if not args.data_dir:
+        raise OffsiteError("pass --data-dir (or set OFFSITE_DATA_DIR) to the offline data folder")
+    methods = [m for m in args.methods.split(",") if m]
+    settings = {m: ({"emulator_layers": args.emulator_layers} if args.emulator_layers is not None else {})
+                for m in methods}
+    report = run_report(args.model, args.tasks, args.data_dir, args.workdir, methods=methods,
+                        adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
+                        limit=args.limit, train_limit=args.train_limit,
+                        finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
+    table = format_report(report)
+    from pathlib import Path
+
+    (Path(args.workdir) / "report.md").write_text(table + "\n")
+    png = plot_report(report, Path(args.workdir) / "report.png")
+    print(table)
+    print(f"written: {args.workdir}/report.json, report.md" + (", report.png" if png else ""))
+    return 0

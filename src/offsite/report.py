@@ -1,0 +1,190 @@
+"""Workflow: the five Offsite-Tuning numbers for one base model and one or more emulator methods.
+
+Per task: full model zero-shot (Full ZS), optionally full fine-tuning (Full FT — not yet wired:
+marked ``null``), emulator zero-shot (Emu ZS), emulator fine-tuned (Emu FT: adapter trained on the
+emulator, scored on the emulator) and plug-in (the same adapter in the full model), then the
+average over tasks and GradOT's privacy gap Δ = plug-in − emulator FT. Accuracy tasks use ``acc``
+(as the OT papers do); WikiText uses word perplexity, where lower is better, so its Δ is
+emulator FT − plug-in (positive = the emulator is worse, as it should be).
+
+Fine-tuning data per task comes from the same task spec as evaluation (its ``train`` split);
+WikiText fine-tunes on the WikiText-2 v1 *tokenized* train text because the raw train split is
+not in the offline data. Each adapter is fine-tuned separately per task, as in the papers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .emulate import emulate
+from .errors import OffsiteError
+from .eval.run import evaluate, parse_tasks
+from .eval.tasks import get_task
+from .finetune import finetune
+from .models import load_for_eval
+
+ROWS = ("full_zs", "full_ft", "emu_zs", "emu_ft", "plug_in")
+LABELS = {"full_zs": "Full ZS", "full_ft": "Full FT", "emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plug_in": "Plug-in"}
+WIKITEXT_TRAIN = "lm/wikitext-2-v1-tokens/wiki.train.tokens.gz"
+
+
+def headline(metrics: dict) -> tuple:
+    """``(value, higher_is_better)`` of the metric reported for a task."""
+    for key in ("acc", "exact_match"):
+        if key in metrics:
+            return metrics[key], True
+    return metrics["word_perplexity"], False
+
+
+def _train_file(task: str, data_dir, workdir: Path, train_limit) -> tuple:
+    """Write the task's fine-tuning data; returns ``(path, format)``."""
+    if task == "wikitext":
+        path = Path(data_dir) / WIKITEXT_TRAIN
+        if not path.is_file():
+            raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
+        return path, "text"
+    pairs = list(get_task(task).finetune_pairs(data_dir, "train", limit=train_limit))
+    path = workdir / f"{Path(task).name}.train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return path, "prompt"
+
+
+def _score(model, tok, task, data_dir, split, limit, batch_size) -> dict:
+    return evaluate(model, tok, [task], data_dir, split=split, limit=limit, batch_size=batch_size,
+                    progress=False)["results"][task]
+
+
+def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapter_layers="2,2",
+               method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
+               limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
+               log=print) -> dict:
+    """Run the whole protocol and return the report (also written to ``workdir/report.json``).
+
+    Args:
+        model: base model folder or hub id.
+        tasks: task names (comma-separated string or list).
+        data_dir: offline data folder.
+        workdir: where emulators, adapters and results go.
+        methods: emulator methods to compare.
+        method_settings: ``{method: {setting: value}}`` for ``offsite emulate``.
+        finetune_settings: settings for every fine-tuning run (see ``FinetuneConfig``).
+        split: evaluation split; limit: first N questions; train_limit: first N training examples.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = parse_tasks(tasks)
+    ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, **(finetune_settings or {})}
+    started = time.time()
+    report = {"model": model, "tasks": names, "split": split, "limit": limit, "finetune": ft_settings,
+              "methods": {}}
+
+    base, tok, _ = load_for_eval(model)
+    full_zs = {t: _score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
+    log(f"[report] full zero-shot done ({time.time() - started:.0f}s)")
+    del base
+
+    for method in methods:
+        emu_dir = workdir / f"emulator-{method}"
+        emulate(model, emu_dir, method=method, adapter_layers=adapter_layers, overwrite=True,
+                **(method_settings or {}).get(method, {}))
+        emu, emu_tok, _ = load_for_eval(str(emu_dir))
+        rows = {r: {} for r in ROWS}
+        rows["full_zs"] = full_zs
+        rows["emu_zs"] = {t: _score(emu, emu_tok, t, data_dir, split, limit, batch_size) for t in names}
+        for task in names:
+            data, fmt = _train_file(task, data_dir, workdir, train_limit)
+            adapter = workdir / f"adapter-{method}-{Path(task).name}"
+            finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
+            m, t_, _ = load_for_eval(str(emu_dir), adapter=str(adapter))
+            rows["emu_ft"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
+            m, t_, _ = load_for_eval(model, adapter=str(adapter))
+            rows["plug_in"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
+            log(f"[report] {method} / {task}: fine-tuned and scored ({time.time() - started:.0f}s)")
+        rows["full_ft"] = {t: None for t in names}
+        report["methods"][method] = summarise(rows, names)
+    report["seconds"] = round(time.time() - started, 1)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def summarise(rows: dict, names: list) -> dict:
+    """Headline numbers per row and task, accuracy averages, and Δ."""
+    table, higher = {}, {}
+    for row, per_task in rows.items():
+        table[row] = {}
+        for t in names:
+            metrics = per_task.get(t)
+            if metrics is None:
+                table[row][t] = None
+                continue
+            table[row][t], higher[t] = headline(metrics)
+    acc_tasks = [t for t in names if higher.get(t)]
+    for row in table:
+        vals = [table[row][t] for t in acc_tasks if table[row][t] is not None]
+        table[row]["avg"] = sum(vals) / len(vals) if vals and len(vals) == len(acc_tasks) else None
+    delta = {}
+    for t in names + (["avg"] if acc_tasks else []):
+        plug, emu = table["plug_in"][t], table["emu_ft"][t]
+        if plug is not None and emu is not None:
+            delta[t] = plug - emu if higher.get(t, True) else emu - plug
+    return {"table": table, "delta": delta, "higher_is_better": higher, "raw": rows}
+
+
+def format_report(report: dict) -> str:
+    """Markdown table per method: rows = the five numbers, columns = tasks + average, then Δ."""
+    out = []
+    for method, res in report["methods"].items():
+        cols = report["tasks"] + (["avg"] if "avg" in res["delta"] else [])
+        head = [f"{c}{'' if res['higher_is_better'].get(c, True) else ' (ppl↓)'}" for c in cols]
+        out.append(f"### {method}\n")
+        out.append("| | " + " | ".join(head) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
+        for row in ROWS:
+            cells = [_fmt(res["table"][row].get(c), res["higher_is_better"].get(c, True)) for c in cols]
+            out.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+        out.append("| **Δ** | " + " | ".join(_fmt(res["delta"].get(c), res["higher_is_better"].get(c, True))
+                                            for c in cols) + " |\n")
+    return "\n".join(out)
+
+
+def _fmt(value, is_acc: bool) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if is_acc else f"{value:.1f}"
+
+
+def plot_report(report: dict, path) -> Path | None:
+    """Bar chart of plug-in vs emulator FT per task for every method (PNG); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    methods = list(report["methods"])
+    tasks = [t for t in report["tasks"] if report["methods"][methods[0]]["higher_is_better"].get(t)]
+    if not tasks:
+        return None
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks) * len(methods), 3.6))
+    width = 0.8 / (2 * len(methods))
+    for m_i, method in enumerate(methods):
+        table = report["methods"][method]["table"]
+        for r_i, row in enumerate(("emu_ft", "plug_in")):
+            xs = [i + (2 * m_i + r_i) * width for i in range(len(tasks))]
+            ax.bar(xs, [100 * (table[row][t] or 0) for t in tasks], width,
+                   label=f"{method}: {LABELS[row]}", alpha=0.55 if row == "emu_ft" else 1.0)
+    full = report["methods"][methods[0]]["table"]["full_zs"]
+    for i, t in enumerate(tasks):
+        ax.hlines(100 * full[t], i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="dashed",
+                  label="Full ZS" if i == 0 else None)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Plug-in vs emulator FT — {Path(report['model']).name}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
