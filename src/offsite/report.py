@@ -75,7 +75,9 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = parse_tasks(tasks)
-    ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, **(finetune_settings or {})}
+    ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64,
+                   **(finetune_settings or {})}
+    ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
     started = time.time()
     report = {"model": model, "tasks": names, "split": split, "limit": limit, "finetune": ft_settings,
               "methods": {}}

@@ -62,6 +62,7 @@ def finetune(emulator, data, out, overwrite: bool = False, **settings) -> Path:
         random.Random(cfg.seed).shuffle(train)
         cut = max(1, int(len(train) * cfg.val_fraction))
         val, train = train[:cut], train[cut:]
+    val = val[:cfg.val_limit]
     per_step = cfg.batch_size * cfg.grad_accum
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(train) / per_step)
     eval_every = cfg.eval_every or max(1, total // 10)

@@ -20,6 +20,8 @@ class FinetuneConfig:
     """Validation file in the same format; default: hold out val_fraction of the training data."""
     val_fraction: float = 0.05
     """Share of training examples held out for validation when val_data is absent (0 = no validation)."""
+    val_limit: int = 256
+    """At most this many validation examples (validation runs eval_every steps, so keep it cheap)."""
     lora: bool = False
     """Train LoRA on the adapter layers (PEFT) instead of all their weights."""
     lora_r: int = 8
@@ -64,5 +66,7 @@ class FinetuneConfig:
             raise OffsiteError(f"max_steps must be >= 0, got {self.max_steps}")
         if not 0 <= self.val_fraction < 1:
             raise OffsiteError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_limit < 1:
+            raise OffsiteError(f"val_limit must be >= 1, got {self.val_limit}")
         if self.lr <= 0:
             raise OffsiteError(f"lr must be > 0, got {self.lr}")
