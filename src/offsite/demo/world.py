@@ -83,50 +83,39 @@ def _unique_words(rng: random.Random, count: int, make, taken: list) -> list:
     return out
 
 
-def generate_world(names: int = 10, seed: int = 0, split_fractions=(0.5, 0.15, 0.35)) -> World:
-    """Invent a world of ``names**2`` persons, every first name combined with every surname.
+def generate_world(people: int = 120, seed: int = 0, split_fractions=(0.5, 0.15, 0.35)) -> World:
+    """Invent a world: ``people`` persons with one value per attribute, split into three groups.
 
-    Why a grid: a fact about a person with a one-token name can be stored as a direct link from
-    that token's embedding to the answer's output embedding, which no transformer layer holds
-    and which an emulator therefore keeps. With shared first names and surnames only the
-    *combination* identifies a person, and each attribute is dealt as a Latin square (every first
-    name and every surname meets each value equally often, see :func:`_latin`), so neither name
-    alone says anything and the answer must be looked up by the layers that combine them.
+    Values are dealt round-robin over a shuffled deck, so every value is about equally frequent and
+    a model cannot score above chance on the quiz by guessing the most common answer.
 
     Args:
-        names: first names and surnames to invent (at most 10, the size of each value pool).
+        people: number of persons.
         seed: everything is derived from this seed (same seed, same world).
         split_fractions: share of persons in train, validation, test.
     """
     rng = random.Random(seed)
     size = len(COLOURS)
-    if not 2 <= names <= size:
-        raise ValueError(f"names must be between 2 and {size}, got {names}")
     taken: list = []
-    firsts = _unique_words(rng, names, lambda: _word(rng, 2), taken)
-    lasts = _unique_words(rng, names, lambda: _word(rng, rng.choice([2, 3])), taken)
+    names = _unique_words(rng, people, lambda: _word(rng, 2), taken)
     values = {
         "town": _unique_words(rng, size, lambda: _word(rng, 1) + rng.choice(TOWN_ENDINGS), taken),
         "job": list(JOBS), "food": list(FOODS), "colour": list(COLOURS),
         "pet": [w.lower() for w in _unique_words(rng, size, lambda: _word(rng, 2), taken)],
     }
-    squares = {attr: _latin(rng, size) for attr in ATTRIBUTES}
-    records = [dict({"name": f"{first} {last}"},
-                    **{attr: values[attr][squares[attr][i][j]] for attr in ATTRIBUTES})
-               for i, first in enumerate(firsts) for j, last in enumerate(lasts)]
-    order = [r["name"] for r in records]
+    records = [{"name": n} for n in names]
+    for attr in ATTRIBUTES:
+        deck = [values[attr][i % size] for i in range(people)]
+        rng.shuffle(deck)
+        for record, value in zip(records, deck):
+            record[attr] = value
+    order = list(names)
     rng.shuffle(order)
-    n_train = round(split_fractions[0] * len(order))
-    n_val = round(split_fractions[1] * len(order))
+    n_train = round(split_fractions[0] * people)
+    n_val = round(split_fractions[1] * people)
     splits = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
               "test": order[n_train + n_val:]}
     return World(seed=seed, people=records, values=values, splits=splits)
-
-
-def _latin(rng: random.Random, n: int) -> list:
-    """A random ``n x n`` Latin square (rows, columns and symbols of the cyclic one permuted)."""
-    rows, cols, symbols = (rng.sample(range(n), n) for _ in range(3))
-    return [[symbols[(rows[i] + cols[j]) % n] for j in range(n)] for i in range(n)]
 
 
 def biography(person: dict, rng: random.Random) -> str:

@@ -1,0 +1,154 @@
+"""The embedded demo: offsite-tuning end to end on a world and a model the project makes itself.
+
+Steps (each one is the library's own workflow, as a user would run it):
+
+1. generate the world, its pretraining corpus and its quiz (:mod:`offsite.demo.world`);
+2. pretrain a small Llama on the corpus (:mod:`offsite.demo.pretrain`; reused when ``workdir``
+   already holds a finished run with the same settings);
+3. model owner: :func:`offsite.emulate.emulate` with uniform layer drop;
+4. data owner: :func:`offsite.finetune.finetune` of the adapter on the quiz's train split;
+5. model owner: :func:`offsite.plug.plug` into the full model;
+6. score full zero-shot, emulator zero-shot, emulator fine-tuned and plug-in on the test split,
+   whose persons the fine-tuning never saw: only knowledge from pretraining can answer it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .pretrain import PretrainConfig, is_pretrained, pretrain
+from .world import generate_world, write_world
+
+ROWS = [("full_zs", "full ZS"), ("emulator_zs", "emulator ZS"), ("emulator_ft", "emulator FT"),
+        ("plug_in", "plug-in"), ("full_ft", "full FT")]
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    """Sizes and schedules of one demo run."""
+
+    people: int = 120
+    variants: int = 8
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    adapter_layers: str = "2,2"
+    emulator_layers: int = 1
+    ft_steps: int = 150
+    ft_lr: float = 1e-3
+    ft_batch: int = 16
+
+
+def settings_for(quick: bool, seed: int = 0) -> DemoSettings:
+    """The default demo, or the smaller ``quick`` one used by the tests."""
+    if quick:
+        return DemoSettings(people=60, variants=8, ft_steps=80,
+                            pretrain=PretrainConfig(layers=8, hidden=96, intermediate=256, steps=250, seed=seed))
+    return DemoSettings(pretrain=PretrainConfig(seed=seed))
+
+
+def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = True, full_ft: bool = False,
+             settings: DemoSettings | None = None, threads: int = 2) -> dict:
+    """Run the whole demo in ``workdir`` and return (and write) its results.
+
+    Args:
+        workdir: folder for the data, models and artifacts (created; a finished pretraining run
+            with the same settings is reused).
+        quick: the smaller setting (well under a minute on two cores).
+        seed: seeds the world, the pretraining and the fine-tuning.
+        progress: progress bars and step messages.
+        full_ft: also fine-tune the adapter layers against the *full* model (the upper bound).
+        settings: override the preset chosen by ``quick``.
+        threads: torch CPU threads.
+
+    Returns:
+        ``{"accuracy": {row: acc}, "delta": plug_in - emulator_ft, "seconds": {...}, ...}``;
+        the same object is written to ``workdir/results.json``.
+    """
+    from ..emulate import emulate
+    from ..finetune import finetune
+    from ..plug import plug
+
+    torch.set_num_threads(threads)
+    s = settings or settings_for(quick, seed)
+    work = Path(workdir)
+    say = print if progress else (lambda *a, **k: None)
+    seconds, started = {}, time.time()
+
+    def lap(name: str, t0: float) -> None:
+        seconds[name] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    world = generate_world(s.people, seed=seed)
+    paths = write_world(world, work / "data", variants=s.variants)
+    lap("world", t0)
+    model_dir = work / "model"
+    t0 = time.time()
+    if is_pretrained(model_dir, s.pretrain, paths["corpus"]):
+        say(f"[demo] reusing the pretrained model in {model_dir}")
+    else:
+        say(f"[demo] pretraining a {s.pretrain.layers}-layer Llama on {paths['corpus']} ...")
+        pretrain(paths["corpus"], model_dir, s.pretrain, progress=progress)
+    lap("pretrain", t0)
+
+    t0 = time.time()
+    emulator = emulate(str(model_dir), work / "emulator", method="uniform", adapter_layers=s.adapter_layers,
+                       overwrite=True, emulator_layers=s.emulator_layers)
+    lap("emulate", t0)
+    ft = dict(format="mc", val_data=str(paths["validation"]), max_steps=s.ft_steps, lr=s.ft_lr,
+              batch_size=s.ft_batch, warmup_steps=max(1, s.ft_steps // 10), seed=seed, progress=progress)
+    t0 = time.time()
+    say("[demo] data owner: fine-tuning the adapter on the emulator ...")
+    adapter = finetune(str(emulator), str(paths["train"]), work / "adapter", overwrite=True, **ft)
+    plugged = plug(str(model_dir), str(adapter), work / "plugged", overwrite=True)
+    lap("finetune_plug", t0)
+
+    t0 = time.time()
+    runs = {"full_zs": (model_dir, None), "emulator_zs": (emulator, None), "emulator_ft": (emulator, adapter),
+            "plug_in": (plugged, None)}
+    if full_ft:
+        # Upper bound: the same adapter layers tuned with every middle layer present.
+        whole = emulate(str(model_dir), work / "emulator_full", method="uniform", adapter_layers=s.adapter_layers,
+                        overwrite=True, emulator_layers=s.pretrain.layers - _adapter_count(s.adapter_layers))
+        tuned = finetune(str(whole), str(paths["train"]), work / "adapter_full", overwrite=True, **ft)
+        runs["full_ft"] = (model_dir, tuned)
+    accuracy = {name: score(str(m), a and str(a), paths["test"], progress) for name, (m, a) in runs.items()}
+    lap("evaluate", t0)
+    seconds["total"] = round(time.time() - started, 1)
+
+    result = {"accuracy": accuracy, "delta": round(accuracy["plug_in"] - accuracy["emulator_ft"], 4),
+              "test_questions": sum(1 for _ in open(paths["test"], encoding="utf-8")),
+              "chance": round(1 / len(json.loads(paths["test"].read_text().splitlines()[0])["choices"]), 4),
+              "settings": dataclasses.asdict(s), "seed": seed, "quick": quick, "seconds": seconds,
+              "paths": {k: str(v) for k, v in {**paths, "model": model_dir, "emulator": emulator,
+                                                "adapter": adapter, "plugged": plugged}.items()}}
+    (work / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def _adapter_count(adapter_layers: str) -> int:
+    bottom, top = (int(x) for x in str(adapter_layers).split(","))
+    return bottom + top
+
+
+def score(model: str, adapter: str | None, test_file, progress: bool = False) -> float:
+    """Multiple-choice accuracy (``acc``) of a model / emulator (+ adapter) on the quiz file."""
+    from ..eval.run import evaluate
+    from ..models import load_for_eval
+
+    m, tokenizer, _ = load_for_eval(model, adapter)
+    out = evaluate(m, tokenizer, [str(test_file)], data_dir=None, split="test", progress=progress)
+    return round(out["results"][str(test_file)]["acc"], 4)
+
+
+def format_table(result: dict) -> str:
+    """The five-number table (four without full FT) plus the privacy gap, as plain text."""
+    acc = result["accuracy"]
+    lines = [f"{'setting':<14}{'accuracy':>9}", "-" * 23]
+    lines += [f"{label:<14}{acc[key] * 100:>8.1f}%" for key, label in ROWS if key in acc]
+    lines += ["-" * 23, f"{'Δ plug-in − emulator FT':<14} {result['delta'] * 100:+.1f} points",
+              f"(chance {result['chance'] * 100:.0f}%, {result['test_questions']} test questions)"]
+    return "\n".join(lines)
