@@ -39,8 +39,7 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     identity = model_identity(base, model)
     full_params = count_parameters(base)
 
-    plan = builder.plan(base, family, split, config, calibration=calibration)
-    emulator = builder.apply(base, family, split, plan)
+    plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer)
 
     record = {
         "base": identity,

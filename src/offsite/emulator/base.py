@@ -39,6 +39,19 @@ class EmulatorBuilder:
         keep_layers(model, family, [entry["source"] for entry in plan["layers"]])
         return model
 
+    def build(self, model, family: Family, split: Split, config, calibration=None, tokenizer=None) -> tuple:
+        """Plan, then apply: ``(plan, emulator)``. The emulate workflow calls this.
+
+        Methods whose emulator weights come out of training (distillation, ScaleOT's harmonizers)
+        override it, because what they learn is not plain data that ``plan`` could return.
+
+        Args:
+            calibration: public calibration text (path) or ready batches, for methods that need it.
+            tokenizer: the base model's tokenizer (to tokenise the calibration text), or None.
+        """
+        plan = self.plan(model, family, split, config, calibration=calibration)
+        return plan, self.apply(model, family, split, plan)
+
     def restructure(self, model, family: Family, plan: dict) -> None:
         """Reshape a freshly built emulator skeleton to match the plan (default: nothing to do)."""
 
