@@ -2,7 +2,7 @@ import pytest
 
 from offsite.emulator import uniform_positions
 from offsite.errors import OffsiteError
-from offsite.split import make_split
+from offsite.split import Split, make_split
 
 
 def uniform_full_indices(num_layers, a, n, b):
@@ -39,6 +39,13 @@ def test_split_forms():
     assert make_split(12, "2,2").to_dict()["middle"] == list(range(2, 10))
 
 
+def test_all_layers_is_the_full_fine_tuning_split():
+    for spec in ("all", "idx:" + ",".join(map(str, range(12)))):
+        s = make_split(12, spec)
+        assert s.adapter == tuple(range(12)) and s.middle == ()
+        assert Split.from_dict(s.to_dict()) == s
+
+
 @pytest.mark.parametrize("spec,message", [
     ("6,6", "a\\+b must be at most 11"),
     ("0,0", "nothing to fine-tune"),
@@ -47,7 +54,6 @@ def test_split_forms():
     ("x,y", "cannot parse"),
     ("idx:0,12", "outside 0..11"),
     ("idx:1,1", "duplicates"),
-    ("idx:" + ",".join(map(str, range(12))), "leave at least one"),
 ])
 def test_split_refusals(spec, message):
     with pytest.raises(OffsiteError, match=message):

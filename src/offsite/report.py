@@ -1,7 +1,9 @@
 """Workflow: the five Offsite-Tuning numbers for one base model and one or more emulator methods.
 
-Per task: full model zero-shot (Full ZS), optionally full fine-tuning (Full FT — not yet wired:
-marked ``null``), emulator zero-shot (Emu ZS), emulator fine-tuned (Emu FT: adapter trained on the
+Per task: full model zero-shot (Full ZS), optionally full fine-tuning (Full FT, ``full_ft=True``:
+every decoder block of the full model tuned with the same settings — embeddings and head stay
+frozen, as they do for adapters — through an ``adapter_layers="all"`` package; ``null`` when not
+run), emulator zero-shot (Emu ZS), emulator fine-tuned (Emu FT: adapter trained on the
 emulator, scored on the emulator) and plug-in (the same adapter in the full model), then the
 average over tasks and GradOT's privacy gap Δ = plug-in − emulator FT. Accuracy tasks use ``acc``
 (as the OT papers do); WikiText uses word perplexity, where lower is better, so its Δ is
@@ -59,7 +61,7 @@ def _score(model, tok, task, data_dir, split, limit, batch_size) -> dict:
 def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapter_layers="2,2",
                method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
                limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-               log=print) -> dict:
+               full_ft: bool = False, log=print) -> dict:
     """Run the whole protocol and return the report (also written to ``workdir/report.json``).
 
     Args:
@@ -71,6 +73,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         method_settings: ``{method: {setting: value}}`` for ``offsite emulate``.
         finetune_settings: settings for every fine-tuning run (see ``FinetuneConfig``).
         split: evaluation split; limit: first N questions; train_limit: first N training examples.
+        full_ft: also fine-tune every decoder block of the full model (the upper bound; slow).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +89,17 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     full_zs = {t: _score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
     log(f"[report] full zero-shot done ({time.time() - started:.0f}s)")
     del base
+    full_tuned = {t: None for t in names}
+    if full_ft:
+        whole = workdir / "emulator-full"
+        emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True)
+        for task in names:
+            data, fmt = _train_file(task, data_dir, workdir, train_limit)
+            tuned = workdir / f"adapter-full-{Path(task).name}"
+            finetune(whole, data, tuned, format=fmt, overwrite=True, **ft_settings)
+            m, t_, _ = load_for_eval(model, adapter=str(tuned))
+            full_tuned[task] = _score(m, t_, task, data_dir, split, limit, batch_size)
+            log(f"[report] full fine-tuning / {task} ({time.time() - started:.0f}s)")
 
     for method in methods:
         emu_dir = workdir / f"emulator-{method}"
@@ -104,7 +118,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
             m, t_, _ = load_for_eval(model, adapter=str(adapter))
             rows["plug_in"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
             log(f"[report] {method} / {task}: fine-tuned and scored ({time.time() - started:.0f}s)")
-        rows["full_ft"] = {t: None for t in names}
+        rows["full_ft"] = full_tuned
         report["methods"][method] = summarise(rows, names)
     report["seconds"] = round(time.time() - started, 1)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -46,6 +46,8 @@ def parse_adapter_layers(spec) -> tuple:
     if isinstance(spec, (list, tuple)):
         return ("indices", tuple(int(i) for i in spec))
     text = str(spec).strip()
+    if text == "all":
+        return ("all", ())
     try:
         if text.startswith(("idx:", "indices:")):
             return ("indices", tuple(int(x) for x in text.split(":", 1)[1].split(",") if x.strip()))
@@ -68,7 +70,9 @@ def make_split(num_layers: int, spec="2,2") -> Split:
 
     Args:
         num_layers: decoder layers of the full model.
-        spec: ``"a,b"``, ``(a, b)`` via ``"a,b"``, ``"idx:..."`` or an explicit list of indices.
+        spec: ``"a,b"``, ``(a, b)`` via ``"a,b"``, ``"idx:..."`` or an explicit list of indices;
+            ``"all"`` (or every index) makes every layer trainable with an empty middle, which is
+            the full fine-tuning baseline, not an offsite-tuning setting.
 
     Raises:
         OffsiteError: with the allowed range when the request does not fit the model.
@@ -76,6 +80,10 @@ def make_split(num_layers: int, spec="2,2") -> Split:
     if num_layers < 2:
         raise OffsiteError(f"the model has {num_layers} decoder layer(s); offsite-tuning needs at least 2")
     kind, values = parse_adapter_layers(spec) if not isinstance(spec, Split) else ("indices", spec.adapter)
+    if kind == "all" or (kind == "indices" and sorted(values) == list(range(num_layers))):
+        # Every layer trainable, nothing emulated: only meaningful as the full fine-tuning upper
+        # bound of a report, never as something to ship (it would hand over the whole model).
+        return Split(num_layers=num_layers, adapter=tuple(range(num_layers)))
     if kind == "ends":
         a, b = values
         if a < 0 or b < 0:
@@ -97,6 +105,4 @@ def make_split(num_layers: int, spec="2,2") -> Split:
             raise OffsiteError(f"adapter layer indices {list(adapter)} contain duplicates")
         if not adapter:
             raise OffsiteError("the adapter layer list is empty; give at least one index")
-        if len(adapter) >= num_layers:
-            raise OffsiteError(f"all {num_layers} layers are adapter layers; leave at least one for the middle")
     return Split(num_layers=num_layers, adapter=tuple(sorted(adapter)))

@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--full-ft", action="store_true",
+                   help="also fine-tune every decoder block of the full model (the FT upper bound; slow)")
     p.add_argument("--workdir", required=True, help="folder for emulators, adapters, report.json/.md/.png")
     p.set_defaults(func=run)
 
@@ -34,7 +36,7 @@ def run(args) -> int:
                 for m in methods}
     report = run_report(args.model, args.tasks, args.data_dir, args.workdir, methods=methods,
                         adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
-                        limit=args.limit, train_limit=args.train_limit,
+                        limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft,
                         finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
     table = format_report(report)
     from pathlib import Path

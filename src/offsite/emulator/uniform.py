@@ -58,6 +58,6 @@ class UniformDrop(EmulatorBuilder):
         middle = list(split.middle)
         keep = config.emulator_layers
         if keep is None:
-            keep = max(1, round(0.4 * len(middle)))
+            keep = max(1, round(0.4 * len(middle))) if middle else 0
         kept = [middle[p] for p in uniform_positions(len(middle), int(keep))]
         return {"layers": layer_entries(split, kept), "emulator_layers": int(keep)}

@@ -1,0 +1,26 @@
+"""The report workflow: five numbers and Δ per task on a tiny model with an ad-hoc task file."""
+
+import json
+
+from offsite.report import ROWS, format_report, run_report
+
+
+def test_report_has_the_five_numbers_and_delta(saved_model, mc_file, tmp_path):
+    path, _ = saved_model("llama", 6)
+    task = str(mc_file)
+    report = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
+                        method_settings={"uniform": {"emulator_layers": 2}}, limit=12, train_limit=24,
+                        finetune_settings={"max_steps": 3, "batch_size": 4, "lr": 1e-3}, full_ft=True,
+                        log=lambda *a: None)
+    table = report["methods"]["uniform"]["table"]
+    for row in ROWS:
+        assert 0.0 <= table[row][task] <= 1.0, (row, table[row])
+        assert table[row]["avg"] == table[row][task]
+    delta = report["methods"]["uniform"]["delta"][task]
+    assert delta == table["plug_in"][task] - table["emu_ft"][task]
+    # Full FT really tuned every block: its adapter holds all six layers of the base model.
+    manifest = json.loads((tmp_path / "work" / f"adapter-full-{mc_file.name}" / "manifest.json").read_text())
+    assert manifest["split"]["adapter"] == list(range(6)) and manifest["split"]["middle"] == []
+    assert json.loads((tmp_path / "work" / "report.json").read_text())["methods"]["uniform"]["delta"]
+    text = format_report(report)
+    assert "Full FT" in text and "Plug-in" in text
