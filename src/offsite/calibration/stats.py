@@ -1,0 +1,130 @@
+"""Per-linear calibration statistics (K-FAC factors, weight gradients) and damped factorisations.
+
+For a linear ``y = W x + b`` with ``W`` of shape ``(out, in)`` and per-token output gradient
+``g = d(sum of token losses)/dy``, accumulated over T calibration tokens:
+
+* ``A = (1/T) sum x x^T``  ``(in, in)``: input covariance (K-FAC's activation factor);
+* ``G = (1/T) sum g g^T``  ``(out, out)``: output-gradient covariance (K-FAC's gradient factor);
+* ``grad = (1/T) sum g x^T``  ``(out, in)``: the gradient of the *mean* token loss w.r.t. ``W``.
+
+With these, K-FAC approximates the Hessian (Fisher) of the mean loss as ``A ⊗ G``, so a weight
+perturbation ``δ`` gives ``H vec(δ) ≈ vec(G δ A)``. Statistics are kept in the ``(out, in)``
+convention whatever the storage (GPT-2's Conv1D stores ``[in, out]``, but its forward input and
+output are the same as a linear's, which is all the hooks see). Accumulation is fp64 by default
+because sums of ~10^5 outer products lose digits in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+from ..errors import OffsiteError
+
+STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class DampingWarning(UserWarning):
+    """A factorisation needed (more) damping than requested to succeed."""
+
+
+class LinearStats:
+    """Running K-FAC factors and mean weight gradient of one linear (add batches, then finalize)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype=torch.float64, device=None):
+        self.A = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.G = torch.zeros(out_features, out_features, dtype=dtype, device=device)
+        self.grad = torch.zeros(out_features, in_features, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add tokens.
+
+        Args:
+            x: inputs ``(..., in)``.
+            g: gradients of the summed token loss w.r.t. the outputs, ``(..., out)``.
+        """
+        x = x.detach().reshape(-1, self.A.shape[0]).to(self.A.dtype)
+        g = g.detach().reshape(-1, self.G.shape[0]).to(self.G.dtype)
+        self.A.addmm_(x.T, x)
+        self.G.addmm_(g.T, g)
+        self.grad.addmm_(g.T, x)
+        self.tokens += x.shape[0]
+
+    def finalize(self) -> dict:
+        """``{"A": (in, in), "G": (out, out), "grad": (out, in), "tokens": T}`` as means over tokens."""
+        if self.tokens == 0:
+            raise OffsiteError("no calibration tokens reached this linear; check the calibration batches")
+        t = float(self.tokens)
+        return {"A": self.A / t, "G": self.G / t, "grad": self.grad / t, "tokens": self.tokens}
+
+
+@contextlib.contextmanager
+def gather_linear_stats(linears: dict, dtype=torch.float64):
+    """Hook ``{role: module}`` so every forward + backward through them adds to a :class:`LinearStats`.
+
+    The forward hook keeps the module's input and registers a hook on its output tensor that
+    receives the output gradient during ``backward``; both are dropped right after use, so only
+    one layer's activations live at a time. Hooks are removed on exit, also on error.
+
+    Yields:
+        ``{role: LinearStats}``, filled as backward passes run.
+    """
+    stats, handles = {}, []
+
+    def hook_for(role):
+        def forward_hook(module, inputs, output):
+            x = inputs[0]
+            if not output.requires_grad:
+                return
+            entry = stats.get(role)
+            if entry is None:
+                entry = stats[role] = LinearStats(x.shape[-1], output.shape[-1], dtype, x.device)
+            output.register_hook(lambda g, x=x.detach(), entry=entry: entry.update(x, g))
+        return forward_hook
+
+    try:
+        for role, module in linears.items():
+            handles.append(module.register_forward_hook(hook_for(role)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def damped_cholesky(matrix: torch.Tensor, damping: float = 0.0, name: str = "matrix", max_tries: int = 8):
+    """Cholesky factor of ``matrix + d * mean(diag) * I``, raising ``d`` tenfold until it succeeds.
+
+    Args:
+        matrix: symmetric positive semi-definite ``(n, n)``.
+        damping: relative damping to start with (0 = try undamped first).
+        name: what the matrix is, for the warning.
+        max_tries: attempts before giving up.
+
+    Returns:
+        ``(L, used)``: lower-triangular ``L`` with ``L L^T = matrix + used * mean(diag) * I``.
+
+    Warns:
+        DampingWarning: when more damping than ``damping`` was needed (says how much).
+    """
+    scale = matrix.diagonal().abs().mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    used = float(damping)
+    for _ in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(matrix + used * scale * eye)
+        if int(info) == 0:
+            if used > damping:
+                warnings.warn(f"{name}: not positive definite; damped with {used:.1e} x mean diagonal "
+                              f"(requested {damping:.1e})", DampingWarning, stacklevel=2)
+            return factor, used
+        used = max(used * 10.0, 1e-8)
+    raise OffsiteError(f"{name}: Cholesky failed even with damping {used / 10:.1e} x mean diagonal; "
+                       "the calibration statistics are degenerate (too few tokens?)")
+
+
+def damped_inverse(matrix: torch.Tensor, damping: float = 0.0, name: str = "matrix") -> torch.Tensor:
+    """Inverse of ``matrix + d * mean(diag) * I`` via :func:`damped_cholesky` (warns when damping triggers)."""
+    factor, _ = damped_cholesky(matrix, damping, name)
+    return torch.cholesky_inverse(factor)
