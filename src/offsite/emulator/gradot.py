@@ -1,0 +1,227 @@
+"""GradOT: training-free, gradient-preserving emulators (the ``"gradot"`` method).
+
+Paper: Yao et al., "GradOT: Training-free Gradient-preserving Offsite-tuning for Large Language
+Models", ACL 2025 (arXiv 2507.04455). No official code was found; this follows the paper as far as
+secondary sources confirm it (../shared/research/papers.md §5) and documents every choice.
+
+Algorithm: one streamed forward/backward pass of the *full* model over public calibration text
+gathers, for every linear of every middle layer, the K-FAC factors A, G and the mean gradient g
+(:mod:`offsite.calibration`). Each compression δ is scored by GCS(δ) = ||G δ A||_1 − λ<g, δ>
+(:mod:`.gcs`): small gradient change for the adapter (utility), large loss increase (privacy).
+Attention projections get Dynamic Rank Decomposition (SVD; the top 5% of singular components are
+always kept, the rest of the rank budget goes to the components whose removal has the highest
+GCS; stored as two factors). MLPs get Selective Channel Pruning (remove the intermediate channels
+with the lowest GCS). Every middle layer stays, compressed; adapter layers stay whole.
+
+Choices where the sources are silent (each is a setting):
+
+* Calibration: public text, default War and Peace from the shared data (disjoint from every
+  evaluation and fine-tuning set here), 64 windows x 128 tokens, seed 0. The loss is the plain
+  next-token LM loss of the full model (adapters as they are) on that text.
+* Size: ``param_budget`` = fraction of every middle linear's parameters kept (default 0.4,
+  OT's 8 of 20 middle layers, so the default emulator matches uniform drop's default size).
+  Attention rank r = floor(budget * out * in / (out + in)) (factors cost r(out+in)); MLP keeps
+  round(budget * channels) channels. ``rank_ratio`` (fraction of full rank) and ``channel_ratio``
+  set the two parts directly instead; a part without its ratio uses the default budget. A rank
+  whose factors would cost at least the dense matrix is stored dense (the same product).
+* <g, δ> is the entrywise product summed to a scalar; both GCS terms are normalised per
+  selection (see :mod:`.gcs`), so λ is dimensionless: defaults λ_attn = λ_mlp = 0.5.
+* The 5% floor is per matrix (``top_fraction``); fused qkv is one matrix (see :mod:`.lowrank`).
+  q, k, v and o are all decomposed; biases are kept and not scored.
+* ``scoring="magnitude"`` replaces GCS by the classic baselines at the same sizes: top singular
+  values (plain truncated SVD) and channel-weight-norm pruning. Used by tests and the benchmark.
+* The SVD is recomputed in ``apply`` from the plan's component indices (deterministic), instead
+  of caching factors between plan and apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+
+from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, calibration_batches, capture_boundaries,
+                           peak_memory_mb, resolve_calibration)
+from ..errors import OffsiteError
+from ..families import get_layers, get_submodule, layer_linears
+from ..families.linears import linear_weight, mlp_channel_blocks
+from . import gcs
+from .base import EmulatorBuilder, keep_layers, layer_entries, register
+from .lowrank import (make_dense, make_low_rank, prune_mlp_channels, replace_linear, restructure_linears,
+                      truncated_svd, weight_svd)
+
+DEFAULT_BUDGET = 0.4
+SCORINGS = ("gcs", "magnitude")
+
+
+def _fraction(name, value, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise OffsiteError(f"gradot {name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass
+class GradOTConfig:
+    """Settings of GradOT (see the module docstring for what each default stands for)."""
+
+    param_budget: float | None = None
+    """Fraction of every middle linear's parameters kept (default 0.4 when no ratio is given)."""
+    rank_ratio: float | None = None
+    """Attention: fraction of the full rank kept (instead of param_budget)."""
+    channel_ratio: float | None = None
+    """MLP: fraction of the intermediate channels kept (instead of param_budget)."""
+    lambda_attn: float = 0.5
+    """λ of the GCS loss-increase term for attention (rank decomposition); 0 = gradient only."""
+    lambda_mlp: float = 0.5
+    """λ of the GCS loss-increase term for the MLP (channel pruning)."""
+    top_fraction: float = 0.05
+    """Fraction of each matrix's rank (largest singular values) always kept."""
+    scoring: str = "gcs"
+    """'gcs' (GradOT) or 'magnitude' (top singular values + channel-norm pruning baseline)."""
+    seq_len: int = 128
+    """Tokens per calibration window."""
+    num_sequences: int = 64
+    """Calibration windows."""
+    batch_size: int = 8
+    """Calibration windows per forward/backward batch."""
+    seed: int = 0
+    """Seed of the calibration window draw."""
+    stats_dtype: str = "float64"
+    """Accumulation dtype of the K-FAC statistics: float64 or float32."""
+
+    def __post_init__(self):
+        for name in ("param_budget", "rank_ratio", "channel_ratio"):
+            setattr(self, name, _fraction(name, getattr(self, name)))
+        if self.param_budget is not None and (self.rank_ratio is not None or self.channel_ratio is not None):
+            raise OffsiteError("gradot takes either param_budget or rank_ratio/channel_ratio, not both")
+        for name in ("lambda_attn", "lambda_mlp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise OffsiteError(f"gradot {name} must be a number >= 0, got {value!r}")
+        self.top_fraction = _fraction("top_fraction", self.top_fraction, allow_none=False)
+        if self.scoring not in SCORINGS:
+            raise OffsiteError(f"gradot scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.stats_dtype not in STATS_DTYPES:
+            raise OffsiteError(f"gradot stats_dtype must be one of {', '.join(STATS_DTYPES)}, got {self.stats_dtype!r}")
+        self.calibration = CalibrationConfig(None, self.seq_len, self.num_sequences, self.batch_size, self.seed)
+
+    def target_rank(self, out_f: int, in_f: int) -> int:
+        """Rank kept for an ``(out, in)`` attention matrix."""
+        full = min(out_f, in_f)
+        if self.rank_ratio is not None:
+            return max(1, min(full, round(self.rank_ratio * full)))
+        budget = self.param_budget or DEFAULT_BUDGET
+        return full if budget >= 1 else max(1, min(full, int(budget * out_f * in_f / (out_f + in_f))))
+
+    def target_channels(self, channels: int) -> int:
+        ratio = self.channel_ratio if self.channel_ratio is not None else (self.param_budget or DEFAULT_BUDGET)
+        return max(1, min(channels, round(ratio * channels)))
+
+
+def _batches(model, config: GradOTConfig, calibration):
+    """Calibration batches: given directly (list of LongTensors) or read from a file (None = default)."""
+    if isinstance(calibration, (list, tuple)):
+        return list(calibration), {"path": None, "sequences": sum(len(b) for b in calibration)}
+    from ..loading import load_tokenizer
+
+    path = resolve_calibration(calibration, "gradot")
+    tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
+    c = config.calibration
+    batches = calibration_batches(path, tokenizer, seq_len=c.seq_len, num_sequences=c.num_sequences,
+                                  batch_size=c.batch_size, seed=c.seed)
+    return batches, {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                     "sequences": c.num_sequences, "seq_len": c.seq_len, "seed": c.seed}
+
+
+def _attention_entry(index, role, module, family, stats, config):
+    w = linear_weight(module, family)
+    out_f, in_f = w.shape
+    rank = config.target_rank(out_f, in_f)
+    if rank >= min(out_f, in_f):
+        return None  # nothing to compress
+    svd = weight_svd(w)
+    if config.scoring == "magnitude":
+        kept = list(range(rank))
+    else:
+        scores = gcs.component_scores(stats, svd, config.lambda_attn)
+        kept = gcs.select_components(scores, rank, gcs.floor_count(min(out_f, in_f), config.top_fraction))
+    entry = {"layer": index, "role": role, "components": kept}
+    if rank * (out_f + in_f) < out_f * in_f:
+        return {**entry, "rank": rank}
+    return {**entry, "shape": [out_f, in_f]}
+
+
+def _mlp_entry(index, layer, family, stats, config):
+    linears = layer_linears(layer, family)
+    down = linear_weight(linears["mlp.down"], family)
+    channels = down.shape[1]
+    keep = config.target_channels(channels)
+    if keep >= channels:
+        return None
+    rows = [(stats[r], linear_weight(linears[r], family).detach(), b) for r, b in mlp_channel_blocks(family).items()]
+    if config.scoring == "magnitude":
+        norm = down.detach().double().norm(dim=0)
+        for _, w, blocks in rows:
+            norm = norm * w.double().norm(dim=1).view(blocks, channels).prod(0)
+        kept = gcs.select_top(norm, keep)
+    else:
+        kept = gcs.select_top(gcs.channel_scores(rows, (stats["mlp.down"], down.detach()), config.lambda_mlp), keep)
+    return {"layer": index, "channels": kept, "of": channels}
+
+
+@register
+class GradOT(EmulatorBuilder):
+    name = "gradot"
+    config_cls = GradOTConfig
+    needs_calibration = True
+
+    def plan(self, model, family, split, config, calibration=None) -> dict:
+        started = time.time()
+        batches, source = _batches(model, config, calibration)
+        layers = get_layers(model, family)
+        linears, mlps = [], []
+
+        def on_layer(index, stats):
+            for role, module in layer_linears(layers[index], family).items():
+                if role.startswith("attn."):
+                    entry = _attention_entry(index, role, module, family, stats[role], config)
+                    linears.extend([entry] if entry else [])
+            entry = _mlp_entry(index, layers[index], family, stats, config)
+            mlps.extend([entry] if entry else [])
+
+        bounds = capture_boundaries(model, family, batches)
+        backward_sweep(model, family, bounds, split.middle, on_layer, STATS_DTYPES[config.stats_dtype])
+        settings = {k: v for k, v in vars(config).items() if k != "calibration"}
+        return {
+            "layers": layer_entries(split, list(split.middle)),
+            "linears": sorted(linears, key=lambda e: (e["layer"], e["role"])),
+            "mlp": sorted(mlps, key=lambda e: e["layer"]),
+            "settings": settings,
+            "calibration": {**source, "tokens": bounds.tokens, "loss": round(bounds.loss, 6)},
+            "build": {"stats_seconds": round(time.time() - started, 2), **peak_memory_mb()},
+        }
+
+    def apply(self, model, family, split, plan):
+        layers = get_layers(model, family)
+        with torch.no_grad():
+            for entry in plan["mlp"]:
+                prune_mlp_channels(layers[entry["layer"]], family, entry["channels"])
+            for entry in plan["linears"]:
+                layer = layers[entry["layer"]]
+                module = get_submodule(layer, family.linear_roles[entry["role"]])
+                up, down = truncated_svd(linear_weight(module, family), components=entry["components"])
+                if "rank" in entry:
+                    new = make_low_rank(module, family, up, down)
+                else:
+                    new = make_dense(up @ down, getattr(module, "bias", None))
+                replace_linear(layer, family, entry["role"], new)
+        keep_layers(model, family, [e["source"] for e in plan["layers"]])
+        return model
+
+    def restructure(self, model, family, plan) -> None:
+        restructure_linears(model, family, plan)
