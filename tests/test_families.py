@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import state_equal
+from conftest import make_model, state_equal
 from offsite.adapters import save_full_adapter
 from offsite.artifacts import load_tensors, unique_state_dict
 from offsite.emulate import emulate
@@ -141,3 +141,50 @@ class TestConformance:
             got, want, orig = merged(x).logits, unmerged(x).logits, base(x).logits
         assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(got, orig, atol=1e-4)  # the LoRA really changed something
+
+
+def test_layer_output_convention_matches_the_real_layers(model_type):
+    """``Family.layer_output`` says what a decoder layer returns; hooks and harmonizers rely on it."""
+    from offsite.families import capture_hidden
+
+    model = make_model(model_type, 2)
+    family = get_family(model)
+    seen = {}
+    layer = get_layers(model, family)[0]
+    handle = layer.register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
+    with torch.no_grad(), capture_hidden(model, family, outputs_of=[0], inputs_of=[1]) as store:
+        model(ids())
+    handle.remove()
+    assert isinstance(seen["out"], tuple) == (family.layer_output == "tuple")
+    assert torch.equal(store[("out", 0)], store[("in", 1)])  # layer 1 reads what layer 0 wrote
+
+
+test_layer_output_convention_matches_the_real_layers = pytest.mark.parametrize("model_type", FAMILY_NAMES)(
+    test_layer_output_convention_matches_the_real_layers)
+
+# Calibrated methods with budgets small enough for 14 families: build from a tiny text file, reload
+# without calibration data, fine-tune the adapter two steps, plug it into the full model.
+METHOD_SETTINGS = {
+    "distill": dict(steps=2, seq_len=16, num_sequences=8, batch_size=4, emulator_layers=2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_method_builds_reloads_finetunes_and_plugs(model_type, method, saved_model, tmp_path, text_file):
+    path, model = saved_model(model_type, 6)
+    emu_dir = emulate(str(path), tmp_path / "emu", method=method, adapter_layers="1,1", calibration=text_file,
+                      **METHOD_SETTINGS[method])
+    emu = load_emulator(emu_dir)
+    assert emu.adapter_positions == [0, len(emu.layer_map) - 1]
+    x = ids()
+    with torch.no_grad():
+        logits = emu.model(x).logits
+    assert logits.shape == (*x.shape, model.config.vocab_size) and torch.isfinite(logits).all()
+    adapter = finetune(emu_dir, text_file, tmp_path / "adapter", format="text", max_steps=2, lr=1e-2,
+                       block_size=16, batch_size=2, progress=False)
+    plugged = AutoModelForCausalLM.from_pretrained(plug(str(path), adapter, tmp_path / "plugged"))
+    family = get_family(model)
+    before, after = unique_state_dict(model), unique_state_dict(plugged)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith((f"{family.layers}.0.", f"{family.layers}.5.")) for n in changed)

@@ -1,6 +1,48 @@
-"""``offsite emulate``: base model -> emulator package."""
+"""``offsite emulate``: base model -> emulator package.
+
+Every field of every registered method's config dataclass becomes a flag (``steps`` ->
+``--steps``), with the field's docstring as help, so a new method's settings need no CLI code.
+A flag is passed only when given, and only to a method that has that setting.
+"""
 
 from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+
+_OWN = {"model", "method", "adapter_layers", "calibration", "dtype", "set", "out", "overwrite"}
+
+
+def method_settings() -> dict:
+    """``{setting: (help, [methods having it])}`` over the registered methods' config dataclasses."""
+    from ..emulator import available_methods, get_builder
+
+    out: dict = {}
+    for method in available_methods():
+        cls = get_builder(method).config_cls
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in _OWN:
+                continue  # a setting shadowed by a workflow argument stays reachable through --set
+            help_text, owners = out.get(f.name, (docs.get(f.name, ""), []))
+            out[f.name] = (help_text or docs.get(f.name, ""), owners + [method])
+    return out
+
+
+def field_docs(cls) -> dict:
+    """Attribute docstrings of a dataclass (the string right under each field), by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def add_parser(sub) -> None:
@@ -11,11 +53,14 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="uniform", choices=available_methods(), help="emulator method")
     p.add_argument("--adapter-layers", default="2,2",
                    help="'a,b' = first a and last b layers, or 'idx:0,5,18,23' (default 2,2)")
-    p.add_argument("--emulator-layers", type=int, default=None,
-                   help="middle layers the emulator keeps (uniform; default 40%% of the middle)")
-    p.add_argument("--calibration", default=None, help="public calibration text file (methods that need one)")
+    p.add_argument("--calibration", default=None,
+                   help="public calibration text file (.txt/.gz/.jsonl) for methods that learn from text")
     p.add_argument("--dtype", default="auto", help="dtype to load the base model in (auto, float32, bfloat16)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other method settings")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
+    group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
+    for name, (help_text, owners) in sorted(method_settings().items()):
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None, metavar="V",
+                           help=f"[{', '.join(owners)}] {help_text}".replace("%", "%%"))
     from .common import add_out
 
     add_out(p, "emulator package folder to write")
@@ -24,11 +69,19 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..emulate import emulate
+    from ..errors import OffsiteError
     from .common import parse_settings
 
     settings = parse_settings(args.set)
-    if args.emulator_layers is not None:
-        settings["emulator_layers"] = args.emulator_layers
+    known = method_settings()
+    for name, (_, owners) in known.items():
+        value = getattr(args, f"setting_{name}", None)
+        if value is None:
+            continue
+        if args.method not in owners:
+            raise OffsiteError(f"--{name.replace('_', '-')} is a setting of {', '.join(owners)}, "
+                               f"not of method '{args.method}'")
+        settings[name] = parse_settings([f"{name}={value}"])[name]
     out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
                   calibration=args.calibration, overwrite=args.overwrite, **settings)
     print(f"emulator package written to {out}")

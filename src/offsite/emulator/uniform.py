@@ -37,6 +37,18 @@ def uniform_positions(num_middle: int, keep: int) -> list:
     return [round(i * stride) for i in range(keep)]
 
 
+def default_emulator_layers(num_middle: int) -> int:
+    """The default n: 40% of the middle (OT's OPT-1.3B ratio, 8 of 20), rounded, at least 1."""
+    return max(1, round(0.4 * num_middle)) if num_middle else 0
+
+
+def uniform_middle(split, keep: int | None) -> list:
+    """Full-model indices of the middle layers uniform drop keeps (``keep`` None: the default)."""
+    middle = list(split.middle)
+    keep = default_emulator_layers(len(middle)) if keep is None else int(keep)
+    return [middle[p] for p in uniform_positions(len(middle), keep)]
+
+
 @dataclasses.dataclass
 class UniformConfig:
     """Settings of uniform layer drop."""
@@ -55,9 +67,5 @@ class UniformDrop(EmulatorBuilder):
     config_cls = UniformConfig
 
     def plan(self, model, family, split, config, calibration=None) -> dict:
-        middle = list(split.middle)
-        keep = config.emulator_layers
-        if keep is None:
-            keep = max(1, round(0.4 * len(middle))) if middle else 0
-        kept = [middle[p] for p in uniform_positions(len(middle), int(keep))]
-        return {"layers": layer_entries(split, kept), "emulator_layers": int(keep)}
+        kept = uniform_middle(split, config.emulator_layers)
+        return {"layers": layer_entries(split, kept), "emulator_layers": len(kept)}

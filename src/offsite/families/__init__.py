@@ -6,6 +6,8 @@ from ..errors import OffsiteError
 from .base import (Family, count_parameters, describe, get_layers, get_submodule, layer_linears,
                    named_layer_parameters, set_layers)
 from .catalog import FAMILIES, TINY_CONFIGS
+from .layers import (capture_hidden, layer_call_attributes, layer_input_hidden, layer_output_hidden,
+                     make_layer_output, replace_layer)
 
 
 def supported_model_types() -> list:
@@ -39,4 +41,6 @@ def tiny_config(model_type: str, num_layers: int = 6, **overrides):
 __all__ = [
     "Family", "FAMILIES", "get_family", "supported_model_types", "tiny_config", "get_layers", "set_layers",
     "layer_linears", "get_submodule", "named_layer_parameters", "count_parameters", "describe",
+    "capture_hidden", "layer_call_attributes", "layer_input_hidden", "layer_output_hidden", "make_layer_output",
+    "replace_layer",
 ]

@@ -1,0 +1,87 @@
+"""Small pieces shared by the emulator methods that learn from public calibration text.
+
+Distillation, CRaSh and ScaleOT all read calibration windows (``offsite.calibration``), run the
+full model on them and compare hidden states; these helpers keep that plumbing in one place.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..errors import OffsiteError
+
+
+def load_calibration(calibration, tokenizer, method: str, *, seq_len: int, num_sequences: int, batch_size: int,
+                     seed: int) -> list:
+    """Calibration batches for ``method``.
+
+    Args:
+        calibration: a text file (``.txt``/``.gz``/``.jsonl``), None for the default public corpus,
+            or ready batches (a list of ``LongTensor (batch, seq)``, e.g. from the Python API).
+        tokenizer: the base model's tokenizer (needed for a file).
+
+    Returns:
+        A non-empty list of ``LongTensor (batch, seq_len)``.
+
+    Raises:
+        OffsiteError: no calibration available, missing/empty file, or too little text.
+    """
+    if isinstance(calibration, (list, tuple)):
+        if not calibration or not all(torch.is_tensor(b) and b.dtype == torch.long and b.ndim == 2
+                                      for b in calibration):
+            raise OffsiteError(f"method '{method}': calibration batches must be a non-empty list of 2-D LongTensors")
+        return list(calibration)
+    from ..calibration.text import calibration_batches, resolve_calibration
+
+    path = resolve_calibration(calibration, method)
+    return calibration_batches(path, tokenizer, seq_len=seq_len, num_sequences=num_sequences,
+                               batch_size=batch_size, seed=seed)
+
+
+def cycle(batches: list, device) -> "itertools.cycle":
+    """Endless iterator over ``batches`` moved to ``device`` (the list is small: calibration windows)."""
+    moved = [b.to(device) for b in batches]
+    return itertools.cycle(moved)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` on ``ids (batch, seq)`` (every token a label)."""
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """OT's distillation loss: ``mean(((teacher - student) / rms(teacher))**2)``.
+
+    ``rms(teacher) = sqrt(mean(teacher**2))`` over all elements, detached (it is a scale, not a
+    target), so the loss is 1.0 for a student that outputs zeros and 0.0 for a perfect copy.
+
+    Args:
+        student, teacher: ``(batch, seq, hidden)`` hidden states.
+    """
+    teacher = teacher.float()
+    scale = teacher.pow(2).mean().sqrt().clamp_min(1e-12).detach()
+    return ((teacher - student.float()) / scale).pow(2).mean()
+
+
+def check_fraction(name: str, value, *, low: float = 0.0, high: float = 1.0, high_open: bool = False) -> float:
+    """``value`` as a float in ``[low, high]`` (or ``[low, high)``), else a clear OffsiteError."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise OffsiteError(f"{name} must be a number, got {value!r}") from None
+    if not low <= value <= high or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise OffsiteError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """Refuse a non-integer or non-positive count with the setting's name."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise OffsiteError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")

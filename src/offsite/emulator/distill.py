@@ -1,0 +1,182 @@
+"""OT-KD: uniform layer drop refined by knowledge distillation against the original middle.
+
+Paper: Xiao, Lin, Han, "Offsite-Tuning: Transfer Learning without Full Model" (arXiv 2302.04870);
+the recipe follows the released code (``run_clm.py --train_module student``).
+
+Algorithm: the student is the uniform-drop emulator (same kept layers as ``--method uniform``).
+On public calibration text, the student is trained with
+``loss = lm_weight * LM + kd_weight * mean(((h_T - h_S) / rms(h_T))**2)``, where ``h_T`` is the
+hidden state leaving the teacher's (the original model's) middle and ``h_S`` the student's, both
+fed the same input (the frozen bottom adapter's output). Only the student's middle layers train;
+adapter layers, embeddings, final norm and head stay frozen. OT uses kd_weight 30, lm_weight 1.
+
+Departures (each a setting): the budget is CPU-minutes (``steps`` x ``batch_size`` windows of
+``seq_len`` tokens from the calibration text) instead of a Pile shard for an epoch; lr 1e-4 with a
+short warmup and cosine decay, as OT, but over far fewer steps; dropout is off during distillation
+(short budgets gain nothing from the noise). With adapter layers inside the stack (``idx:``
+splits) the middle has several segments: the KD term averages over the hidden state entering each
+adapter layer that follows middle layers (and the stack's output if it ends with middle layers);
+with the OT split ``a,b`` this is exactly OT's single middle output. The whole base model is the
+teacher, so memory is about twice the model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+
+import torch
+
+from ..errors import OffsiteError
+from ..families import capture_hidden, get_layers
+from .base import EmulatorBuilder, keep_layers, layer_entries, register
+from .calibrated import (check_fraction, check_positive, cycle, load_calibration, model_device,
+                         normalised_mse)
+from .uniform import uniform_middle
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Settings of OT-KD (distilled uniform-drop emulator)."""
+
+    emulator_layers: int | None = None
+    """Middle layers the student keeps (uniform positions); default 40% of the middle."""
+    steps: int = 200
+    """Distillation steps (one calibration batch each)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW, warmup then cosine)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    kd_weight: float = 30.0
+    """Weight of the normalised-MSE hidden-state loss (OT: 30)."""
+    lm_weight: float = 1.0
+    """Weight of the language-modelling loss (OT: 1)."""
+    batch_size: int = 8
+    """Calibration windows per step."""
+    seq_len: int = 128
+    """Tokens per calibration window."""
+    num_sequences: int = 256
+    """Calibration windows drawn from the text (cycled over the steps)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    seed: int = 0
+    """Seed of the window draw."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "num_sequences"):
+            check_positive(name, getattr(self, name))
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.emulator_layers is not None:
+            check_positive("emulator_layers", self.emulator_layers, allow_zero=True)
+        check_fraction("lr", self.lr, high=1.0)
+        for name in ("kd_weight", "lm_weight", "max_grad_norm"):
+            if not math.isfinite(float(getattr(self, name))) or float(getattr(self, name)) < 0:
+                raise OffsiteError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.kd_weight == 0 and self.lm_weight == 0:
+            raise OffsiteError("kd_weight and lm_weight are both 0: there is nothing to train on")
+
+
+def kd_points(sources: list, split) -> list:
+    """Where the middle hands over to the adapter, as ``(kind, full_index)`` capture points.
+
+    ``("in", j)``: the input of adapter layer j whose predecessor is a middle layer;
+    ``("out", L-1)``: the stack's output when the last layer is a middle layer.
+    """
+    middle, points = set(split.middle), []
+    for j in split.adapter:
+        if j > 0 and (j - 1) in middle:
+            points.append(("in", j))
+    if (split.num_layers - 1) in middle:
+        points.append(("out", split.num_layers - 1))
+    return points
+
+
+def distill_gap(student, teacher, family, batches: list, student_points: list, teacher_points: list) -> float:
+    """Mean normalised MSE between student and teacher middle outputs over ``batches`` (no grad)."""
+    total = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            total += _kd_loss(student, teacher, family, ids, student_points, teacher_points).item()
+    return total / len(batches)
+
+
+def _kd_loss(student, teacher, family, ids, student_points, teacher_points, lm_out: list | None = None):
+    """KD term for one batch; when ``lm_out`` is a list, the student's LM loss is appended to it."""
+    with torch.no_grad(), capture_hidden(teacher, family, **_hooks(teacher_points)) as t_store:
+        teacher(input_ids=ids, use_cache=False)
+    with capture_hidden(student, family, **_hooks(student_points)) as s_store:
+        out = student(input_ids=ids, labels=ids if lm_out is not None else None, use_cache=False)
+    if lm_out is not None:
+        lm_out.append(out.loss)
+    terms = [normalised_mse(s_store[s], t_store[t]) for s, t in zip(student_points, teacher_points)]
+    return torch.stack(terms).mean()
+
+
+def _hooks(points: list) -> dict:
+    return {"outputs_of": [i for k, i in points if k == "out"], "inputs_of": [i for k, i in points if k == "in"]}
+
+
+@register
+class Distill(EmulatorBuilder):
+    name = "distill"
+    config_cls = DistillConfig
+    needs_calibration = True
+
+    def plan(self, model, family, split, config, calibration=None) -> dict:
+        """The student's structure (uniform drop); the distillation record is added by :meth:`build`."""
+        kept = uniform_middle(split, config.emulator_layers)
+        return {"layers": layer_entries(split, kept), "emulator_layers": len(kept)}
+
+    def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+        batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
+                                   num_sequences=config.num_sequences, batch_size=config.batch_size,
+                                   seed=config.seed)
+        plan = self.plan(model, family, split, config)
+        sources = [e["source"] for e in plan["layers"]]
+        teacher = model.eval()
+        teacher.requires_grad_(False)
+        student = copy.deepcopy(teacher)
+        keep_layers(student, family, sources)
+        points = kd_points(sources, split)
+        position = {src: pos for pos, src in enumerate(sources)}
+        s_points = [(k, position[i]) if k == "in" else (k, len(sources) - 1) for k, i in points]
+        trainable = [p for pos, e in enumerate(plan["layers"]) if e["role"] == "emulator"
+                     for p in get_layers(student, family)[pos].parameters()]
+        record = {"steps": 0, "kd_weight": config.kd_weight, "lm_weight": config.lm_weight,
+                  "points": [f"{k}:{i}" for k, i in points]}
+        if not trainable or not points:
+            record["skipped"] = "no middle layer to train" if not trainable else "no middle output to match"
+            plan["distill"] = record
+            return plan, student.eval()
+
+        probe = batches[: min(2, len(batches))]
+        record["gap_before"] = distill_gap(student, teacher, family, probe, s_points, points)
+        from ..finetune.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
+
+        for p in trainable:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", config.warmup_steps,
+                                                                          config.steps))
+        data = cycle(batches, model_device(student))
+        started, history = time.time(), []
+        for _ in range(config.steps):
+            lm = []
+            kd = _kd_loss(student, teacher, family, next(data), s_points, points, lm_out=lm)
+            loss = config.lm_weight * lm[0] + config.kd_weight * kd
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append((lm[0].item(), kd.item()))
+        student.requires_grad_(False)
+        tail = history[-max(1, len(history) // 10):]
+        record.update(steps=config.steps, seconds=round(time.time() - started, 2),
+                      lm_first=history[0][0], kd_first=history[0][1],
+                      lm_final=sum(h[0] for h in tail) / len(tail), kd_final=sum(h[1] for h in tail) / len(tail),
+                      gap_after=distill_gap(student, teacher, family, probe, s_points, points))
+        plan["distill"] = record
+        return plan, student.eval()

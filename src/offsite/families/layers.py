@@ -1,0 +1,108 @@
+"""Decoder layers as black boxes: their call convention, hidden-state capture, and swapping.
+
+Emulator methods that train or measure layers (distillation, CRaSh, ScaleOT) need three things
+without knowing HF internals: (1) the hidden states entering or leaving given layers during an
+ordinary ``model(input_ids)`` call, (2) a module that can stand where a decoder layer stands, and
+(3) a way to swap one layer for another. Hooks on the members of the decoder ``ModuleList`` give
+(1) for every family, because each family's model loop calls ``layer(hidden_states, ...)`` and
+reads the new hidden states from the result; only the *shape* of that result differs (a tensor,
+or a tuple whose first item is the tensor: BLOOM, Falcon, GPT-J), which :attr:`Family.layer_output`
+records. Running the model itself (rather than calling layers one by one) keeps position
+embeddings, rotary tables, ALiBi and attention masks exactly as the model computes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..errors import OffsiteError
+from .base import Family, get_layers
+
+
+def layer_input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder layer was called with, ``(batch, seq, hidden)``.
+
+    Every family passes them first, positionally or as ``hidden_states=``.
+    """
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise OffsiteError("a decoder layer was called without hidden states (neither positional nor hidden_states=)")
+
+
+def layer_output_hidden(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned, ``(batch, seq, hidden)`` (tensor or tuple[0])."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def make_layer_output(family: Family, hidden: torch.Tensor):
+    """Wrap ``hidden`` the way ``family``'s decoder layers return it (the model loop unpacks it)."""
+    return (hidden,) if family.layer_output == "tuple" else hidden
+
+
+def layer_call_attributes(layer: nn.Module) -> dict:
+    """Plain attributes of a decoder layer (``attention_type``, ``hidden_size``, ...).
+
+    A module standing in for the layer copies them, because some model loops read attributes of
+    the layer object (e.g. which attention mask to pass) before calling it.
+    """
+    return {k: v for k, v in vars(layer).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (str, int, float, bool))}
+
+
+def replace_layer(model: nn.Module, family: Family, index: int, module: nn.Module) -> nn.Module:
+    """Put ``module`` at decoder position ``index``; returns the module that was there.
+
+    Unlike :func:`set_layers` the depth is unchanged, so nothing is renumbered.
+    """
+    layers = get_layers(model, family)
+    if not 0 <= index < len(layers):
+        raise OffsiteError(f"layer position {index} is outside 0..{len(layers) - 1}")
+    old = layers[index]
+    layers[index] = module
+    return old
+
+
+@contextlib.contextmanager
+def capture_hidden(model: nn.Module, family: Family, outputs_of=(), inputs_of=()):
+    """Record hidden states at decoder positions during forward passes of ``model``.
+
+    Args:
+        outputs_of: positions whose *output* hidden states are recorded.
+        inputs_of: positions whose *input* hidden states are recorded.
+
+    Yields:
+        A dict filled on every forward: ``{("out", i): tensor, ("in", j): tensor}``, each
+        ``(batch, seq, hidden)``, overwritten by the next forward. Tensors keep their autograd
+        graph, so they can enter a loss. Hooks are removed on exit, also on errors.
+    """
+    layers = get_layers(model, family)
+    store, handles = {}, []
+
+    def out_hook(pos):
+        def hook(module, args, output):
+            store[("out", pos)] = layer_output_hidden(output)
+        return hook
+
+    def in_hook(pos):
+        def hook(module, args, kwargs):
+            store[("in", pos)] = layer_input_hidden(args, kwargs)
+        return hook
+
+    try:
+        for pos in outputs_of:
+            handles.append(layers[pos].register_forward_hook(out_hook(pos)))
+        for pos in inputs_of:
+            handles.append(layers[pos].register_forward_pre_hook(in_hook(pos), with_kwargs=True))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["layer_input_hidden", "layer_output_hidden", "make_layer_output", "layer_call_attributes",
+           "replace_layer", "capture_hidden"]
