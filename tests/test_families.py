@@ -166,6 +166,7 @@ test_layer_output_convention_matches_the_real_layers = pytest.mark.parametrize("
 # without calibration data, fine-tune the adapter two steps, plug it into the full model.
 METHOD_SETTINGS = {
     "distill": dict(steps=2, seq_len=16, num_sequences=8, batch_size=4, emulator_layers=2),
+    "crash": dict(seq_len=16, num_sequences=8, batch_size=4, emulator_layers=2, share=True),
 }
 
 
