@@ -167,6 +167,7 @@ test_layer_output_convention_matches_the_real_layers = pytest.mark.parametrize("
 METHOD_SETTINGS = {
     "distill": dict(steps=2, seq_len=16, num_sequences=8, batch_size=4, emulator_layers=2),
     "crash": dict(seq_len=16, num_sequences=8, batch_size=4, emulator_layers=2, share=True),
+    "scaleot": dict(steps=2, seq_len=16, num_sequences=8, batch_size=4, harmonizer_rank=4, alpha=0.5, beta=0.5),
 }
 
 

@@ -1,6 +1,6 @@
 """Emulator methods, registered by name (``offsite emulate --method NAME``)."""
 
-from . import crash, distill, gradot, uniform  # noqa: F401  (register the methods)
+from . import crash, distill, gradot, scaleot, uniform  # noqa: F401  (register the methods)
 from .base import EmulatorBuilder, available_methods, get_builder, keep_layers, layer_entries, register
 from .uniform import uniform_positions
 

@@ -1,0 +1,76 @@
+"""ScaleOT's reusable stage-1 result: importance scores + every middle layer's harmonizer.
+
+Layout of a cache folder (no pickle)::
+
+    harmonizers.safetensors   "<full layer index>.<parameter>" -> tensor, one harmonizer per middle layer
+    importance.json           key, scores per full layer index, training record and settings
+
+``importance.json`` is written last, so a folder with it is complete. The key is a sha256 over the
+base model's identity (config hash + weight fingerprint), the split, the calibration batches'
+token ids and the training settings: a cache answers only the exact question it was made for, and
+a folder made for another one is refused rather than silently reused or overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..artifacts import canonical_json, check_against, load_tensors, save_tensors, unique_state_dict
+from ..errors import OffsiteError
+from ..identity import config_hash, weight_fingerprint
+
+SCORES = "importance.json"
+WEIGHTS = "harmonizers.safetensors"
+
+
+def cache_key(model, split, batches: list, settings: dict) -> str:
+    """Identity of a stage-1 run (see the module docstring)."""
+    h = hashlib.sha256()
+    for ids in batches:
+        h.update(ids.to("cpu", torch.int64).contiguous().numpy().tobytes())
+    data = [config_hash(model.config), weight_fingerprint(unique_state_dict(model)), split.to_dict(), settings,
+            h.hexdigest()]
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def load_cache(folder, key: str, harmonizers: dict) -> dict | None:
+    """Load a matching cache into ``harmonizers`` (in place); None when the folder has none yet.
+
+    Returns:
+        ``{"scores": {full index: float}, "record": dict}``.
+
+    Raises:
+        OffsiteError: the folder holds a cache for another model, split, calibration or settings,
+            or its tensors do not fit the harmonizers.
+    """
+    root = Path(folder)
+    if not (root / SCORES).is_file():
+        return None
+    meta = json.loads((root / SCORES).read_text())
+    if meta.get("key") != key:
+        raise OffsiteError(f"importance cache {root} was made for another base model, split, calibration text or "
+                           f"training settings (recorded: {meta.get('settings')}); use another cache_dir or the "
+                           "same settings")
+    tensors = load_tensors(root / WEIGHTS)
+    expected = {f"{i}.{name}": tuple(p.shape) for i, h in harmonizers.items() for name, p in h.state_dict().items()}
+    check_against(tensors, expected, root / WEIGHTS)
+    with torch.no_grad():
+        for i, h in harmonizers.items():
+            for name, p in h.state_dict().items():
+                p.copy_(tensors[f"{i}.{name}"].to(p.dtype))
+    return {"scores": {int(i): float(s) for i, s in meta["scores"].items()}, "record": meta["record"]}
+
+
+def save_cache(folder, key: str, scores: dict, harmonizers: dict, record: dict, settings: dict) -> Path:
+    """Write scores and harmonizers to ``folder`` (created; ``importance.json`` last)."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{i}.{name}": t for i, h in harmonizers.items() for name, t in h.state_dict().items()}
+    save_tensors(tensors, root / WEIGHTS)
+    meta = {"key": key, "scores": {str(i): s for i, s in scores.items()}, "record": record, "settings": settings}
+    (root / SCORES).write_text(json.dumps(meta, indent=2) + "\n")
+    return root
