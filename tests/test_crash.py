@@ -113,3 +113,24 @@ def test_crash_refusals(saved_model, text_file, tmp_path):
     with pytest.raises(OffsiteError, match="share must be true or false"):
         builder.make_config(share="yes")
     assert not (tmp_path / "a").exists()
+
+
+def test_report_compares_methods_with_calibration_and_per_method_settings(saved_model, mc_file, text_file, tmp_path):
+    from offsite.cli.report import method_settings
+    from offsite.report import run_report
+
+    settings = method_settings(["uniform", "crash", "scaleot"], 2, ["crash:share=true", "scaleot:alpha=0.5"])
+    assert settings == {"uniform": {"emulator_layers": 2}, "crash": {"emulator_layers": 2, "share": True},
+                        "scaleot": {"alpha": 0.5}}  # scaleot has no emulator_layers setting
+    with pytest.raises(OffsiteError, match="METHOD:KEY=VALUE"):
+        method_settings(["uniform"], None, ["gradot:param_budget=0.5"])
+
+    path, _ = saved_model("llama", 6)
+    report = run_report(str(path), [str(mc_file)], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
+                        methods=["uniform", "crash"], calibration=text_file,
+                        method_settings={"uniform": {"emulator_layers": 2}, "crash": {"emulator_layers": 2, **SMALL}},
+                        limit=6, train_limit=12, finetune_settings={"max_steps": 2, "batch_size": 4},
+                        log=lambda *a: None)
+    builds = {m: report["methods"][m]["build"] for m in ("uniform", "crash")}
+    assert builds["uniform"]["parameters"] == builds["crash"]["parameters"]  # matched size: 2 of 4 kept
+    assert all(b["seconds"] >= 0 and b["parameters"]["emulator"] < b["parameters"]["full"] for b in builds.values())

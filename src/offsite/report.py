@@ -61,7 +61,7 @@ def _score(model, tok, task, data_dir, split, limit, batch_size) -> dict:
 def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapter_layers="2,2",
                method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
                limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-               full_ft: bool = False, log=print) -> dict:
+               full_ft: bool = False, calibration=None, log=print) -> dict:
     """Run the whole protocol and return the report (also written to ``workdir/report.json``).
 
     Args:
@@ -74,6 +74,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         finetune_settings: settings for every fine-tuning run (see ``FinetuneConfig``).
         split: evaluation split; limit: first N questions; train_limit: first N training examples.
         full_ft: also fine-tune every decoder block of the full model (the upper bound; slow).
+        calibration: public calibration text for the methods that learn from text (None: their default).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -103,8 +104,11 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
 
     for method in methods:
         emu_dir = workdir / f"emulator-{method}"
+        built = time.time()
         emulate(model, emu_dir, method=method, adapter_layers=adapter_layers, overwrite=True,
-                **(method_settings or {}).get(method, {}))
+                calibration=calibration, **(method_settings or {}).get(method, {}))
+        build = {"seconds": round(time.time() - built, 1),
+                 "parameters": json.loads((emu_dir / "manifest.json").read_text())["parameters"]}
         emu, emu_tok, _ = load_for_eval(str(emu_dir))
         rows = {r: {} for r in ROWS}
         rows["full_zs"] = full_zs
@@ -119,7 +123,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
             rows["plug_in"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
             log(f"[report] {method} / {task}: fine-tuned and scored ({time.time() - started:.0f}s)")
         rows["full_ft"] = full_tuned
-        report["methods"][method] = summarise(rows, names)
+        report["methods"][method] = {**summarise(rows, names), "build": build}
     report["seconds"] = round(time.time() - started, 1)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

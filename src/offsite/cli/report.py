@@ -12,7 +12,10 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", default=os.environ.get("OFFSITE_DATA_DIR"), help="offline data folder")
     p.add_argument("--methods", default="uniform", help="comma-separated emulator methods")
     p.add_argument("--adapter-layers", default="2,2")
-    p.add_argument("--emulator-layers", type=int, default=None)
+    p.add_argument("--emulator-layers", type=int, default=None, help="for the methods that have this setting")
+    p.add_argument("--calibration", default=None, help="public calibration text for methods that learn from text")
+    p.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a setting of one method, e.g. scaleot:alpha=0.5 (repeatable)")
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, default=None, help="first N evaluation questions per task")
     p.add_argument("--train-limit", type=int, default=None, help="first N training examples per task")
@@ -32,11 +35,11 @@ def run(args) -> int:
     if not args.data_dir:
         raise OffsiteError("pass --data-dir (or set OFFSITE_DATA_DIR) to the offline data folder")
     methods = [m for m in args.methods.split(",") if m]
-    settings = {m: ({"emulator_layers": args.emulator_layers} if args.emulator_layers is not None else {})
-                for m in methods}
+    settings = method_settings(methods, args.emulator_layers, args.method_set)
     report = run_report(args.model, args.tasks, args.data_dir, args.workdir, methods=methods,
                         adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
                         limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft,
+                        calibration=args.calibration,
                         finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
     table = format_report(report)
     from pathlib import Path
@@ -46,3 +49,24 @@ def run(args) -> int:
     print(table)
     print(f"written: {args.workdir}/report.json, report.md" + (", report.png" if png else ""))
     return 0
+
+
+def method_settings(methods: list, emulator_layers, pairs: list) -> dict:
+    """``{method: {setting: value}}`` from ``--emulator-layers`` and ``--method-set METHOD:KEY=VALUE``."""
+    import dataclasses
+
+    from ..emulator import get_builder
+    from ..errors import OffsiteError
+    from .common import parse_settings
+
+    out = {m: {} for m in methods}
+    for m in methods:
+        fields = {f.name for f in dataclasses.fields(get_builder(m).config_cls)}
+        if emulator_layers is not None and "emulator_layers" in fields:
+            out[m]["emulator_layers"] = emulator_layers
+    for pair in pairs:
+        method, sep, setting = pair.partition(":")
+        if not sep or method not in out:
+            raise OffsiteError(f"--method-set expects METHOD:KEY=VALUE with METHOD one of {methods}, got {pair!r}")
+        out[method].update(parse_settings([setting]))
+    return out
