@@ -14,7 +14,8 @@ large: privacy). Every removal GradOT considers is rank one, ``δ = −c a bᵀ`
 * Removing singular component k: ``a = u_k, b = v_k, c = s_k``.
 * Removing intermediate channel j: row j of up/gate (``a = e_j``, ``b = w_j``) plus column j of
   down (``a = d_j``, ``b = e_j``); the channel's score sums its matrices' terms (K-FAC is
-  block-diagonal across matrices, and the L1 norm of a block-diagonal change is the sum).
+  block-diagonal across matrices, and the L1 norm of a block-diagonal change is the sum). Phi-3's
+  fused gate_up loses two rows of one matrix; their terms are summed (an upper bound).
 
 Both terms are divided by their mean absolute value over the candidates of one selection (one
 matrix, or one MLP), so λ is a dimensionless trade-off that means the same in every layer and
@@ -35,33 +36,41 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.abs().mean().clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def component_scores(stats: dict, svd, lam: float) -> torch.Tensor:
-    """GCS of removing each singular component of one matrix.
+def component_terms(stats: dict, svd) -> tuple:
+    """Raw ``(||G δ_k A||_1, <g, δ_k>)`` for removing each singular component k, ``δ_k = −s_k u_k v_k^T``.
 
     Args:
         stats: ``{"A": (in, in), "G": (out, out), "grad": (out, in)}``.
         svd: ``(U (out, k), S (k,), Vh (k, in))`` of the matrix.
-        lam: λ.
 
     Returns:
-        ``(k,)`` scores; lower = better to remove.
+        Two ``(k,)`` tensors.
     """
     u, s, vh = (t.to(stats["A"].dtype) for t in svd)
     shift = s * (stats["G"] @ u).abs().sum(0) * (stats["A"] @ vh.T).abs().sum(0)
     gain = -s * torch.einsum("ok,oi,ki->k", u, stats["grad"], vh)
+    return shift, gain
+
+
+def component_scores(stats: dict, svd, lam: float) -> torch.Tensor:
+    """Normalised GCS of removing each singular component (lower = better to remove), ``(k,)``."""
+    shift, gain = component_terms(stats, svd)
     return _unit(shift) - lam * _unit(gain)
 
 
-def channel_scores(row_parts: list, down_part: tuple, lam: float) -> torch.Tensor:
-    """GCS of removing each intermediate channel of one MLP.
+def channel_terms(row_parts: list, down_part: tuple) -> tuple:
+    """Raw ``(||G δ_j A||_1, <g, δ_j>)`` summed over the MLP's matrices, for removing channel j.
+
+    Exact for separate up/gate/down matrices. For a fused ``gate_up`` (``blocks`` = 2) the two
+    removed rows of one matrix are scored one by one and summed: an upper bound of that matrix's
+    joint L1 term (the exact value would cost one ``(out, in)`` product per channel).
 
     Args:
-        row_parts: ``[(stats, W (rows, in), blocks)]`` for up/gate (``blocks`` = 2 for fused gate_up).
+        row_parts: ``[(stats, W (blocks * channels, in), blocks)]`` for up/gate.
         down_part: ``(stats, W_down (out, channels))``.
-        lam: λ.
 
     Returns:
-        ``(channels,)`` scores; lower = better to remove.
+        Two ``(channels,)`` tensors.
     """
     d_stats, d_w = down_part
     d_w = d_w.to(d_stats["A"].dtype)
@@ -74,6 +83,12 @@ def channel_scores(row_parts: list, down_part: tuple, lam: float) -> torch.Tenso
         row_gain = -(stats["grad"] * w).sum(1)
         shift = shift + row_shift.view(blocks, channels).sum(0)
         gain = gain + row_gain.view(blocks, channels).sum(0)
+    return shift, gain
+
+
+def channel_scores(row_parts: list, down_part: tuple, lam: float) -> torch.Tensor:
+    """Normalised GCS of removing each intermediate channel (lower = better to remove), ``(channels,)``."""
+    shift, gain = channel_terms(row_parts, down_part)
     return _unit(shift) - lam * _unit(gain)
 
 
