@@ -25,7 +25,11 @@ Choices where the sources are silent (each is a setting):
   set the two parts directly instead; a part without its ratio uses the default budget. A rank
   whose factors would cost at least the dense matrix is stored dense (the same product).
 * <g, δ> is the entrywise product summed to a scalar; both GCS terms are normalised per
-  selection (see :mod:`.gcs`), so λ is dimensionless: defaults λ_attn = λ_mlp = 0.5.
+  selection (see :mod:`.gcs`), so λ is dimensionless. Defaults λ_attn = λ_mlp = 0.25, from a
+  small sweep on the reference Llama (budget 0.4, 16 and 32 calibration windows, judged on
+  WikiText-2 validation): λ = 0 keeps the adapter gradient closest but raises the loss *less*
+  than the magnitude baseline; λ = 0.5 raises the loss more but, with 16 windows, falls below the
+  baseline's gradient agreement; 0.25 beat the baseline on both in both settings.
 * The 5% floor is per matrix (``top_fraction``); fused qkv is one matrix (see :mod:`.lowrank`).
   q, k, v and o are all decomposed; biases are kept and not scored.
 * ``scoring="magnitude"`` replaces GCS by the classic baselines at the same sizes: top singular
@@ -75,9 +79,9 @@ class GradOTConfig:
     """Attention: fraction of the full rank kept (instead of param_budget)."""
     channel_ratio: float | None = None
     """MLP: fraction of the intermediate channels kept (instead of param_budget)."""
-    lambda_attn: float = 0.5
+    lambda_attn: float = 0.25
     """λ of the GCS loss-increase term for attention (rank decomposition); 0 = gradient only."""
-    lambda_mlp: float = 0.5
+    lambda_mlp: float = 0.25
     """λ of the GCS loss-increase term for the MLP (channel pruning)."""
     top_fraction: float = 0.05
     """Fraction of each matrix's rank (largest singular values) always kept."""
