@@ -127,14 +127,18 @@ class GradOTConfig:
         return max(1, min(channels, round(ratio * channels)))
 
 
-def _batches(model, config: GradOTConfig, calibration):
+def _batches(model, config: GradOTConfig, calibration, tokenizer):
     """Calibration batches: given directly (list of LongTensors) or read from a file (None = default)."""
     if isinstance(calibration, (list, tuple)):
+        if not calibration or not all(torch.is_tensor(b) and b.dtype == torch.long and b.ndim == 2
+                                      for b in calibration):
+            raise OffsiteError("gradot: calibration batches must be a non-empty list of 2-D LongTensors")
         return list(calibration), {"path": None, "sequences": sum(len(b) for b in calibration)}
-    from ..loading import load_tokenizer
-
     path = resolve_calibration(calibration, "gradot")
-    tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
+    if tokenizer is None:  # plan() called directly on a model loaded from a folder
+        from ..loading import load_tokenizer
+
+        tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
     c = config.calibration
     batches = calibration_batches(path, tokenizer, seq_len=c.seq_len, num_sequences=c.num_sequences,
                                   batch_size=c.batch_size, seed=c.seed)
@@ -184,9 +188,20 @@ class GradOT(EmulatorBuilder):
     config_cls = GradOTConfig
     needs_calibration = True
 
-    def plan(self, model, family, split, config, calibration=None) -> dict:
+    def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+        plan = self.plan(model, family, split, config, calibration=calibration, tokenizer=tokenizer)
+        return plan, self.apply(model, family, split, plan)
+
+    def plan(self, model, family, split, config, calibration=None, tokenizer=None) -> dict:
+        """Calibrate (streamed) and decide every middle linear's kept components / channels.
+
+        Args:
+            calibration: a text file, None (the default public corpus) or ready ``LongTensor
+                (batch, seq)`` batches.
+            tokenizer: the model's tokenizer (read from ``model.name_or_path`` when None).
+        """
         started = time.time()
-        batches, source = _batches(model, config, calibration)
+        batches, source = _batches(model, config, calibration, tokenizer)
         layers = get_layers(model, family)
         linears, mlps = [], []
 
