@@ -43,7 +43,7 @@ class DistillConfig:
 
     emulator_layers: int | None = None
     """Middle layers the student keeps (uniform positions); default 40% of the middle."""
-    steps: int = 200
+    steps: int = 100
     """Distillation steps (one calibration batch each)."""
     lr: float = 1e-4
     """Peak learning rate (AdamW, warmup then cosine)."""
@@ -53,7 +53,7 @@ class DistillConfig:
     """Weight of the normalised-MSE hidden-state loss (OT: 30)."""
     lm_weight: float = 1.0
     """Weight of the language-modelling loss (OT: 1)."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Calibration windows per step."""
     seq_len: int = 128
     """Tokens per calibration window."""

@@ -50,7 +50,7 @@ class ScaleOTConfig:
     """Fraction of each kept attention projection's rank removed by truncated SVD (0: none)."""
     harmonizer_rank: int = DEFAULT_RANK
     """Harmonizer bottleneck width (capped at the hidden size)."""
-    steps: int = 60
+    steps: int = 40
     """Dynamic LayerReplace steps (one calibration batch each)."""
     lr: float = 1e-3
     """Harmonizer learning rate (AdamW)."""
@@ -58,9 +58,9 @@ class ScaleOTConfig:
     """Importance-score learning rate (Adam on the REINFORCE objective)."""
     group_size: int = 4
     """Middle layers per sampling group (about half of each group is replaced per candidate)."""
-    num_candidates: int = 4
+    num_candidates: int = 3
     """Candidate networks sampled per step (their losses give the rewards)."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Calibration windows per step."""
     seq_len: int = 128
     """Tokens per calibration window."""

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Uniform drop, OT-KD, CRaSh, ScaleOT and GradOT (when registered) side by side on the reference
+# Llama (../shared/models/ref-llama-12l, 12 layers), adapter 2,2, emulators at matched size:
+# half of the 8 middle layers' parameters (uniform/distill keep 4 layers, CRaSh K=4 clusters shared
+# back to depth 8, ScaleOT replaces half by harmonizers + SRC beta 0.2, GradOT param_budget 0.5).
+# Calibration (every learned method): War and Peace from the shared data (public text, disjoint
+# from the tasks). Build cost: one fresh process per method (bench/measure_build.py).
+#
+# Usage: bash bench/compare_methods.sh [MODEL_DIR] [DATA_DIR]
+#   -> bench/results/compare_methods/{summary.md,report.json,report.md,report.png,build.jsonl,
+#      plugin_vs_emuft-<method>.png}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL="${1:-../shared/models/ref-llama-12l}"
+DATA="${2:-../shared/data}"
+CAL="$DATA/lm/war_and_peace/war_and_peace_pg2600.txt.gz"
+OUT=bench/results/compare_methods
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+PY=.venv/bin/python
+
+declare -A SETTINGS=(
+  [uniform]="emulator_layers=4"
+  [distill]="emulator_layers=4"
+  [crash]="emulator_layers=4 share=true"
+  [scaleot]="alpha=0.5 beta=0.2"
+  [gradot]="param_budget=0.5"
+)
+METHODS=(uniform distill crash scaleot)
+if $PY -c "import sys; from offsite.emulator import available_methods; sys.exit('gradot' not in available_methods())"; then
+  METHODS+=(gradot)
+fi
+
+mkdir -p "$OUT/work"
+: > "$OUT/build.jsonl"
+REPORT_SETS=()
+for m in "${METHODS[@]}"; do
+  # shellcheck disable=SC2086  # settings are space-separated KEY=VALUE words
+  $PY bench/measure_build.py "$MODEL" "$m" "$OUT/work/build-$m" --calibration "$CAL" --set ${SETTINGS[$m]} \
+    | tail -n 1 >> "$OUT/build.jsonl"
+  for kv in ${SETTINGS[$m]}; do REPORT_SETS+=(--method-set "$m:$kv"); done
+done
+
+METHOD_LIST=$(IFS=,; echo "${METHODS[*]}")
+COMMAND="bash bench/compare_methods.sh $MODEL $DATA"
+.venv/bin/offsite report --model "$MODEL" --data-dir "$DATA" --calibration "$CAL" \
+  --tasks arc_easy,piqa,sciq,wikitext --methods "$METHOD_LIST" --adapter-layers 2,2 "${REPORT_SETS[@]}" \
+  --limit 300 --train-limit 2000 --max-steps 150 --lr 3e-4 --batch-size 8 --workdir "$OUT/work"
+cp "$OUT/work/report.json" "$OUT/work/report.md" "$OUT/"
+cp "$OUT/work/report.png" "$OUT/" 2>/dev/null || true
+$PY bench/summarise_compare.py "$OUT" "$COMMAND"
+rm -rf "$OUT/work"

@@ -1,0 +1,50 @@
+"""Build one emulator and print its cost as JSON: wall-clock seconds, peak memory, parameter counts.
+
+Usage: python bench/measure_build.py MODEL METHOD OUT [--calibration FILE] [--set KEY=VALUE ...]
+
+Run once per method in a fresh process, so the peak resident memory (``ru_maxrss``) is this
+build's alone (it includes loading the base model, which every method pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    from offsite.cli.common import parse_settings
+    from offsite.emulate import emulate
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("method")
+    p.add_argument("out")
+    p.add_argument("--calibration", default=None)
+    p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    started = time.time()
+    out = emulate(args.model, args.out, method=args.method, calibration=args.calibration, overwrite=True,
+                  **parse_settings(args.settings))
+    seconds = time.time() - started
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    record = {"method": args.method, "settings": parse_settings(args.settings), "seconds": round(seconds, 1),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "parameters": manifest["parameters"]}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except ImportError:  # pragma: no cover
+        pass
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
