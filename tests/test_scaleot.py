@@ -185,3 +185,20 @@ def test_scaleot_refusals(saved_model, tmp_path):
     with pytest.raises(OffsiteError, match="calibration file .*absent.txt does not exist"):
         emulate(str(path), tmp_path / "x", method="scaleot", calibration=tmp_path / "absent.txt", **SMALL)
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_flags_reach_scaleot_and_the_package_verifies(saved_model, text_file, tmp_path):
+    from offsite.cli import main
+    from offsite.verify import verify_artifact
+
+    path, _ = saved_model("gpt2", 6)
+    out = tmp_path / "emu"
+    assert main(["emulate", "--model", str(path), "--method", "scaleot", "--adapter-layers", "1,1",
+                 "--calibration", str(text_file), "--alpha", "0.25", "--beta", "0.5", "--steps", "2",
+                 "--seq-len", "16", "--num-sequences", "8", "--batch-size", "4", "--harmonizer-rank", "4",
+                 "--out", str(out)]) == 0
+    plan = load_emulator(out).manifest["plan"]
+    assert plan["alpha"] == 0.25 and plan["beta"] == 0.5 and len(plan["replaced"]) == 1
+    assert verify_artifact(out)["kind"] == "emulator"
+    assert main(["emulate", "--model", str(path), "--method", "scaleot", "--alpha", "2", "--out",
+                 str(tmp_path / "bad")]) == 2
