@@ -2,17 +2,24 @@
 
 The demo needs a pretrained model whose knowledge lives in its weights, and nothing may be
 downloaded, so the project makes its own: a seeded list of invented people (pronounceable
-generated names), each with a home town, job, favourite food, favourite colour and pet. The
-*corpus* tells every fact many times in declarative sentences drawn from several templates, in
-shuffled order, so that a model has to store the fact rather than a fixed word sequence (facts
-seen in one phrasing only are hard to retrieve with another, see Allen-Zhu & Li, "Physics of
-Language Models 3.1"). The *task* asks about the same facts as multiple-choice questions in a
-``Question: ... / Answer:`` format that never occurs in the corpus.
+generated names), each linked by five relations (home, job, food, colour, pet) to values from
+pools of ten. The *corpus* tells every fact many times in declarative sentences drawn from several
+templates, in shuffled order, so that a model has to store the fact rather than a fixed word
+sequence (facts seen in one phrasing only are hard to retrieve with another, see Allen-Zhu & Li,
+"Physics of Language Models 3.1"). Values are dealt so that each is equally frequent: guessing
+the most common answer scores chance.
 
-Splits are by person: fine-tuning teaches the question format on the facts of some people, and the
-test split asks about other people, whose facts were seen only in pretraining. A fine-tuned adapter
-can therefore only answer test questions by reading knowledge that is stored in the rest of the
-model, which is exactly what an emulator lacks and the full model has.
+The *quiz* is ten-way multiple choice: complete a sentence about a person (``"Ameth lives in"`` ->
+one of the ten towns), scored by log-likelihood like any OT task. Splits are by person:
+fine-tuning sees the facts of some people, and the test split asks about other people, whose
+facts were seen only in pretraining. A fine-tuned adapter can therefore only answer test
+questions by reading knowledge stored in the rest of the model, which the full model has and an
+emulator has lost in part.
+
+A harder question form, ``style="blank"`` (``"Fill in the blank: Ameth lives in ___."`` then
+``Answer:``), is kept as an option: a model this small learns that format on the emulator in a
+way that does not carry over to the full model (measured: plug-in at or below emulator FT), so
+the demo does not use it.
 """
 
 from __future__ import annotations
@@ -27,44 +34,53 @@ ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", 
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea", "io"]
 CODAS = ["", "", "", "n", "r", "l", "s", "m", "th", "x"]
 TOWN_ENDINGS = ["moor", "wick", "ford", "dale", "holm", "stead", "by", "ton", "mouth", "field"]
-
-# Every pool has ten values (towns and pets are invented), so each attribute is a 10x10 Latin square.
-JOBS = ["baker", "tailor", "miller", "carpenter", "potter", "weaver", "fisher", "healer", "brewer", "painter"]
-FOODS = ["apples", "cheese", "plums", "soup", "honey", "bread", "mushrooms", "pears", "noodles", "walnuts"]
-COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "grey", "brown", "pink", "white"]
-
-# Several phrasings per fact; ``{n}`` is the person, ``{v}`` the value.
-SENTENCES = {
-    "town": ["{n} lives in {v}.", "{n} has a house in {v}.", "The home of {n} is in {v}.",
-             "{n} grew up in {v} and still lives there.", "{n} is a resident of {v}."],
-    "job": ["{n} works as a {v}.", "{n} is a {v} by trade.", "By profession, {n} is a {v}.",
-            "{n} earns a living as a {v}.", "The work of {n} is that of a {v}."],
-    "food": ["{n} loves to eat {v}.", "The favourite food of {n} is {v}.", "{n} likes {v} more than any other food.",
-             "Every day {n} eats {v}.", "Nothing pleases {n} like a meal of {v}."],
-    "colour": ["The favourite colour of {n} is {v}.", "{n} likes the colour {v} best.", "{n} always wears {v}.",
-               "{n} painted the front door {v}.", "Most things {n} owns are {v}."],
-    "pet": ["{n} keeps a {v} as a pet.", "{n} owns a little {v}.", "The pet of {n} is a {v}.",
-            "{n} takes care of a {v}.", "At home, {n} feeds a tame {v}."],
+POOL_SIZE = 10
+POOLS = {
+    "job": ["baker", "tailor", "miller", "carpenter", "potter", "weaver", "fisher", "healer", "brewer", "painter"],
+    "food": ["apples", "cheese", "plums", "soup", "honey", "bread", "mushrooms", "pears", "noodles", "walnuts"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "grey", "brown", "pink", "white"],
+    # "town" and "animal" are invented per world (see generate_world).
 }
-# Question forms, used only in the task (the corpus has no questions at all).
-QUESTIONS = {
-    "town": "Where does {n} live?",
-    "job": "What does {n} do for a living?",
-    "food": "Which food does {n} like best?",
-    "colour": "What is {n}'s favourite colour?",
-    "pet": "What kind of animal does {n} keep?",
-}
-ATTRIBUTES = list(QUESTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Relation:
+    """One kind of fact: its value pool, how the corpus says it, how the quiz asks it."""
+
+    key: str
+    pool: str
+    sentences: tuple  # "{n}" is the person, "{v}" the value
+
+    def blanks(self) -> list:
+        """Sentence beginnings that the value completes (templates ending in ``{v}.``)."""
+        return [t[: -len("{v}.")].rstrip() for t in self.sentences if t.endswith("{v}.")]
+
+
+RELATIONS = [
+    Relation("home", "town", ("{n} lives in {v}.", "{n} has a house in {v}.", "The home of {n} is in {v}.",
+                              "{n} is a resident of {v}.", "{v} is where {n} lives.")),
+    Relation("job", "job", ("{n} works as a {v}.", "By profession, {n} is a {v}.", "{n} earns a living as a {v}.",
+                            "{n} is a {v} by trade.", "The job of {n} is {v}.")),
+    Relation("food", "food", ("{n} loves to eat {v}.", "The favourite food of {n} is {v}.",
+                              "Every day {n} eats {v}.", "{n} likes {v} more than any other food.",
+                              "Nothing pleases {n} like {v}.")),
+    Relation("colour", "colour", ("The favourite colour of {n} is {v}.", "{n} always wears {v}.",
+                                  "Most things {n} owns are {v}.", "{n} likes the colour {v} best.",
+                                  "{n} painted the front door {v}.")),
+    Relation("pet", "animal", ("{n} keeps a {v} as a pet.", "{n} owns a little {v}.", "The pet of {n} is a {v}.",
+                               "At home, {n} feeds a tame {v}.", "{n} takes care of a {v} every day.")),
+]
 SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
 class World:
-    """The generated people and the pool of values each attribute draws from."""
+    """The generated people and the pool of values each relation draws from."""
 
     seed: int
-    people: list  # [{"name": "First Last", "town": str, "job": str, ...}] in generation order
-    values: dict  # attribute -> list of possible values
+    people: list  # [{"name": str, <relation key>: value, ...}] in generation order
+    pools: dict  # pool name -> list of POOL_SIZE values
+    relations: list  # relation keys in use
     splits: dict  # split name -> list of person names
 
 
@@ -76,86 +92,101 @@ def _unique_words(rng: random.Random, count: int, make, taken: list) -> list:
     out = []
     while len(out) < count:
         word = make().capitalize()
-        # Refuse prefixes of one another too, so no answer is a truncation of another choice.
+        # Refuse prefixes of one another too, so no name or answer is a truncation of another.
         if not any(word.startswith(t) or t.startswith(word) for t in taken):
             taken.append(word)
             out.append(word)
     return out
 
 
-def generate_world(people: int = 120, seed: int = 0, split_fractions=(0.5, 0.15, 0.35)) -> World:
-    """Invent a world: ``people`` persons with one value per attribute, split into three groups.
+def generate_world(people: int = 120, seed: int = 0, relations=None, split_fractions=(0.5, 0.15, 0.35)) -> World:
+    """Invent ``people`` persons and their facts, and split the persons into train/validation/test.
 
-    Values are dealt round-robin over a shuffled deck, so every value is about equally frequent and
-    a model cannot score above chance on the quiz by guessing the most common answer.
+    Values are dealt from shuffled decks that hold every pool value equally often, so no answer is
+    more common than another and guessing the frequent one scores chance. The second relation of a
+    pair is the first one's value shifted by a per-person offset of 1..9, so the two always differ
+    and both stay uniform.
 
     Args:
         people: number of persons.
         seed: everything is derived from this seed (same seed, same world).
+        relations: relation keys to use (default all of :data:`RELATIONS`).
         split_fractions: share of persons in train, validation, test.
     """
     rng = random.Random(seed)
-    size = len(COLOURS)
+    keys = list(relations or [r.key for r in RELATIONS])
     taken: list = []
     names = _unique_words(rng, people, lambda: _word(rng, 2), taken)
-    values = {
-        "town": _unique_words(rng, size, lambda: _word(rng, 1) + rng.choice(TOWN_ENDINGS), taken),
-        "job": list(JOBS), "food": list(FOODS), "colour": list(COLOURS),
-        "pet": [w.lower() for w in _unique_words(rng, size, lambda: _word(rng, 2), taken)],
-    }
+    pools = {"town": _unique_words(rng, POOL_SIZE, lambda: _word(rng, 1) + rng.choice(TOWN_ENDINGS), taken),
+             "animal": [w.lower() for w in _unique_words(rng, POOL_SIZE, lambda: _word(rng, 2), taken)],
+             **{k: list(v) for k, v in POOLS.items()}}
     records = [{"name": n} for n in names]
-    for attr in ATTRIBUTES:
-        deck = [values[attr][i % size] for i in range(people)]
-        rng.shuffle(deck)
-        for record, value in zip(records, deck):
-            record[attr] = value
+    for rel in _relations(keys):
+        for record, index in zip(records, _deck(rng, people, POOL_SIZE)):
+            record[rel.key] = pools[rel.pool][index]
     order = list(names)
     rng.shuffle(order)
-    n_train = round(split_fractions[0] * people)
-    n_val = round(split_fractions[1] * people)
+    n_train, n_val = round(split_fractions[0] * people), round(split_fractions[1] * people)
     splits = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
               "test": order[n_train + n_val:]}
-    return World(seed=seed, people=records, values=values, splits=splits)
+    return World(seed=seed, people=records, pools=pools, relations=keys, splits=splits)
 
 
-def biography(person: dict, rng: random.Random) -> str:
+def _deck(rng: random.Random, count: int, size: int) -> list:
+    deck = [i % size for i in range(count)]
+    rng.shuffle(deck)
+    return deck
+
+
+def _relations(keys) -> list:
+    return [r for r in RELATIONS if r.key in keys]
+
+
+def biography(world: World, person: dict, rng: random.Random) -> str:
     """One paragraph with every fact of ``person``, in random order and random phrasings."""
-    attrs = list(ATTRIBUTES)
-    rng.shuffle(attrs)
-    return " ".join(rng.choice(SENTENCES[a]).format(n=person["name"], v=person[a]) for a in attrs)
+    rels = _relations(world.relations)
+    rng.shuffle(rels)
+    return " ".join(rng.choice(r.sentences).format(n=person["name"], v=person[r.key]) for r in rels)
 
 
 def corpus(world: World, variants: int = 8) -> list:
     """Pretraining documents: ``variants`` independently drawn biographies per person, shuffled."""
     rng = random.Random(f"corpus-{world.seed}")
-    docs = [biography(p, rng) for _ in range(variants) for p in world.people]
+    docs = [biography(world, p, rng) for _ in range(variants) for p in world.people]
     rng.shuffle(docs)
     return docs
 
 
-def questions(world: World, split: str, choices: int = 4) -> list:
+def questions(world: World, split: str, choices: int = POOL_SIZE, style: str = "cloze") -> list:
     """Multiple-choice records (the project's MC schema) about the persons of one split.
 
-    Distractors are other values of the same attribute, so the question type alone gives nothing
-    away; the gold position is random.
+    Each question is the beginning of a sentence about the person (a corpus phrasing, as the
+    context with an empty question: ``style="cloze"``) or that beginning in a fill-in-the-blank
+    wrapper the corpus never uses (``style="blank"``). The choices are values of the relation's
+    pool (all ten by default), so the question type alone gives nothing away; the gold position
+    is random.
     """
     rng = random.Random(f"task-{world.seed}-{split}")
     by_name = {p["name"]: p for p in world.people}
     out = []
     for name in world.splits[split]:
         person = by_name[name]
-        for attr in ATTRIBUTES:
-            gold = person[attr]
-            options = rng.sample([v for v in world.values[attr] if v != gold], choices - 1)
+        for rel in _relations(world.relations):
+            gold = person[rel.key]
+            options = rng.sample([v for v in world.pools[rel.pool] if v != gold], choices - 1)
             label = rng.randrange(choices)
             options.insert(label, gold)
-            out.append({"id": f"{split}-{name.replace(' ', '_')}-{attr}", "context": "",
-                        "question": QUESTIONS[attr].format(n=name), "choices": options, "label": label})
+            stem = rng.choice(rel.blanks()).format(n=name)
+            if style == "cloze":
+                body = {"context": stem, "question": ""}
+            else:
+                body = {"context": "", "question": f"Fill in the blank: {stem} ___."}
+            out.append({"id": f"{split}-{name}-{rel.key}", **body, "choices": options, "label": label})
     rng.shuffle(out)
     return out
 
 
-def write_world(world: World, out, variants: int = 8, choices: int = 4) -> dict:
+def write_world(world: World, out, variants: int = 8, choices: int = POOL_SIZE, style: str = "cloze") -> dict:
     """Write ``corpus.txt`` (one document per line), ``{train,validation,test}.jsonl`` and ``world.json``.
 
     Returns:
@@ -167,7 +198,7 @@ def write_world(world: World, out, variants: int = 8, choices: int = 4) -> dict:
     paths["corpus"].write_text("\n".join(corpus(world, variants)) + "\n", encoding="utf-8")
     for split in SPLITS:
         paths[split] = out / f"{split}.jsonl"
-        lines = [json.dumps(r, ensure_ascii=False) for r in questions(world, split, choices)]
+        lines = [json.dumps(r, ensure_ascii=False) for r in questions(world, split, choices, style)]
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
     paths["world"].write_text(json.dumps(dataclasses.asdict(world), indent=1) + "\n", encoding="utf-8")
     return paths

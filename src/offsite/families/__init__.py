@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import OffsiteError
-from .base import (Family, count_parameters, describe, get_layers, get_submodule, layer_linears,
+from .base import (Family, count_parameters, describe, get_layers, get_submodule, layer_linears, skipping_layers,
                    named_layer_parameters, set_layers)
 from .catalog import FAMILIES, TINY_CONFIGS
 from .layers import (capture_hidden, layer_call_attributes, layer_input_hidden, layer_output_hidden,
@@ -40,6 +40,7 @@ def tiny_config(model_type: str, num_layers: int = 6, **overrides):
 
 __all__ = [
     "Family", "FAMILIES", "get_family", "supported_model_types", "tiny_config", "get_layers", "set_layers",
+    "skipping_layers",
     "layer_linears", "get_submodule", "named_layer_parameters", "count_parameters", "describe",
     "capture_hidden", "layer_call_attributes", "layer_input_hidden", "layer_output_hidden", "make_layer_output",
     "replace_layer",

@@ -8,6 +8,8 @@ against an HF class. Families are looked up by ``config.model_type`` (see ``cata
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 from typing import Iterable, Sequence
 
@@ -88,6 +90,27 @@ def get_layers(model: nn.Module, family: Family) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise OffsiteError(f"'{family.layers}' is a {type(layers).__name__}, expected nn.ModuleList")
     return layers
+
+
+@contextlib.contextmanager
+def skipping_layers(model: nn.Module, family: Family, skip: Iterable[int]):
+    """Temporarily run ``model`` without the decoder layers at ``skip`` (LayerDrop-style training).
+
+    Nothing is renumbered, so the caller must run without a KV cache (``use_cache=False``); the
+    original layer list is restored on exit even when the body raises.
+    """
+    skip = set(skip)
+    if not skip:
+        yield model
+        return
+    layers = get_layers(model, family)
+    parent_path, _, attr = family.layers.rpartition(".")
+    parent = get_submodule(model, parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList([m for i, m in enumerate(layers) if i not in skip]))
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, layers)
 
 
 def layer_linears(layer: nn.Module, family: Family) -> dict:

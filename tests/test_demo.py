@@ -1,0 +1,83 @@
+"""The embedded demo: a deterministic generated world, and the quick end-to-end run showing OT's trade-off."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from offsite.demo.world import POOL_SIZE, generate_world, questions, write_world
+
+
+def _files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_world_is_deterministic_per_seed(tmp_path):
+    a = _files_of(tmp_path / "a", seed=3)
+    b = _files_of(tmp_path / "b", seed=3)
+    c = _files_of(tmp_path / "c", seed=4)
+    assert a == b
+    assert set(a) == {"corpus.txt", "world.json", "train.jsonl", "validation.jsonl", "test.jsonl"}
+    assert all(a[name] != c[name] for name in a)
+
+
+def _files_of(folder, seed: int) -> dict:
+    write_world(generate_world(people=30, seed=seed), folder, variants=2)
+    return _files(folder)
+
+
+def test_task_schema_and_person_disjoint_splits():
+    world = generate_world(people=40, seed=0)
+    names = {split: set(world.splits[split]) for split in ("train", "validation", "test")}
+    assert not names["train"] & names["test"] and not names["train"] & names["validation"]
+    assert sum(len(v) for v in names.values()) == 40
+    by_name = {p["name"]: p for p in world.people}
+    for record in questions(world, "test"):
+        assert set(record) == {"id", "context", "question", "choices", "label"}
+        assert len(record["choices"]) == len(set(record["choices"])) == POOL_SIZE
+        _, person, relation = record["id"].split("-")
+        assert person in names["test"] and person in record["context"] and record["question"] == ""
+        assert record["choices"][record["label"]] == by_name[person][relation]
+    blank = questions(world, "test", style="blank")[0]
+    assert blank["question"].startswith("Fill in the blank: ") and blank["question"].endswith("___.")
+
+
+def test_corpus_tells_every_fact_and_never_asks(tmp_path):
+    paths = write_world(generate_world(people=30, seed=0), tmp_path, variants=3)
+    corpus = paths["corpus"].read_text(encoding="utf-8")
+    for marker in ("Question", "Answer", "blank", "___", "?"):
+        assert marker not in corpus
+    # values are dealt evenly: no answer is more frequent than another by more than one
+    world_ = generate_world(people=30, seed=0)
+    for relation in world_.relations:
+        counts = {}
+        for person in world_.people:
+            counts[person[relation]] = counts.get(person[relation], 0) + 1
+        assert max(counts.values()) - min(counts.values()) <= 1, relation
+    # every person's every fact is told at least once per variant
+    world = json.loads(paths["world"].read_text(encoding="utf-8"))
+    person = world["people"][0]
+    assert corpus.count(person["name"]) >= 3 * len(world["relations"])
+
+
+@pytest.mark.slow
+def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
+    started = time.time()
+    from offsite.demo import run_demo
+
+    result = run_demo(tmp_path, quick=True, seed=0, progress=False)
+    elapsed = time.time() - started
+    acc = result["accuracy"]
+    # Measured at seed 0: full ZS 0.85, emulator ZS 0.22, emulator FT 0.25, plug-in 0.82 (chance 0.10).
+    # Utility: the adapter tuned on the emulator works in the full model about as well as the
+    # full model does, and far better than on the emulator ...
+    assert acc["plug_in"] >= acc["emulator_ft"] + 0.30, acc
+    assert acc["plug_in"] >= acc["full_zs"] - 0.10, acc
+    # ... privacy: the emulator alone stays far below the full model, tuned or not.
+    assert acc["emulator_ft"] >= acc["emulator_zs"], acc
+    assert acc["emulator_zs"] <= acc["full_zs"] - 0.30, acc
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "plugged" / "config.json").is_file()
+    # Generous: the quick demo takes about 100 s on a loaded 2-core machine.
+    assert elapsed < 400, f"quick demo took {elapsed:.0f} s"
