@@ -49,13 +49,17 @@ def test_corpus_tells_every_fact_and_never_asks(tmp_path):
     corpus = paths["corpus"].read_text(encoding="utf-8")
     for marker in ("Question", "Answer", "blank", "___", "?"):
         assert marker not in corpus
-    # values are dealt evenly: no answer is more frequent than another by more than one
-    world_ = generate_world(people=30, seed=0)
+    # values are dealt evenly within every split: answer frequencies learnt on one split say
+    # nothing about another
+    world_ = generate_world(people=50, seed=0)
+    by_name = {p["name"]: p for p in world_.people}
     for relation in world_.relations:
-        counts = {}
-        for person in world_.people:
-            counts[person[relation]] = counts.get(person[relation], 0) + 1
-        assert max(counts.values()) - min(counts.values()) <= 1, relation
+        for members in world_.splits.values():
+            counts = {}
+            for name in members:
+                counts[by_name[name][relation]] = counts.get(by_name[name][relation], 0) + 1
+            assert max(counts.values()) - min(counts.values()) <= 1, relation
+            assert len(counts) == min(len(members), 10)
     # every person's every fact is told at least once per variant
     world = json.loads(paths["world"].read_text(encoding="utf-8"))
     person = world["people"][0]
@@ -70,13 +74,15 @@ def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
     result = run_demo(tmp_path, quick=True, seed=0, progress=False)
     elapsed = time.time() - started
     acc = result["accuracy"]
-    # Measured at seed 0: full ZS 0.85, emulator ZS 0.22, emulator FT 0.25, plug-in 0.82 (chance 0.10).
+    # Measured at seed 0: full ZS 0.89, emulator ZS 0.36, emulator FT 0.40, plug-in 0.91 (chance 0.10).
     # Utility: the adapter tuned on the emulator works in the full model about as well as the
     # full model does, and far better than on the emulator ...
     assert acc["plug_in"] >= acc["emulator_ft"] + 0.30, acc
     assert acc["plug_in"] >= acc["full_zs"] - 0.10, acc
     # ... privacy: the emulator alone stays far below the full model, tuned or not.
-    assert acc["emulator_ft"] >= acc["emulator_zs"], acc
+    # Tuning helps the emulator a little (a few questions of 55 here, +7 points in the full demo);
+    # the margin allows for other CPUs' rounding moving one or two answers.
+    assert acc["emulator_ft"] >= acc["emulator_zs"] - 0.04, acc
     assert acc["emulator_zs"] <= acc["full_zs"] - 0.30, acc
     assert (tmp_path / "results.json").is_file() and (tmp_path / "plugged" / "config.json").is_file()
     # Generous: the quick demo takes about 100 s on a loaded 2-core machine.

@@ -102,10 +102,10 @@ def _unique_words(rng: random.Random, count: int, make, taken: list) -> list:
 def generate_world(people: int = 120, seed: int = 0, relations=None, split_fractions=(0.5, 0.15, 0.35)) -> World:
     """Invent ``people`` persons and their facts, and split the persons into train/validation/test.
 
-    Values are dealt from shuffled decks that hold every pool value equally often, so no answer is
-    more common than another and guessing the frequent one scores chance. The second relation of a
-    pair is the first one's value shifted by a per-person offset of 1..9, so the two always differ
-    and both stay uniform.
+    Values are dealt from shuffled decks that hold every pool value equally often *within each
+    split*, so no answer is more common than another anywhere. Dealing over all persons at once
+    would make the values frequent in the training split rare in the test split, and a model
+    that learnt the training answers' frequencies would score below chance on the test.
 
     Args:
         people: number of persons.
@@ -120,15 +120,17 @@ def generate_world(people: int = 120, seed: int = 0, relations=None, split_fract
     pools = {"town": _unique_words(rng, POOL_SIZE, lambda: _word(rng, 1) + rng.choice(TOWN_ENDINGS), taken),
              "animal": [w.lower() for w in _unique_words(rng, POOL_SIZE, lambda: _word(rng, 2), taken)],
              **{k: list(v) for k, v in POOLS.items()}}
-    records = [{"name": n} for n in names]
-    for rel in _relations(keys):
-        for record, index in zip(records, _deck(rng, people, POOL_SIZE)):
-            record[rel.key] = pools[rel.pool][index]
     order = list(names)
     rng.shuffle(order)
     n_train, n_val = round(split_fractions[0] * people), round(split_fractions[1] * people)
     splits = {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
               "test": order[n_train + n_val:]}
+    records = {n: {"name": n} for n in names}
+    for rel in _relations(keys):
+        for members in splits.values():
+            for name, index in zip(members, _deck(rng, len(members), POOL_SIZE)):
+                records[name][rel.key] = pools[rel.pool][index]
+    records = [records[n] for n in names]
     return World(seed=seed, people=records, pools=pools, relations=keys, splits=splits)
 
 
