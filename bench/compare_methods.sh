@@ -16,6 +16,9 @@ DATA="${2:-../shared/data}"
 CAL="$DATA/lm/war_and_peace/war_and_peace_pg2600.txt.gz"
 OUT=bench/results/compare_methods
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
+# One thread unless told otherwise: on a shared 2-core box OpenMP spin-waiting makes small models
+# several times slower with two.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY=.venv/bin/python
 
 declare -A SETTINGS=(
@@ -44,7 +47,7 @@ METHOD_LIST=$(IFS=,; echo "${METHODS[*]}")
 COMMAND="bash bench/compare_methods.sh $MODEL $DATA"
 .venv/bin/offsite report --model "$MODEL" --data-dir "$DATA" --calibration "$CAL" \
   --tasks arc_easy,piqa,sciq,wikitext --methods "$METHOD_LIST" --adapter-layers 2,2 "${REPORT_SETS[@]}" \
-  --limit 300 --train-limit 2000 --max-steps 150 --lr 3e-4 --batch-size 8 --workdir "$OUT/work"
+  --limit 300 --train-limit 2000 --max-steps 150 --lr 3e-4 --batch-size 8 --full-ft --workdir "$OUT/work"
 cp "$OUT/work/report.json" "$OUT/work/report.md" "$OUT/"
 cp "$OUT/work/report.png" "$OUT/" 2>/dev/null || true
 $PY bench/summarise_compare.py "$OUT" "$COMMAND"
