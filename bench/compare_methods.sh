@@ -35,20 +35,31 @@ fi
 
 mkdir -p "$OUT/work"
 : > "$OUT/build.jsonl"
-REPORT_SETS=()
 for m in "${METHODS[@]}"; do
   # shellcheck disable=SC2086  # settings are space-separated KEY=VALUE words
   $PY bench/measure_build.py "$MODEL" "$m" "$OUT/work/build-$m" --calibration "$CAL" --set ${SETTINGS[$m]} \
     | tail -n 1 >> "$OUT/build.jsonl"
-  for kv in ${SETTINGS[$m]}; do REPORT_SETS+=(--method-set "$m:$kv"); done
 done
 
-METHOD_LIST=$(IFS=,; echo "${METHODS[*]}")
 COMMAND="bash bench/compare_methods.sh $MODEL $DATA"
-.venv/bin/offsite report --model "$MODEL" --data-dir "$DATA" --calibration "$CAL" \
-  --tasks arc_easy,piqa,sciq,wikitext --methods "$METHOD_LIST" --adapter-layers 2,2 "${REPORT_SETS[@]}" \
-  --limit 300 --train-limit 2000 --max-steps 150 --lr 3e-4 --batch-size 8 --full-ft --workdir "$OUT/work"
-cp "$OUT/work/report.json" "$OUT/work/report.md" "$OUT/"
-cp "$OUT/work/report.png" "$OUT/" 2>/dev/null || true
+# Two report processes, one per core (each single-threaded): the first takes the full fine-tuning
+# row and the first half of the methods, the second the rest; merge_reports.py joins them.
+half=$(( (${#METHODS[@]} + 1) / 2 ))
+GROUP_A=$(IFS=,; echo "${METHODS[*]:0:$half}")
+GROUP_B=$(IFS=,; echo "${METHODS[*]:$half}")
+run_report() {  # methods workdir [extra flags]
+  local sets=() m kv
+  for m in ${1//,/ }; do
+    for kv in ${SETTINGS[$m]}; do sets+=(--method-set "$m:$kv"); done
+  done
+  .venv/bin/offsite report --model "$MODEL" --data-dir "$DATA" --calibration "$CAL" \
+    --tasks arc_easy,piqa,sciq,wikitext --methods "$1" --adapter-layers 2,2 "${sets[@]}" \
+    --limit 300 --train-limit 2000 --max-steps 150 --lr 3e-4 --batch-size 8 --workdir "$2" "${@:3}"
+}
+run_report "$GROUP_A" "$OUT/work/a" --full-ft > "$OUT/work/a.log" 2>&1 &
+PID_A=$!
+if [ -n "$GROUP_B" ]; then run_report "$GROUP_B" "$OUT/work/b" > "$OUT/work/b.log" 2>&1; fi
+wait "$PID_A"
+$PY bench/merge_reports.py "$OUT" "$OUT/work/a/report.json" ${GROUP_B:+"$OUT/work/b/report.json"}
 $PY bench/summarise_compare.py "$OUT" "$COMMAND"
 rm -rf "$OUT/work"
