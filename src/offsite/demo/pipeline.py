@@ -150,9 +150,10 @@ def score(model: str, adapter: str | None, test_file, progress: bool = False) ->
 
 def format_table(result: dict) -> str:
     """The five-number table (four without full FT) plus the privacy gap, as plain text."""
-    acc = result["accuracy"]
-    lines = [f"{'setting':<14}{'accuracy':>9}", "-" * 23]
-    lines += [f"{label:<14}{acc[key] * 100:>8.1f}%" for key, label in ROWS if key in acc]
-    lines += ["-" * 23, f"{'Δ plug-in − emulator FT':<14} {result['delta'] * 100:+.1f} points",
-              f"(chance {result['chance'] * 100:.0f}%, {result['test_questions']} test questions)"]
+    acc, width = result["accuracy"], 26
+    lines = [f"{'setting':<{width}}{'accuracy':>9}", "-" * (width + 9)]
+    lines += [f"{label:<{width}}{acc[key] * 100:>8.1f}%" for key, label in ROWS if key in acc]
+    lines += ["-" * (width + 9), f"{'Δ (plug-in − emulator FT)':<{width}}{result['delta'] * 100:>+8.1f}",
+              f"chance {result['chance'] * 100:.0f}%, {result['test_questions']} test questions "
+              "about people the fine-tuning never saw"]
     return "\n".join(lines)
