@@ -144,8 +144,8 @@ class TestConformance:
 
 
 def test_layer_output_convention_matches_the_real_layers(model_type):
-    """``Family.layer_output`` says what a decoder layer returns; hooks and harmonizers rely on it."""
-    from offsite.families import capture_hidden
+    """``layer_returns_tuple`` says what a decoder layer returns; hooks and harmonizers rely on it."""
+    from offsite.families import capture_hidden, layer_returns_tuple
 
     model = make_model(model_type, 2)
     family = get_family(model)
@@ -155,7 +155,7 @@ def test_layer_output_convention_matches_the_real_layers(model_type):
     with torch.no_grad(), capture_hidden(model, family, outputs_of=[0], inputs_of=[1]) as store:
         model(ids())
     handle.remove()
-    assert isinstance(seen["out"], tuple) == (family.layer_output == "tuple")
+    assert isinstance(seen["out"], tuple) == layer_returns_tuple(model, family)
     assert torch.equal(store[("out", 0)], store[("in", 1)])  # layer 1 reads what layer 0 wrote
 
 

@@ -14,7 +14,8 @@ from offsite.emulator import get_builder, keep_layers
 from offsite.emulator.harmonizer import HarmonizerLayer, make_harmonizer
 from offsite.emulator.layer_replace import candidate_loss, dynamic_layer_replace, random_groups
 from offsite.errors import OffsiteError
-from offsite.families import get_family, get_layers, layer_linears, replace_layer
+from offsite.families import (get_family, get_layers, layer_linears, layer_returns_tuple, replace_layer,
+                              supported_model_types)
 from offsite.families.linears import linear_weight
 from offsite.package import load_emulator
 from offsite.split import make_split
@@ -48,15 +49,16 @@ def trained(tmp_path_factory):
     return model, batches
 
 
-@pytest.mark.parametrize("model_type", ["llama", "bloom", "gpt2"])
+@pytest.mark.parametrize("model_type", supported_model_types())
 def test_fresh_harmonizer_is_a_layer_drop_with_the_layer_call_convention(model_type):
+    # batch of 2: a model loop taking output[0] of a bare tensor would read row 0 only and differ
     model = make_model(model_type, 4)
     family = get_family(model)
     dropped = copy.deepcopy(model)
     keep_layers(dropped, family, [0, 1, 3])
-    h = make_harmonizer(family, get_layers(model, family)[2], model.config.hidden_size, 4)
-    assert isinstance(h(torch.ones(1, 2, model.config.hidden_size), "extra", mask=None), tuple) == (
-        family.layer_output == "tuple")
+    as_tuple = layer_returns_tuple(model, family)
+    h = make_harmonizer(get_layers(model, family)[2], model.config.hidden_size, 4, as_tuple)
+    assert isinstance(h(torch.ones(1, 2, model.config.hidden_size), "extra", mask=None), tuple) == as_tuple
     replace_layer(model, family, 2, h)
     x = torch.randint(4, 120, (2, 9))
     with torch.no_grad():
@@ -69,7 +71,7 @@ def test_harmonizer_only_slot_trains_and_lowers_its_replacement_loss(trained):
     family = get_family(model)
     middle = [2, 4]  # a group of two: every candidate replaces exactly one of them
     layers = get_layers(model, family)
-    harmonizers = {i: make_harmonizer(family, layers[i], 32, 8) for i in middle}
+    harmonizers = {i: make_harmonizer(layers[i], 32, 8, layer_returns_tuple(model, family)) for i in middle}
     with torch.no_grad():
         before = [candidate_loss(model, family, middle, harmonizers, [p], batches[0]).item() for p in (0, 1)]
     result = dynamic_layer_replace(model, family, middle, harmonizers, batches, steps=30, lr=3e-3, score_lr=0.05,

@@ -11,7 +11,8 @@ learnable scale, which every family's hidden states tolerate; the activation is 
 
 :class:`HarmonizerLayer` takes any call the family's model loop makes to a decoder layer (hidden
 states first, then whatever positional and keyword arguments: masks, rotary tables, caches) and
-returns what that family's layers return (see ``families/layers.py``). It never touches the KV
+returns what that family's layers return in the installed transformers
+(``families.layer_returns_tuple``). It never touches the KV
 cache, so cached generation is only exact when position 0 is not a harmonizer (the cache's
 length is read from layer 0); with adapter layers at the bottom, as in OT, it never is.
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import OffsiteError
-from ..families import Family, layer_call_attributes, layer_input_hidden, make_layer_output
+from ..families import layer_call_attributes, layer_input_hidden
 
 DEFAULT_RANK = 64
 
@@ -33,7 +34,7 @@ class HarmonizerLayer(nn.Module):
     Args:
         hidden_size: width of the hidden states.
         rank: bottleneck width (``down``: hidden -> rank, ``up``: rank -> hidden).
-        returns_tuple: return ``(hidden,)`` instead of ``hidden`` (BLOOM, Falcon, GPT-J).
+        returns_tuple: return ``(hidden,)`` instead of ``hidden`` (as BLOOM's and Falcon's layers do).
         attributes: plain attributes copied from the replaced layer (the model loop may read them).
     """
 
@@ -62,9 +63,11 @@ class HarmonizerLayer(nn.Module):
         return (out,) if self.returns_tuple else out
 
 
-def make_harmonizer(family: Family, layer: nn.Module, hidden_size: int, rank: int) -> HarmonizerLayer:
-    """A fresh (identity) harmonizer able to replace ``layer``, on its device and dtype."""
-    returns_tuple = isinstance(make_layer_output(family, torch.empty(0)), tuple)
+def make_harmonizer(layer: nn.Module, hidden_size: int, rank: int, returns_tuple: bool) -> HarmonizerLayer:
+    """A fresh (identity) harmonizer able to replace ``layer``, on its device and dtype.
+
+    ``returns_tuple`` is the model's layer convention, ``families.layer_returns_tuple(model, family)``.
+    """
     ref = next(layer.parameters(), None)
     module = HarmonizerLayer(hidden_size, rank, returns_tuple, layer_call_attributes(layer))
     if ref is not None:

@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from ..errors import OffsiteError
-from ..families import get_layers, layer_linears, replace_layer
+from ..families import get_layers, layer_linears, layer_returns_tuple, replace_layer
 from ..families.linears import linear_weight
 from .base import EmulatorBuilder, register
 from .calibrated import check_fraction, check_positive, load_calibration
@@ -131,9 +131,10 @@ class ScaleOT(EmulatorBuilder):
         hidden = int(model.config.hidden_size)
         rank = min(config.harmonizer_rank, hidden)
         layers = get_layers(model, family)
+        as_tuple = layer_returns_tuple(model, family)
         with torch.random.fork_rng(devices=[]):  # harmonizer init from the seed: same settings, same emulator
             torch.manual_seed(config.seed)
-            harmonizers = {i: make_harmonizer(family, layers[i], hidden, rank) for i in middle}
+            harmonizers = {i: make_harmonizer(layers[i], hidden, rank, as_tuple) for i in middle}
         record, scores = {"reused": False}, {i: 0.0 for i in middle}
         if replace or config.cache_dir:
             batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
@@ -179,8 +180,9 @@ class ScaleOT(EmulatorBuilder):
     def restructure(self, model, family, plan: dict) -> None:
         """Put harmonizers where the plan has them and low-rank factors where SRC stored factors."""
         layers = get_layers(model, family)
+        as_tuple = layer_returns_tuple(model, family)
         for pos, entry in enumerate(plan["layers"]):
             if entry.get("module") == "harmonizer":
-                replace_layer(model, family, pos, make_harmonizer(family, layers[pos], int(plan["hidden_size"]),
-                                                                  int(plan["harmonizer_rank"])))
+                replace_layer(model, family, pos, make_harmonizer(layers[pos], int(plan["hidden_size"]),
+                                                                  int(plan["harmonizer_rank"]), as_tuple))
         restructure_linears(model, family, plan)

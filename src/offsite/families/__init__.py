@@ -7,7 +7,7 @@ from .base import (Family, count_parameters, describe, get_layers, get_submodule
                    named_layer_parameters, set_layers)
 from .catalog import FAMILIES, TINY_CONFIGS
 from .layers import (capture_hidden, layer_call_attributes, layer_input_hidden, layer_output_hidden,
-                     make_layer_output, replace_layer)
+                     layer_returns_tuple, replace_layer)
 
 
 def supported_model_types() -> list:
@@ -42,6 +42,6 @@ __all__ = [
     "Family", "FAMILIES", "get_family", "supported_model_types", "tiny_config", "get_layers", "set_layers",
     "skipping_layers",
     "layer_linears", "get_submodule", "named_layer_parameters", "count_parameters", "describe",
-    "capture_hidden", "layer_call_attributes", "layer_input_hidden", "layer_output_hidden", "make_layer_output",
+    "capture_hidden", "layer_call_attributes", "layer_input_hidden", "layer_output_hidden", "layer_returns_tuple",
     "replace_layer",
 ]

@@ -37,8 +37,6 @@ class Family:
             q/k/v are separate.
         conv1d: True when linears are GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
         parallel_residual: attention and MLP read the same input (Phi, GPT-J, Falcon, NeoX).
-        layer_output: what a decoder layer returns: ``"tensor"`` (the hidden states) or
-            ``"tuple"`` (hidden states first: BLOOM, Falcon, GPT-J), see ``families/layers.py``.
         extra: other architecture notes shown by ``offsite families``.
     """
 
@@ -51,7 +49,6 @@ class Family:
     qkv_layout: str | None = None
     conv1d: bool = False
     parallel_residual: bool = False
-    layer_output: str = "tensor"
     extra: str = ""
 
     @property
@@ -175,7 +172,6 @@ def describe(family: Family) -> dict:
         "qkv_layout": family.qkv_layout,
         "conv1d": family.conv1d,
         "parallel_residual": family.parallel_residual,
-        "layer_output": family.layer_output,
         "notes": family.extra,
     }
 

@@ -55,15 +55,15 @@ FAMILIES: dict[str, Family] = {
         Family("falcon", layers="transformer.h", final_norm="transformer.ln_f",
                attention={"qkv": "self_attention.query_key_value", "o": "self_attention.dense"},
                mlp={"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}, norms=("input_layernorm",),
-               qkv_layout="falcon", parallel_residual=True, layer_output="tuple",
+               qkv_layout="falcon", parallel_residual=True,
                extra="qkv layout depends on new_decoder_architecture / multi_query"),
         Family("bloom", layers="transformer.h", final_norm="transformer.ln_f",
                attention={"qkv": "self_attention.query_key_value", "o": "self_attention.dense"},
                mlp={"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}, norms=_PRE_NORMS,
-               qkv_layout="per_head", layer_output="tuple", extra="ALiBi positions; embedding LayerNorm"),
+               qkv_layout="per_head", extra="ALiBi positions; embedding LayerNorm"),
         Family("gptj", layers="transformer.h", final_norm="transformer.ln_f",
                attention={"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.out_proj"},
-               mlp={"up": "mlp.fc_in", "down": "mlp.fc_out"}, norms=("ln_1",), parallel_residual=True, layer_output="tuple",
+               mlp={"up": "mlp.fc_in", "down": "mlp.fc_out"}, norms=("ln_1",), parallel_residual=True,
                extra="rotary on rotary_dim; biases on MLP only"),
     ]
 }

@@ -6,8 +6,11 @@ ordinary ``model(input_ids)`` call, (2) a module that can stand where a decoder 
 (3) a way to swap one layer for another. Hooks on the members of the decoder ``ModuleList`` give
 (1) for every family, because each family's model loop calls ``layer(hidden_states, ...)`` and
 reads the new hidden states from the result; only the *shape* of that result differs (a tensor,
-or a tuple whose first item is the tensor: BLOOM, Falcon, GPT-J), which :attr:`Family.layer_output`
-records. Running the model itself (rather than calling layers one by one) keeps position
+or a tuple whose first item is the tensor: BLOOM and Falcon in transformers 5.24). That shape is
+read off the installed transformers by :func:`layer_returns_tuple` rather than declared per family,
+because it changes between releases (GPT-J returned a tuple up to 5.23 and a tensor from 5.24), and
+a stand-in that guesses wrong is silently wrong: a loop that takes ``output[0]`` of a tensor reads
+the first batch row. Running the model itself (rather than calling layers one by one) keeps position
 embeddings, rotary tables, ALiBi and attention masks exactly as the model computes them.
 """
 
@@ -39,9 +42,48 @@ def layer_output_hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def make_layer_output(family: Family, hidden: torch.Tensor):
-    """Wrap ``hidden`` the way ``family``'s decoder layers return it (the model loop unpacks it)."""
-    return (hidden,) if family.layer_output == "tuple" else hidden
+class _ProbeDone(Exception):
+    """Raised from a probe hook to stop the forward pass once the first layer has answered."""
+
+
+_RETURNS_TUPLE: dict[type, bool] = {}  # decoder-layer class -> its convention, for this process
+
+
+def layer_returns_tuple(model: nn.Module, family: Family) -> bool:
+    """Whether ``model``'s decoder layers return ``(hidden, ...)`` rather than ``hidden``.
+
+    Probed once per layer class: a one-token forward pass that stops (by raising from a forward
+    hook) as soon as the first transformers-defined layer returns, so it costs the embedding and
+    one layer. Layers already replaced by offsite modules are skipped: the model loop, not the
+    stand-in, fixes the convention.
+    """
+    layers = get_layers(model, family)
+    native = next((layer for layer in layers if type(layer).__module__.startswith("transformers")), None)
+    if native is None:
+        raise OffsiteError(f"no decoder layer of this {family.model_type} model comes from transformers; "
+                           "the layer call convention cannot be read off")
+    cls = type(native)
+    if cls not in _RETURNS_TUPLE:
+        seen = {}
+
+        def hook(module, args, output):
+            seen["tuple"] = isinstance(output, (tuple, list))
+            raise _ProbeDone
+
+        ref = next(model.parameters())
+        handle = native.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ref.device), use_cache=False)
+        except _ProbeDone:
+            pass
+        finally:
+            handle.remove()
+        if "tuple" not in seen:
+            raise OffsiteError(f"probing the {family.model_type} decoder layers: the forward pass never reached "
+                               f"a {cls.__name__}")
+        _RETURNS_TUPLE[cls] = seen["tuple"]
+    return _RETURNS_TUPLE[cls]
 
 
 def layer_call_attributes(layer: nn.Module) -> dict:
@@ -104,5 +146,5 @@ def capture_hidden(model: nn.Module, family: Family, outputs_of=(), inputs_of=()
             handle.remove()
 
 
-__all__ = ["layer_input_hidden", "layer_output_hidden", "make_layer_output", "layer_call_attributes",
+__all__ = ["layer_input_hidden", "layer_output_hidden", "layer_returns_tuple", "layer_call_attributes",
            "replace_layer", "capture_hidden"]
