@@ -91,5 +91,17 @@ def mc_file(tmp_path):
     return path
 
 
+@pytest.fixture
+def mc_task(tmp_path):
+    """An ad-hoc task with one file per split: ``(path template with {split}, folder)``."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    for split, start in (("train", 0), ("validation", 40)):
+        rows = [{"id": f"{split}{i}", "context": "", "question": f"what colour is thing {i % 3}?",
+                 "choices": ["red", "blue", "green"], "label": i % 3} for i in range(start, start + 40)]
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(folder / "{split}.jsonl"), folder
+
+
 def state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

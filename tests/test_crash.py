@@ -115,7 +115,7 @@ def test_crash_refusals(saved_model, text_file, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-def test_report_compares_methods_with_calibration_and_per_method_settings(saved_model, mc_file, text_file, tmp_path):
+def test_report_compares_methods_with_calibration_and_per_method_settings(saved_model, mc_task, text_file, tmp_path):
     from offsite.cli.report import method_settings
     from offsite.report import run_report
 
@@ -126,7 +126,7 @@ def test_report_compares_methods_with_calibration_and_per_method_settings(saved_
         method_settings(["uniform"], None, ["gradot:param_budget=0.5"])
 
     path, _ = saved_model("llama", 6)
-    report = run_report(str(path), [str(mc_file)], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
+    report = run_report(str(path), [mc_task[0]], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
                         methods=["uniform", "crash"], calibration=text_file,
                         method_settings={"uniform": {"emulator_layers": 2}, "crash": {"emulator_layers": 2, **SMALL}},
                         limit=6, train_limit=12, finetune_settings={"max_steps": 2, "batch_size": 4},

@@ -211,8 +211,22 @@ def test_adhoc_jsonl_tasks(tmp_path):
     with gzip.open(qa, "wt") as fh:
         fh.write(json.dumps({"id": "z", "question": "who?", "answers": ["me"]}) + "\n")
     task = get_task(str(qa))
-    assert task.kind == "exact_match"
-    assert list(task.finetune_pairs(None, "train")) == [("Question: who?\nAnswer:", " me")]
+    assert task.kind == "exact_match" and next(task.examples(None, "test"))["answers"] == ["me"]
+    with pytest.raises(OffsiteError, match="single file.*{split}"):  # would train on what it scores
+        list(task.finetune_pairs(None, "train"))
+
+
+def test_adhoc_tasks_with_one_file_per_split(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps(mc(f"{split}-1", question=f"{split}?")) + "\n")
+    task = get_task(str(tmp_path / "{split}.jsonl"))
+    assert task.splits == ("train", "test") and task.resolve_split("default") == "test"
+    assert [e["id"] for e in task.examples(None, "test")] == ["test-1"]
+    assert list(task.finetune_pairs(None, "train")) == [("Question: train?\nAnswer:", " a")]
+    with pytest.raises(OffsiteError, match="no 'validation' split.*train, test"):
+        list(task.examples(None, "validation"))
+    with pytest.raises(OffsiteError, match="task files not found"):
+        get_task(str(tmp_path / "nothing" / "{split}.jsonl"))
 
 
 def test_evaluate_workflow_on_fixture_data(data_dir):

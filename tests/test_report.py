@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
+from offsite.errors import OffsiteError
 from offsite.report import ROWS, format_report, run_report
 
 
-def test_report_has_the_five_numbers_and_delta(saved_model, mc_file, tmp_path):
+def test_report_has_the_five_numbers_and_delta(saved_model, mc_task, tmp_path):
     path, _ = saved_model("llama", 6)
-    task = str(mc_file)
+    task, folder = mc_task
     report = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
                         method_settings={"uniform": {"emulator_layers": 2}}, limit=12, train_limit=24,
                         finetune_settings={"max_steps": 3, "batch_size": 4, "lr": 1e-3}, full_ft=True,
@@ -19,8 +22,15 @@ def test_report_has_the_five_numbers_and_delta(saved_model, mc_file, tmp_path):
     delta = report["methods"]["uniform"]["delta"][task]
     assert delta == table["plug_in"][task] - table["emu_ft"][task]
     # Full FT really tuned every block: its adapter holds all six layers of the base model.
-    manifest = json.loads((tmp_path / "work" / f"adapter-full-{mc_file.name}" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "work" / f"adapter-full-{folder.name}" / "manifest.json").read_text())
     assert manifest["split"]["adapter"] == list(range(6)) and manifest["split"]["middle"] == []
     assert json.loads((tmp_path / "work" / "report.json").read_text())["methods"]["uniform"]["delta"]
     text = format_report(report)
     assert "Full FT" in text and "Plug-in" in text
+
+
+def test_report_refuses_a_task_it_would_train_and_score_on_before_any_model_work(mc_file, tmp_path):
+    with pytest.raises(OffsiteError, match="single file.*{split}"):
+        run_report("no-such-model", [str(mc_file)], data_dir=None, workdir=tmp_path / "work", log=lambda *a: None)
+    with pytest.raises(OffsiteError, match="WikiText fine-tuning text not found"):
+        run_report("no-such-model", ["wikitext"], data_dir=tmp_path, workdir=tmp_path / "work", log=lambda *a: None)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--adapter", help="fine-tuned adapter folder to plug into --model")
     p.add_argument("--tasks", required=True,
                    help=f"comma-separated task names ({', '.join(list_tasks())}) or .jsonl(.gz) files "
-                        "in the multiple-choice schema")
+                        "in the multiple-choice schema; a path with {split} (mine/{split}.jsonl) has one file per split")
     p.add_argument("--data-dir", default=None, help="offline data folder (default: $OFFSITE_DATA_DIR)")
     p.add_argument("--split", default="validation",
                    help="validation | test | train | default (lm-eval's split per task); default validation")

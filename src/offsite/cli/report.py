@@ -8,7 +8,8 @@ import os
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="full ZS / emulator ZS / emulator FT / plug-in per task, with Δ")
     p.add_argument("--model", required=True, help="base model folder or hub id")
-    p.add_argument("--tasks", required=True, help="comma-separated task names (see offsite eval)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (see offsite eval); own data as "
+                   "mine/{split}.jsonl (fine-tunes on train, scores --split)")
     p.add_argument("--data-dir", default=os.environ.get("OFFSITE_DATA_DIR"), help="offline data folder")
     p.add_argument("--methods", default="uniform", help="comma-separated emulator methods")
     p.add_argument("--adapter-layers", default="2,2")

@@ -24,7 +24,10 @@ webquestions   ``Question: {question}\\nAnswer:``                            (ge
 * BoolQ questions in the offline data already end with ``?``; one is added only when missing.
 * Any ``.jsonl``/``.jsonl.gz`` path is an ad-hoc task: records with ``choices`` are multiple
   choice with the prompt ``[{context}\\n]Question: {question}\\nAnswer:`` (just the context when the
-  question is empty); records with ``answers`` are exact-match QA. The split is ignored.
+  question is empty); records with ``answers`` are exact-match QA. A path with ``{split}`` in it
+  (``mine/{split}.jsonl``) names one file per split (train / validation / test, those present); a
+  plain path is one file that answers every evaluation split and is refused for fine-tuning, so
+  that ``offsite report`` can't train on the questions it scores.
 
 Split fallback for evaluation (:meth:`Task.resolve_split`) is recorded by the caller. The special
 split ``"default"`` is lm-eval's evaluation split of each task (test for ARC, OpenBookQA, SciQ,
@@ -89,7 +92,9 @@ class Task:
         prompt: record -> prompt string.
         fallback: requested split -> split used instead when evaluating.
         default_split: lm-eval's evaluation split, used for ``split="default"``.
-        single_file: ad-hoc task; ``path`` is the one (absolute) file, whatever the split.
+        adhoc: a task read from the user's own file(s): ``path`` is absolute, with ``{split}``
+            when there is one file per split; without it the one file answers every evaluation
+            split (``splits == ("file",)``) and fine-tuning on it is refused.
     """
 
     name: str
@@ -99,12 +104,16 @@ class Task:
     prompt: Callable[[dict], str] = _qa
     fallback: dict = field(default_factory=dict)
     default_split: str = "validation"
-    single_file: bool = False
+    adhoc: bool = False
 
     def resolve_split(self, split: str, strict: bool = False) -> str:
         """The split actually read for a requested one (fallback unless ``strict``)."""
-        if self.single_file:
-            return "file"  # an ad-hoc file is its own (only) split
+        if self.splits == ("file",):
+            if strict:  # fine-tuning: the one file is also what gets scored
+                raise OffsiteError(f"task file {self.path} is a single file, used for evaluation whatever the split; "
+                                   "to fine-tune on a task, give one file per split with {split} in the path, "
+                                   "e.g. mine/{split}.jsonl for mine/train.jsonl + mine/validation.jsonl")
+            return "file"
         if split == "default":
             split = self.default_split
         if split in self.splits:
@@ -116,8 +125,11 @@ class Task:
 
     def data_file(self, data_dir, split: str) -> Path:
         """Path of the split's data file; :class:`OffsiteError` naming the path when it is missing."""
-        if self.single_file:
-            return Path(self.path)
+        if self.adhoc:
+            path = Path(self.path.replace("{split}", split))
+            if not path.is_file():  # splits are read off the disk when the task is made; it changed since
+                raise OffsiteError(f"data for task {self.name!r} ({split}) not found: tried {path}")
+            return path
         if data_dir is None:
             raise OffsiteError("no data folder given: pass --data-dir DIR or set OFFSITE_DATA_DIR")
         path = Path(data_dir) / self.path.replace("{split}", split)
@@ -213,15 +225,23 @@ def get_task(name: str) -> Task:
     if name in TASKS:
         return TASKS[name]
     if is_file_task(name):
-        path = Path(name).expanduser().resolve()
-        if not path.is_file():
-            raise OffsiteError(f"task file not found: {path}")
+        template = str(Path(name).expanduser().absolute())
+        if "{split}" in template:
+            splits = tuple(sp for sp in SPLITS if Path(template.replace("{split}", sp)).is_file())
+            if not splits:
+                raise OffsiteError(f"task files not found: tried {template.replace('{split}', '{' + ','.join(SPLITS) + '}')}")
+            default = "test" if "test" in splits else splits[-1]
+        else:
+            splits, default = ("file",), "file"
+            if not Path(template).is_file():
+                raise OffsiteError(f"task file not found: {template}")
+        path = Path(template.replace("{split}", splits[0]))
         first = next(_read_records(path, "any", 1), None)
         if first is None:
             raise OffsiteError(f"task file {path} holds no labelled records")
         kind = "exact_match" if "answers" in first and "choices" not in first else "multiple_choice"
         prompt = _qa if kind == "exact_match" else _adhoc
-        return Task(str(name), kind, str(path), ("file",), prompt, default_split="file", single_file=True)
+        return Task(str(name), kind, template, splits, prompt, default_split=default, adhoc=True)
     raise OffsiteError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
                        "(or a path to a .jsonl/.jsonl.gz file in the multiple-choice schema)")
 
