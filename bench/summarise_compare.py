@@ -1,6 +1,6 @@
 """Merge ``report.json`` and the per-method build costs into ``summary.md`` + one PNG per method.
 
-Usage: python bench/summarise_compare.py RESULTS_DIR "COMMAND THAT PRODUCED IT"
+Usage: python bench/summarise_compare.py RESULTS_DIR "COMMAND THAT PRODUCED IT" [TITLE]
 
 Reads ``RESULTS_DIR/report.json`` (``offsite report``) and ``RESULTS_DIR/build.jsonl`` (one
 ``bench/measure_build.py`` line per method); writes ``summary.md`` (build cost table, then the
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-def main(results: str, command: str) -> int:
+def main(results: str, command: str, title: str = "") -> int:
     from offsite.report import format_report, plot_report
 
     root = Path(results)
@@ -25,7 +25,7 @@ def main(results: str, command: str) -> int:
             if line.strip():
                 record = json.loads(line)
                 builds[record["method"]] = record
-    lines = [f"# Emulator methods compared on {Path(report['model']).name}", "",
+    lines = [f"# Emulator methods compared on {title or Path(report['model']).name}", "",
              f"Produced by `{command}`.", "",
              f"Tasks: {', '.join(report['tasks'])}; split {report['split']}, limit {report['limit']}; "
              f"fine-tuning {json.dumps(report['finetune'])}.", "",
@@ -39,6 +39,12 @@ def main(results: str, command: str) -> int:
         cells = ["–" if v is None else f"{100 * v:.1f}" for v in avg]
         lines.append(f"| {method} | `{json.dumps(b.get('settings', {}))}` | {ratio} | {b.get('seconds', '–')} | "
                      f"{b.get('peak_rss_mb', '–')} | " + " | ".join(cells) + " |")
+    errors = [100 * m["acc_stderr"] for res in report["methods"].values() for row in res["raw"].values()
+              for m in row.values() if m and "acc_stderr" in m]
+    if errors:
+        lines += ["", f"Standard error of one accuracy (binomial, lm-eval's `acc_stderr`): {min(errors):.1f}–"
+                      f"{max(errors):.1f} points; a difference between two methods' accuracies on one task "
+                      f"needs about {2 * 1.41 * max(errors):.0f} points to be significant at 95%."]
     lines += ["", "CRaSh with `share=true` stores each shared layer once per position it fills (a stock HF "
               "checkpoint), so its stored size is the full depth while only K layers are distinct.", "",
               format_report(report)]
@@ -51,4 +57,4 @@ def main(results: str, command: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "bench/compare_methods.sh"))
+    sys.exit(main(*sys.argv[1:4]) if len(sys.argv) > 2 else main(sys.argv[1], "bench/compare_methods.sh"))

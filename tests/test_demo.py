@@ -87,3 +87,11 @@ def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
     assert (tmp_path / "results.json").is_file() and (tmp_path / "plugged" / "config.json").is_file()
     # Generous: the quick demo takes about 100 s on a loaded 2-core machine.
     assert elapsed < 400, f"quick demo took {elapsed:.0f} s"
+    # Benchmarks start from the same world and model: --prepare-only finds the finished pretraining.
+    from offsite.cli import main
+
+    before = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
+    started = time.time()
+    assert main(["demo", "--quick", "--prepare-only", "--quiet", "--workdir", str(tmp_path)]) == 0
+    assert time.time() - started < 30
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == before

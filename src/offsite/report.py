@@ -173,7 +173,7 @@ def format_report(report: dict) -> str:
     out = []
     for method, res in report["methods"].items():
         cols = report["tasks"] + (["avg"] if "avg" in res["delta"] else [])
-        head = [f"{c}{'' if res['higher_is_better'].get(c, True) else ' (ppl↓)'}" for c in cols]
+        head = [f"{_slug(c)}{'' if res['higher_is_better'].get(c, True) else ' (ppl↓)'}" for c in cols]
         out.append(f"### {method}\n")
         out.append("| | " + " | ".join(head) + " |")
         out.append("|---" * (len(cols) + 1) + "|")
@@ -216,7 +216,7 @@ def plot_report(report: dict, path) -> Path | None:
     for i, t in enumerate(tasks):
         ax.hlines(100 * full[t], i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="dashed",
                   label="Full ZS" if i == 0 else None)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], [_slug(t) for t in tasks])
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Plug-in vs emulator FT — {Path(report['model']).name}")
     ax.legend(fontsize=7, ncol=2)

@@ -14,7 +14,10 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="smaller world and model (well under a minute)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, pretraining and fine-tuning")
     p.add_argument("--full-ft", action="store_true",
-                   help="also tune the adapter layers against the full model (upper bound; slower)")
+                   help="also fine-tune every decoder block of the full model (the upper bound; slower)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only write the world's files and pretrain the model into --workdir, then print "
+                        "their paths as JSON (for benchmarks that run their own protocol on them)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a small shared CPU more threads often run slower)")
     p.add_argument("--out", metavar="FILE.json", help="also write the results to this JSON file")
@@ -26,8 +29,15 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from ..demo.pipeline import format_table, run_demo
+    from ..demo.pipeline import format_table, prepare, run_demo, settings_for
 
+    if args.prepare_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        paths, _ = prepare(args.workdir, settings_for(args.quick, args.seed), args.seed, progress=not args.quiet)
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+        return 0
     result = run_demo(args.workdir, quick=args.quick, seed=args.seed, progress=not args.quiet,
                       full_ft=args.full_ft, threads=args.threads)
     print(format_table(result))

@@ -88,18 +88,9 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
     def lap(name: str, t0: float) -> None:
         seconds[name] = round(time.time() - t0, 1)
 
-    t0 = time.time()
-    world = generate_world(s.people, seed=seed, relations=s.relations)
-    paths = write_world(world, work / "data", variants=s.variants, choices=s.choices, style=s.quiz)
-    lap("world", t0)
-    model_dir = work / "model"
-    t0 = time.time()
-    if is_pretrained(model_dir, s.pretrain, paths["corpus"]):
-        say(f"[demo] reusing the pretrained model in {model_dir}")
-    else:
-        say(f"[demo] pretraining a {s.pretrain.layers}-layer Llama on {paths['corpus']} ...")
-        pretrain(paths["corpus"], model_dir, s.pretrain, progress=progress)
-    lap("pretrain", t0)
+    paths, prep_seconds = prepare(work, s, seed, progress)
+    seconds.update(prep_seconds)
+    model_dir = paths["model"]
 
     t0 = time.time()
     emulator = emulate(str(model_dir), work / "emulator", method="uniform", adapter_layers=s.adapter_layers,
@@ -132,10 +123,35 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
               "test_questions": sum(1 for _ in open(paths["test"], encoding="utf-8")),
               "chance": round(1 / len(json.loads(paths["test"].read_text().splitlines()[0])["choices"]), 4),
               "settings": dataclasses.asdict(s), "seed": seed, "quick": quick, "seconds": seconds,
-              "paths": {k: str(v) for k, v in {**paths, "model": model_dir, "emulator": emulator,
+              "paths": {k: str(v) for k, v in {**paths, "emulator": emulator,
                                                 "adapter": adapter, "plugged": plugged}.items()}}
     (work / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def prepare(workdir, settings: DemoSettings, seed: int = 0, progress: bool = True) -> tuple:
+    """Steps 1-2: write the world's files and pretrain the base model (reused when already done).
+
+    Returns:
+        ``(paths, seconds)``: ``paths`` has ``corpus``, ``train``, ``validation``, ``test``,
+        ``world`` and ``model`` (the pretrained HF folder); ``seconds`` has ``world`` and ``pretrain``.
+    """
+    work = Path(workdir)
+    say = print if progress else (lambda *a, **k: None)
+    t0 = time.time()
+    world = generate_world(settings.people, seed=seed, relations=settings.relations)
+    paths = write_world(world, work / "data", variants=settings.variants, choices=settings.choices,
+                        style=settings.quiz)
+    seconds = {"world": round(time.time() - t0, 1)}
+    paths["model"] = work / "model"
+    t0 = time.time()
+    if is_pretrained(paths["model"], settings.pretrain, paths["corpus"]):
+        say(f"[demo] reusing the pretrained model in {paths['model']}")
+    else:
+        say(f"[demo] pretraining a {settings.pretrain.layers}-layer Llama on {paths['corpus']} ...")
+        pretrain(paths["corpus"], paths["model"], settings.pretrain, progress=progress)
+    seconds["pretrain"] = round(time.time() - t0, 1)
+    return paths, seconds
 
 
 def score(model: str, adapter: str | None, test_file, progress: bool = False) -> float:
