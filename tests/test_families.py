@@ -174,9 +174,17 @@ METHOD_SETTINGS = {
 @pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
 @pytest.mark.parametrize("model_type", FAMILY_NAMES)
 def test_method_builds_reloads_finetunes_and_plugs(model_type, method, saved_model, tmp_path, text_file):
+    """Built through the CLI (``offsite emulate --method M --setting value ...``), as users run it."""
+    from offsite.cli import main
+
     path, model = saved_model(model_type, 6)
-    emu_dir = emulate(str(path), tmp_path / "emu", method=method, adapter_layers="1,1", calibration=text_file,
-                      **METHOD_SETTINGS[method])
+    emu_dir = tmp_path / "emu"
+    flags = [w for k, v in METHOD_SETTINGS[method].items() for w in (f"--{k.replace('_', '-')}", str(v).lower())]
+    assert main(["emulate", "--model", str(path), "--method", method, "--adapter-layers", "1,1",
+                 "--calibration", str(text_file), "--out", str(emu_dir), *flags]) == 0
+    manifest = load_emulator(emu_dir).manifest
+    assert manifest["method"] == method
+    assert {k: manifest["config"][k] for k in METHOD_SETTINGS[method]} == METHOD_SETTINGS[method]  # flags arrived
     emu = load_emulator(emu_dir)
     assert emu.adapter_positions == [0, len(emu.layer_map) - 1]
     x = ids()
