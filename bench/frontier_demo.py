@@ -1,7 +1,7 @@
 """Privacy/utility frontier of every emulator method on the demo world: each method at several sizes.
 
-Usage: .venv/bin/python bench/frontier_demo.py [--out bench/results/frontier_demo] [--workdir runs/frontier_demo]
-                                               [--seed 0] [--quick]
+Usage: .venv/bin/python bench/frontier_demo.py [--points methods|gradot-lambda] [--out bench/results/frontier_demo]
+                                               [--workdir runs/frontier_demo] [--seed 0] [--quick]
 
 One point = one emulator: build it, fine-tune the adapter on it (the quiz's train people), score
 the emulator zero-shot, the emulator fine-tuned and the plug-in on the test people (``offsite
@@ -13,6 +13,8 @@ in ``bench/compare_methods_demo.sh``.
 
 Writes ``frontier.json`` (every point's settings, sizes and accuracies), ``frontier.md`` and
 ``frontier.png`` (plug-in against emulator FT, one line per method: up is utility, left is privacy).
+``--points gradot-lambda`` sweeps GradOT's privacy weight λ at budget 0.5 instead, into
+``gradot_lambda.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ POINTS = {
     "scaleot": [{"alpha": a, "beta": 0.2} for a in (0.75, 0.5, 0.25)],
     "gradot": [{"param_budget": b} for b in (0.25, 0.5, 0.75)],
 }
+# --points gradot-lambda: GradOT at budget 0.5 with the privacy weight λ (both parts) from 0 (gradient
+# fidelity only) up, and the magnitude baseline (top singular values + channel norms) at that size.
+LAMBDA_POINTS = {
+    "gradot": [{"param_budget": 0.5, "lambda_attn": lam, "lambda_mlp": lam} for lam in (0.0, 0.25, 1.0, 4.0, 16.0)]
+    + [{"param_budget": 0.5, "scoring": "magnitude"}],
+}
+POINT_SETS = {"methods": ("frontier", POINTS), "gradot-lambda": ("gradot_lambda", LAMBDA_POINTS)}
 FINETUNE = {"max_steps": 200, "lr": 3e-4, "batch_size": 16}
 
 
@@ -55,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/frontier_demo")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo world, its pretraining and fine-tuning")
     p.add_argument("--quick", action="store_true", help="the quick demo's smaller world and model")
+    p.add_argument("--points", choices=sorted(POINT_SETS), default="methods",
+                   help="methods: every method at three sizes; gradot-lambda: GradOT's λ at budget 0.5")
     args = p.parse_args(argv)
 
     import torch
@@ -72,7 +83,8 @@ def main(argv=None) -> int:
     task = str(quiz / "{split}.jsonl")
 
     started, points = time.time(), []
-    todo = [(m, s) for m, settings in POINTS.items() for s in settings]
+    stem, point_set = POINT_SETS[args.points]
+    todo = [(m, s) for m, settings in point_set.items() for s in settings]
     for i, (method, settings) in enumerate(tqdm(todo, desc="frontier", unit="emulator")):
         if method == "scaleot":  # one importance/harmonizer training serves every alpha
             settings = {**settings, "cache_dir": str(work / "scaleot-cache")}
@@ -83,12 +95,13 @@ def main(argv=None) -> int:
         tqdm.write(f"{method} {json.dumps(point['settings'])}: emu FT {100 * point['emu_ft']:.1f}, "
                    f"plug-in {100 * point['plug_in']:.1f}")
     out.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python bench/frontier_demo.py" + (f" --seed {args.seed}" if args.seed else "")
-              + (" --quick" if args.quick else ""), "seed": args.seed, "quick": args.quick,
-              "finetune": FINETUNE, "seconds": round(time.time() - started, 1), "points": points}
-    (out / "frontier.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "frontier.md").write_text(to_markdown(record))
-    plot(record, out / "frontier.png")
+    flags = [f"--points {args.points}"] * (args.points != "methods") + [f"--seed {args.seed}"] * bool(args.seed) \
+        + ["--quick"] * args.quick
+    record = {"command": " ".join([".venv/bin/python bench/frontier_demo.py", *flags]), "seed": args.seed,
+              "quick": args.quick, "finetune": FINETUNE, "seconds": round(time.time() - started, 1), "points": points}
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(to_markdown(record))
+    plot(record, out / f"{stem}.png")
     print(to_markdown(record))
     return 0
 
@@ -110,8 +123,10 @@ def to_markdown(record: dict) -> str:
 
 
 def _label(settings: dict) -> str:
-    """The size setting of a point, short: ``k=2``, ``α=0.5``, ``b=0.25``."""
-    for key, short in (("emulator_layers", "k"), ("alpha", "α"), ("param_budget", "b")):
+    """What tells a point from its neighbours, short: ``k=2``, ``α=0.5``, ``b=0.25``, ``λ=4.0``."""
+    if "scoring" in settings:
+        return settings["scoring"]
+    for key, short in (("lambda_attn", "λ"), ("emulator_layers", "k"), ("alpha", "α"), ("param_budget", "b")):
         if key in settings:
             return f"{short}={settings[key]}"
     return ""
@@ -124,9 +139,13 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for method in POINTS:
-        pts = [pt for pt in record["points"] if pt["method"] == method]  # in order of growing size
-        ax.plot([100 * pt["emu_ft"] for pt in pts], [100 * pt["plug_in"] for pt in pts], marker="o", label=method)
+    def series(pt):  # one line per method; a baseline scoring of it stands apart
+        scoring = pt["settings"].get("scoring")
+        return pt["method"] + (f" ({scoring})" if scoring else "")
+
+    for name in dict.fromkeys(series(pt) for pt in record["points"]):
+        pts = [pt for pt in record["points"] if series(pt) == name]  # in the order they were run
+        ax.plot([100 * pt["emu_ft"] for pt in pts], [100 * pt["plug_in"] for pt in pts], marker="o", label=name)
         for pt in pts:
             ax.annotate(_label(pt["settings"]), (100 * pt["emu_ft"], 100 * pt["plug_in"]), fontsize=6,
                         xytext=(3, -8), textcoords="offset points")
@@ -138,8 +157,8 @@ def plot(record: dict, path: Path) -> None:
     ax.set_xlim(0, 100)
     low = min(100 * pt["plug_in"] for pt in record["points"])
     ax.set_ylim(max(0, 10 * int(low / 10) - 20), 100)
-    ax.set_title("Demo world: each method at three emulator sizes (k = middle layers kept,\n"
-                 "α = fraction replaced by harmonizers, b = GradOT parameter budget)", fontsize=8)
+    ax.set_title("Demo world: k = middle layers kept, α = fraction replaced by harmonizers,\n"
+                 "b = GradOT parameter budget, λ = GradOT privacy weight", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
