@@ -2,6 +2,7 @@
 
 Usage (from the repository root):
     .venv/bin/python bench/gradot_vs_uniform.py [--model DIR] [--data-dir DIR] [--quick]
+                                                [--lambdas 1,4] [--no-report] [--out DIR]
 
 Writes bench/results/gradot_vs_uniform/{metrics.json, report.json, report.md} and prints a summary.
 
@@ -11,7 +12,9 @@ Writes bench/results/gradot_vs_uniform/{metrics.json, report.json, report.md} an
    parameter fraction, λ defaults) and GradOT's magnitude baseline at the same size.
 2. Adapter-gradient cosine (full model vs emulator, LM loss) and emulator LM loss on WikiText-2
    validation windows (not seen by any calibration).
-3. The five OT numbers and Δ through ``offsite report`` (uniform vs gradot).
+3. The five OT numbers and Δ through ``offsite report`` (uniform vs gradot); ``--no-report`` skips it.
+
+``--lambdas 1,4`` adds GradOT emulators with λ_attn = λ_mlp = each value (same size) to steps 1-2.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=0.5, help="GradOT param_budget matching 4 of 8 middle layers")
     p.add_argument("--quick", action="store_true", help="small limits (minutes on 2 CPU cores)")
     p.add_argument("--out", default="bench/results/gradot_vs_uniform")
+    p.add_argument("--lambdas", default="", help="comma-separated extra λ values for GradOT (both parts)")
+    p.add_argument("--no-report", action="store_true", help="stop after the size/gradient/loss metrics")
     args = p.parse_args()
     os.chdir(ROOT)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
@@ -68,6 +73,9 @@ def main() -> int:
     variants = {"uniform": ("uniform", {"emulator_layers": 4}),
                 "gradot": ("gradot", {"param_budget": args.budget}),
                 "gradot-magnitude": ("gradot", {"param_budget": args.budget, "scoring": "magnitude"})}
+    for lam in filter(None, args.lambdas.split(",")):
+        variants[f"gradot-lambda{float(lam):g}"] = ("gradot", {"param_budget": args.budget, "lambda_attn": float(lam),
+                                                             "lambda_mlp": float(lam)})
     full, tok = load_model(args.model)
     family = get_family(full)
     held = calibration_batches(Path(args.data_dir) / "lm/wikitext-2-raw/wiki.valid.raw.gz", tok, seq_len=128,
@@ -91,6 +99,8 @@ def main() -> int:
         print(name, json.dumps({k: row[k] for k in ("seconds", "child_peak_rss_mb", "params", "loss")}),
               f"cos={cos['overall']:.4f}", flush=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.no_report:
+        return 0
 
     limits = ["--limit", "100", "--train-limit", "400", "--max-steps", "40"] if args.quick else \
         ["--limit", "300", "--train-limit", "2000", "--max-steps", "150"]
