@@ -46,21 +46,17 @@ def _slug(task: str) -> str:
     return path.parent.name if "{split}" in path.name else path.name
 
 
-def _train_source(task: str, data_dir) -> Path:
-    """The file a task fine-tunes on; :class:`OffsiteError` when it is missing or is the eval file."""
+def _train_file(task: str, data_dir, workdir: Path, train_limit) -> tuple:
+    """Write the task's fine-tuning data; returns ``(path, format)``.
+
+    Raises:
+        OffsiteError: the data is missing, or the task is a single file that would also be scored.
+    """
     if task == "wikitext":
         path = Path(data_dir or ".") / WIKITEXT_TRAIN
         if not path.is_file():
             raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
-        return path
-    spec = get_task(task)
-    return spec.data_file(data_dir, spec.resolve_split("train", strict=True))
-
-
-def _train_file(task: str, data_dir, workdir: Path, train_limit) -> tuple:
-    """Write the task's fine-tuning data; returns ``(path, format)``."""
-    if task == "wikitext":
-        return _train_source(task, data_dir), "text"
+        return path, "text"
     pairs = list(get_task(task).finetune_pairs(data_dir, "train", limit=train_limit))
     path = workdir / f"{_slug(task)}.train.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
@@ -93,8 +89,8 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = parse_tasks(tasks)
-    for task in names:  # missing fine-tuning data, or a task that would train on its eval file, fails now
-        _train_source(task, data_dir)
+    # Written once for the full FT row and every method; bad or leaking data fails here, before model work.
+    train = {t: _train_file(t, data_dir, workdir, train_limit) for t in names}
     ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64,
                    **(finetune_settings or {})}
     ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
@@ -111,7 +107,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         whole = workdir / "emulator-full"
         emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True)
         for task in names:
-            data, fmt = _train_file(task, data_dir, workdir, train_limit)
+            data, fmt = train[task]
             tuned = workdir / f"adapter-full-{_slug(task)}"
             finetune(whole, data, tuned, format=fmt, overwrite=True, **ft_settings)
             m, t_, _ = load_for_eval(model, adapter=str(tuned))
@@ -130,7 +126,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         rows["full_zs"] = full_zs
         rows["emu_zs"] = {t: _score(emu, emu_tok, t, data_dir, split, limit, batch_size) for t in names}
         for task in names:
-            data, fmt = _train_file(task, data_dir, workdir, train_limit)
+            data, fmt = train[task]
             adapter = workdir / f"adapter-{method}-{_slug(task)}"
             finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
             m, t_, _ = load_for_eval(str(emu_dir), adapter=str(adapter))
