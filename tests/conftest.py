@@ -10,6 +10,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Base-model fingerprints are cached per weight file; keep the suite's cache out of the user's home.
+if "OFFSITE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["OFFSITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="offsite-test-cache-")
 
 import json  # noqa: E402
 

@@ -37,7 +37,7 @@ def rewrite(folder, mutate, fix_manifest=True):
         m["files"]["model.safetensors"] = sha256_file(weights)
         m["tensors"]["model.safetensors"] = {k: [str(v.dtype).replace("torch.", ""), list(v.shape)]
                                              for k, v in sorted(tensors.items())}
-        m["artifact_id"] = artifact_id(m["files"])
+        m["artifact_id"] = artifact_id(m)
         (folder / "manifest.json").write_text(json.dumps(m))
 
 
@@ -139,10 +139,10 @@ def test_failed_write_leaves_no_folder(tmp_path):
 def test_existing_output_is_not_clobbered(emu_dir, saved_model):
     path, emu = emu_dir
     with pytest.raises(OffsiteError, match="already exists.*--overwrite"):
-        emulate(str(path), emu, emulator_layers=2)
+        emulate(str(path), emu, emulator_layers=0)
     assert load_emulator(emu).manifest["plan"]["emulator_layers"] == 1
-    emulate(str(path), emu, emulator_layers=2, overwrite=True)
-    assert load_emulator(emu).manifest["plan"]["emulator_layers"] == 2
+    emulate(str(path), emu, emulator_layers=0, overwrite=True)
+    assert load_emulator(emu).manifest["plan"]["emulator_layers"] == 0
 
 
 def test_unknown_inputs_give_one_clear_error(tmp_path, capsys, saved_model):

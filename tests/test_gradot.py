@@ -31,7 +31,7 @@ def ids(n=2, length=12):
 def test_full_rank_and_no_pruning_give_the_original_logits(saved_model, text_file, tmp_path):
     path, model = saved_model("llama", 5)
     out = emulate(str(path), tmp_path / "emu", method="gradot", adapter_layers="1,1", calibration=text_file,
-                  rank_ratio=1.0, channel_ratio=1.0, **SMALL)
+                  rank_ratio=1.0, channel_ratio=1.0, allow_verbatim_middle=True, **SMALL)
     emu = load_emulator(out)
     assert emu.manifest["plan"]["linears"] == [] and emu.manifest["plan"]["mlp"] == []
     with torch.no_grad():

@@ -29,7 +29,8 @@ def test_stories260k_keep_all_emulator_is_exact_and_drop_emulator_is_worse(stori
     ref = stories260k_config()["greedy_from_bos_first_100_tokens"]
     ids = torch.tensor([ref])
     full = AutoModelForCausalLM.from_pretrained(stories).eval()
-    keep_all = load_emulator(emulate(str(stories), tmp_path / "all", adapter_layers="1,1", emulator_layers=3))
+    keep_all = load_emulator(emulate(str(stories), tmp_path / "all", adapter_layers="1,1", emulator_layers=3,
+                                     allow_verbatim_middle=True))
     dropped = load_emulator(emulate(str(stories), tmp_path / "drop", adapter_layers="1,1", emulator_layers=1))
     with torch.no_grad():
         assert torch.equal(keep_all.model(ids).logits, full(ids).logits)

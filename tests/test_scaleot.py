@@ -105,8 +105,10 @@ def test_random_groups_partition_without_singletons():
 
 def test_alpha_zero_without_rank_reduction_gives_the_original_layers(saved_model, tmp_path):
     path, model = saved_model("qwen2", 6)
-    out = emulate(str(path), tmp_path / "emu", method="scaleot", adapter_layers="1,1", alpha=0, beta=0)
-    uniform = load_emulator(emulate(str(path), tmp_path / "uni", adapter_layers="1,1", emulator_layers=4))
+    out = emulate(str(path), tmp_path / "emu", method="scaleot", adapter_layers="1,1", alpha=0, beta=0,
+                  allow_verbatim_middle=True)
+    uniform = load_emulator(emulate(str(path), tmp_path / "uni", adapter_layers="1,1", emulator_layers=4,
+                                    allow_verbatim_middle=True))
     emu = load_emulator(out)
     assert emu.layer_map == uniform.layer_map == list(range(6))
     assert emu.manifest["plan"]["replaced"] == [] and emu.manifest["plan"]["src"] == []

@@ -20,10 +20,12 @@ import json
 import re
 from pathlib import Path
 
-from .artifacts import (check_against, check_finite, load_tensors, read_manifest, save_tensors, verify_files,
-                        writing_artifact)
+from .adapter_checks import (check_full_adapter, check_lora_fields, check_lora_tensors, layer_index,
+                             lora_config, split_layers)
+from .artifacts import (check_against, check_finite, check_trusted, load_tensors, read_manifest, save_tensors,
+                        verify_files, writing_artifact)
 from .errors import ArtifactError
-from .families import Family, named_layer_parameters
+from .families import Family, get_layers, named_layer_parameters
 from .identity import same_base
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -57,21 +59,26 @@ def adapter_record(emulator) -> dict:
             "emulator": {"artifact_id": m["artifact_id"], "method": m["method"], "path": str(emulator.path)}}
 
 
-def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False) -> Path:
-    """Write the (trained) adapter layers of ``emulator.model`` as an ``adapter`` artifact."""
+def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False, inputs=(), sign_key=None) -> Path:
+    """Write the (trained) adapter layers of ``emulator.model`` as an ``adapter`` artifact.
+
+    ``inputs`` are the paths the run read (the output may not be, contain or lie in one);
+    ``sign_key`` an Ed25519 private key file to sign it with.
+    """
     to_full = dict(zip(emulator.adapter_positions, emulator.split.adapter))
     params = named_layer_parameters(emulator.model, emulator.family, emulator.adapter_positions)
     names = reindex(params, emulator.family, to_full)
     tensors = {names[k]: v.detach() for k, v in params.items()}
-    with writing_artifact(out, "adapter", overwrite=overwrite) as stage:
+    with writing_artifact(out, "adapter", overwrite=overwrite, inputs=inputs, sign_key=sign_key) as stage:
         index = save_tensors(tensors, stage.path / ADAPTER_WEIGHTS)
-        _write_sidecars(stage.path, settings, log)
+        _write_sidecars(stage, settings, log)
         stage.manifest.update(adapter_record(emulator))
         stage.manifest["tensors"] = {ADAPTER_WEIGHTS: index}
     return Path(out)
 
 
-def save_lora_adapter(out, emulator, peft_model, settings: dict, log: dict, overwrite=False) -> Path:
+def save_lora_adapter(out, emulator, peft_model, settings: dict, log: dict, overwrite=False, inputs=(),
+                      sign_key=None) -> Path:
     """Write a PEFT LoRA trained on the emulator as a ``lora`` artifact in full-model numbering."""
     from peft import get_peft_model_state_dict
 
@@ -80,14 +87,14 @@ def save_lora_adapter(out, emulator, peft_model, settings: dict, log: dict, over
     state = get_peft_model_state_dict(peft_model)
     names = reindex(state, emulator.family, to_full)
     tensors = {names[k]: v.detach() for k, v in state.items()}
-    with writing_artifact(out, "lora", overwrite=overwrite) as stage:
+    with writing_artifact(out, "lora", overwrite=overwrite, inputs=inputs, sign_key=sign_key) as stage:
         index = save_tensors(tensors, stage.path / LORA_WEIGHTS)
         data = config.to_dict()
         data["layers_to_transform"] = [to_full[i] for i in config.layers_to_transform]
         data["base_model_name_or_path"] = emulator.manifest["base"]["name_or_path"]
         data["target_modules"] = sorted(data["target_modules"])
         (stage.path / LORA_CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
-        _write_sidecars(stage.path, settings, log)
+        _write_sidecars(stage, settings, log)
         stage.manifest.update(adapter_record(emulator))
         stage.manifest["tensors"] = {LORA_WEIGHTS: index}
         stage.manifest["lora"] = {"r": config.r, "alpha": config.lora_alpha, "targets": data["target_modules"]}
@@ -98,18 +105,23 @@ def _jsonable(value):
     return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
-def _write_sidecars(path: Path, settings: dict, log: dict) -> None:
-    (path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
-    (path / "training_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
+def _write_sidecars(stage, settings: dict, log: dict) -> None:
+    """settings.json and training_log.json; wall times go to the manifest's ``run``, outside the identity."""
+    log = dict(log)
+    if "seconds" in log:
+        stage.run["seconds"] = log.pop("seconds")
+    (stage.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    (stage.path / "training_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")
 
 
-def load_adapter(path, base: dict | None = None, emulator_id: str | None = None):
+def load_adapter(path, base: dict | None = None, emulator_id: str | None = None, trusted_keys=None):
     """Verify and read an adapter or LoRA artifact.
 
     Args:
         path: the artifact folder.
         base: if given, the base identity the adapter must belong to.
         emulator_id: if given, the emulator ``artifact_id`` it must have been trained on.
+        trusted_keys: public key files; when given, the adapter must be signed by one of them.
 
     Returns:
         ``(manifest, tensors)`` with tensors keyed in full-model numbering.
@@ -119,6 +131,7 @@ def load_adapter(path, base: dict | None = None, emulator_id: str | None = None)
     """
     root = Path(path)
     manifest = read_manifest(root, ("adapter", "lora"))
+    check_trusted(manifest, trusted_keys, root)
     verify_files(root, manifest)
     if base is not None and not same_base(manifest["base"], base):
         raise ArtifactError(
@@ -133,7 +146,13 @@ def load_adapter(path, base: dict | None = None, emulator_id: str | None = None)
                             f"({emulator_id[:16]}); use the emulator package it was trained with")
     weights = ADAPTER_WEIGHTS if manifest["kind"] == "adapter" else LORA_WEIGHTS
     tensors = load_tensors(root / weights)
-    check_against(tensors, {k: v[1] for k, v in manifest["tensors"][weights].items()}, root / weights)
+    listed = manifest["tensors"][weights]
+    check_against(tensors, {k: v[1] for k, v in listed.items()}, root / weights)
+    for name in sorted(tensors):
+        # The model checks refuse a wrong dtype anyway; a table that misstates one is itself a forgery.
+        if listed[name][0] != str(tensors[name].dtype).replace("torch.", ""):
+            raise ArtifactError(f"{root / weights}: tensor '{name}' is {tensors[name].dtype} but the manifest "
+                                f"says {listed[name][0]}")
     check_finite(tensors, root / weights)
     return manifest, tensors
 
@@ -143,47 +162,115 @@ def expected_adapter_shapes(model, family: Family, indices) -> dict:
     return {k: tuple(p.shape) for k, p in named_layer_parameters(model, family, indices).items()}
 
 
-def copy_into_layers(model, family: Family, tensors: dict, where) -> None:
-    """Copy full-adapter tensors (already in ``model``'s numbering) into its layers, strictly."""
+def copy_into_layers(model, family: Family, manifest: dict, tensors: dict, where, positions=None,
+                     target_split=None) -> None:
+    """Copy an ``adapter`` artifact's tensors into ``model`` after :func:`check_full_adapter`.
+
+    Args:
+        tensors: the artifact's tensors, in full-model numbering.
+        positions: full-model layer index -> layer index in ``model``; default the identity.
+        target_split: ``model``'s split when it is an emulator, None for the full model.
+    """
     import torch
 
-    indices = sorted({int(re.search(re.escape(family.layers) + r"\.(\d+)\.", k).group(1)) for k in tensors})
-    params = named_layer_parameters(model, family, indices)
-    check_against(tensors, {k: tuple(p.shape) for k, p in params.items()}, where)
+    positions = positions or {i: i for i in range(len(get_layers(model, family)))}
+    params = check_full_adapter(manifest, tensors, model, family, positions, where, target_split)
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name].to(p.dtype))
+            p.copy_(tensors[name])  # same dtype and shape, checked: nothing is cast
+
+
+def read_lora_config(path) -> dict:
+    """The parsed ``adapter_config.json`` of a LoRA artifact (verified by its manifest already)."""
+    try:
+        return json.loads((Path(path) / LORA_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: {LORA_CONFIG} is not readable JSON ({type(exc).__name__})") from None
+
+
+def check_lora_config(path, manifest: dict) -> dict:
+    """Check a LoRA artifact's ``adapter_config.json`` without a model (what ``verify`` can do).
+
+    The whitelist of :func:`~offsite.adapter_checks.check_lora_fields` against the manifest's
+    split and family; ``plug`` and ``load_for_eval`` add the checks that need the model.
+
+    Returns:
+        The parsed config.
+
+    Raises:
+        ArtifactError: a field off the whitelist or not fitting the split.
+    """
+    from .families import get_family
+
+    return check_lora_fields(read_lora_config(path), manifest, get_family(manifest["family"]), Path(path))
 
 
 def lora_config_from(manifest_dir, layers: list):
-    """The artifact's LoRA config with ``layers_to_transform`` replaced by ``layers``."""
-    from peft import LoraConfig
-
-    data = json.loads((Path(manifest_dir) / LORA_CONFIG).read_text())
-    data["layers_to_transform"] = list(layers)
-    known = set(LoraConfig.__dataclass_fields__)
-    return LoraConfig(**{k: v for k, v in data.items() if k in known and k not in ("peft_type", "task_type")},
-                      task_type=data.get("task_type"))
+    """The artifact's LoRA config with ``layers_to_transform`` replaced by ``layers`` (no checks)."""
+    return lora_config(read_lora_config(manifest_dir), layers)
 
 
-def merge_lora(model, family: Family, path, tensors: dict, positions: dict):
-    """Apply a LoRA artifact to ``model`` and merge it; returns the plain (merged) model.
+def wrap_checked_lora(model, family: Family, path, manifest: dict, tensors: dict, positions: dict,
+                      target_split=None):
+    """Wrap ``model`` with the artifact's LoRA config once the config and tensors pass every check.
+
+    The expected tensors are the LoRA state dict PEFT itself creates on ``model`` with the
+    artifact's config, so the artifact must match what PEFT would make, key for key.
+
+    Args:
+        positions: full-model layer index -> layer index in ``model``.
+        target_split: ``model``'s split when it is an emulator, None for the full model.
+
+    Returns:
+        The ``PeftModel`` (LoRA freshly initialised, artifact tensors not yet loaded).
+
+    Raises:
+        ArtifactError: the config is off the whitelist or the tensors are not PEFT's; ``model``
+            is unwrapped again first.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    where = Path(path)
+    layers = split_layers(manifest, model, family, positions, where, target_split)
+    stack = get_layers(model, family)
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in stack[positions[layers[0]]].named_modules() if n}
+    data = check_lora_fields(read_lora_config(path), manifest, family, where, leaves)
+    base_dtype = next(model.parameters()).dtype
+    try:
+        peft_model = get_peft_model(model, lora_config(data, [positions[i] for i in layers]))
+    except (TypeError, ValueError) as exc:  # PEFT's own refusal of a config: still hostile input, one error
+        raise ArtifactError(f"{where}: PEFT cannot apply this {LORA_CONFIG} to the model ({exc})") from None
+    try:
+        state = get_peft_model_state_dict(peft_model)
+        to_full = {positions[i]: i for i in layers}
+        # Keys outside the layers keep their name, so the check reports them rather than reindex.
+        inside = reindex([k for k in state if layer_index(k, family) in to_full], family, to_full)
+        expected = {inside.get(k, k): v for k, v in state.items()}
+        check_lora_tensors(tensors, expected, layers, family, base_dtype, where)
+    except BaseException:
+        peft_model.unload()  # put the original modules back: the caller's model stays usable
+        raise
+    return peft_model
+
+
+def check_lora(model, family: Family, path, manifest: dict, tensors: dict) -> None:
+    """Run :func:`wrap_checked_lora`'s checks against the full ``model`` and leave it unwrapped."""
+    n = len(get_layers(model, family))
+    wrap_checked_lora(model, family, path, manifest, tensors, {i: i for i in range(n)}).unload()
+
+
+def merge_lora(model, family: Family, path, manifest: dict, tensors: dict, positions: dict, target_split=None):
+    """Apply a LoRA artifact to ``model`` after every check and merge it; returns the plain model.
 
     Args:
         positions: full-model layer index -> layer index in ``model`` (identity for the full model).
+        target_split: ``model``'s split when it is an emulator, None for the full model.
     """
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
-    config_layers = json.loads((Path(path) / LORA_CONFIG).read_text())["layers_to_transform"]
-    if sorted(set(config_layers) - set(positions)):
-        raise ArtifactError(f"{path}: LoRA targets layers {config_layers}, not all of which exist here")
-    peft_model = get_peft_model(model, lora_config_from(path, [positions[i] for i in config_layers]))
+    peft_model = wrap_checked_lora(model, family, path, manifest, tensors, positions, target_split)
     local = reindex(tensors, family, positions)
-    renamed = {local[k]: v for k, v in tensors.items()}
-    result = set_peft_model_state_dict(peft_model, renamed)
-    if getattr(result, "unexpected_keys", None):
+    result = set_peft_model_state_dict(peft_model, {local[k]: v for k, v in tensors.items()})
+    if getattr(result, "unexpected_keys", None):  # cannot happen after the check; never merge if it does
         raise ArtifactError(f"{path}: LoRA tensors do not fit this model: {result.unexpected_keys[:3]}")
-    lora_params = {k for k, _ in peft_model.named_parameters() if "lora_" in k}
-    if len(lora_params) != len(tensors):
-        raise ArtifactError(f"{path}: {len(tensors)} LoRA tensors for {len(lora_params)} LoRA parameters")
     return peft_model.merge_and_unload()

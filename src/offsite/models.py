@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapters import copy_into_layers, load_adapter, merge_lora, reindex
-from .artifacts import MANIFEST, read_manifest, verify_files
+from .adapters import copy_into_layers, load_adapter, merge_lora
+from .artifacts import MANIFEST, check_trusted, read_manifest, verify_files
 from .errors import OffsiteError
 from .loading import load_model
 from .package import load_emulator
 
 
-def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto"):
+def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", trusted_keys=None):
     """Load a model for scoring.
 
     Args:
@@ -19,6 +19,7 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto"):
         adapter: optional adapter/LoRA artifact. On an emulator package it gives "emulator FT" (it
             must have been trained on that emulator); on a full model it gives "plug-in" in memory.
         dtype: dtype for HF models.
+        trusted_keys: public key files; when given, every artifact read must be signed by one.
 
     Returns:
         ``(model, tokenizer, info)`` where ``info`` says what was loaded (kind, paths, layer map).
@@ -26,28 +27,31 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto"):
     root = Path(model)
     kind = read_manifest(root)["kind"] if (root / MANIFEST).is_file() else "model"
     if kind == "emulator":
-        emu = load_emulator(root)
+        emu = load_emulator(root, trusted_keys=trusted_keys)
         info = {"kind": "emulator", "path": str(root), "layers": emu.layer_map, "adapter": adapter}
         if adapter is None:
             return emu.model, emu.tokenizer, info
-        manifest, tensors = load_adapter(adapter, base=emu.manifest["base"], emulator_id=emu.artifact_id)
+        manifest, tensors = load_adapter(adapter, base=emu.manifest["base"], emulator_id=emu.artifact_id,
+                                         trusted_keys=trusted_keys)
         to_emulator = dict(zip(emu.split.adapter, emu.adapter_positions))
+        # Checked against the emulator's own split and layers, as plug checks against the full model.
         if manifest["kind"] == "adapter":
-            names = reindex(tensors, emu.family, to_emulator)
-            copy_into_layers(emu.model, emu.family, {names[k]: v for k, v in tensors.items()}, adapter)
+            copy_into_layers(emu.model, emu.family, manifest, tensors, Path(adapter), to_emulator, emu.split)
             return emu.model, emu.tokenizer, {**info, "kind": "emulator+adapter"}
-        merged = merge_lora(emu.model, emu.family, adapter, tensors, to_emulator)
+        merged = merge_lora(emu.model, emu.family, adapter, manifest, tensors, to_emulator, emu.split)
         return merged.eval(), emu.tokenizer, {**info, "kind": "emulator+lora"}
     if kind not in ("model", "plugged"):
         raise OffsiteError(f"{model} is a '{kind}' artifact; eval takes a model folder, hub id, plugged folder "
                            "or emulator package (pass adapters with --adapter)")
     if kind == "plugged":
-        verify_files(root, read_manifest(root))
+        plugged = read_manifest(root)
+        check_trusted(plugged, trusted_keys, root)
+        verify_files(root, plugged)
     full, tokenizer = load_model(model, dtype=dtype)
     info = {"kind": kind, "path": str(model), "adapter": adapter}
     if adapter is not None:
         from .plug import plug_into
 
-        full, _ = plug_into(full, model, adapter)
+        full, _ = plug_into(full, model, adapter, trusted_keys=trusted_keys)
         info["kind"] = "plug-in"
     return full.eval(), tokenizer, info

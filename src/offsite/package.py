@@ -19,8 +19,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .artifacts import (check_against, load_into, load_tensors, read_manifest, save_tensors, unique_state_dict,
-                        verify_files, writing_artifact)
+from .artifacts import (check_against, check_trusted, load_into, load_tensors, read_manifest, save_tensors,
+                        unique_state_dict, verify_files, writing_artifact)
 from .emulator import get_builder
 from .errors import ArtifactError
 from .families import Family, get_family
@@ -64,7 +64,8 @@ class Emulator:
         return self.manifest["artifact_id"]
 
 
-def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite: bool = False) -> Path:
+def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite: bool = False, inputs=(),
+                  sign_key=None, run: dict | None = None) -> Path:
     """Write an emulator package atomically.
 
     Args:
@@ -72,9 +73,14 @@ def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite
         model: the emulator model (already built by a method's ``apply``).
         tokenizer: tokenizer to ship, or None.
         record: manifest fields: ``base``, ``family``, ``split``, ``method``, ``config``, ``plan``.
-        settings: resolved settings of the run, written as settings.json.
+        settings: resolved settings of the run, written as settings.json (no timings: they would
+            make a bitwise-identical rebuild a different artifact).
+        inputs: paths the build read (the output may not be, contain or lie in one).
+        sign_key: Ed25519 private key file to sign the package with, or None.
+        run: facts of this run kept out of the identity (e.g. ``{"seconds": 12.3}``).
     """
-    with writing_artifact(out, "emulator", overwrite=overwrite) as stage:
+    with writing_artifact(out, "emulator", overwrite=overwrite, inputs=inputs, sign_key=sign_key) as stage:
+        stage.run.update(run or {})
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(stage.path)
         if getattr(model, "generation_config", None) is not None:
@@ -88,8 +94,13 @@ def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite
     return Path(out)
 
 
-def load_emulator(path, device: str | None = None) -> Emulator:
+def load_emulator(path, device: str | None = None, trusted_keys=None) -> Emulator:
     """Load and verify an emulator package (hashes, layer table, tensor names and shapes, finite values).
+
+    Args:
+        path: the package folder.
+        device: where to put the model.
+        trusted_keys: public key files; when given, the package must be signed by one of them.
 
     Raises:
         ArtifactError: the folder is incomplete, tampered with, or inconsistent with its manifest.
@@ -98,6 +109,7 @@ def load_emulator(path, device: str | None = None) -> Emulator:
 
     root = Path(path)
     manifest = read_manifest(root, "emulator")
+    check_trusted(manifest, trusted_keys, root)
     verify_files(root, manifest)
     family = get_family(manifest["family"])
     split = Split.from_dict(manifest["split"])

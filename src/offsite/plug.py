@@ -13,37 +13,68 @@ import shutil
 import time
 from pathlib import Path
 
-from .adapters import LORA_CONFIG, LORA_WEIGHTS, copy_into_layers, load_adapter, merge_lora
-from .artifacts import save_tensors, unique_state_dict, writing_artifact
-from .errors import OffsiteError
-from .families import get_family
+from .adapters import LORA_CONFIG, LORA_WEIGHTS, check_lora, copy_into_layers, load_adapter, merge_lora
+from .artifacts import (check_trusted, guard_output, read_manifest, save_tensors, sha256_file, unique_state_dict,
+                        verify_files, writing_artifact)
+from .errors import ArtifactError, OffsiteError
+from .families import get_family, get_layers
 from .identity import model_identity
 from .loading import load_model
 
 LORA_MODES = ("merge", "peft")
 
 
-def plug_into(model, name_or_path: str, adapter) -> tuple:
+def plug_into(model, name_or_path: str, adapter, trusted_keys=None, identity: dict | None = None) -> tuple:
     """Plug an adapter artifact into an already loaded full model, in memory.
+
+    Args:
+        model: the full base model.
+        name_or_path: what it was loaded from.
+        adapter: adapter or LoRA artifact folder.
+        trusted_keys: public key files; when given, the adapter must be signed by one of them.
+        identity: the model's ``base`` record when already computed (it hashes every weight).
 
     Returns:
         ``(model, adapter_manifest)``; the model is the same object for full adapters and the
         merged plain model for LoRA.
 
     Raises:
-        ArtifactError: the adapter belongs to another base model, or its tensors do not fit.
+        ArtifactError: the adapter belongs to another base model, or it is not exactly its split's
+            adapter layers (or PEFT's LoRA on them) in this model's shapes and dtypes; see
+            :mod:`offsite.adapter_checks`. Nothing in the model is changed then.
     """
     family = get_family(model)
-    manifest, tensors = load_adapter(adapter, base=model_identity(model, name_or_path))
+    identity = identity or model_identity(model, name_or_path)
+    manifest, tensors = load_adapter(adapter, base=identity, trusted_keys=trusted_keys)
     if manifest["kind"] == "adapter":
-        copy_into_layers(model, family, tensors, Path(adapter))
+        copy_into_layers(model, family, manifest, tensors, Path(adapter))
     else:
-        n = model.config.num_hidden_layers
-        model = merge_lora(model, family, adapter, tensors, {i: i for i in range(n)})
+        n = len(get_layers(model, family))
+        model = merge_lora(model, family, adapter, manifest, tensors, {i: i for i in range(n)})
     return model, manifest
 
 
-def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto", overwrite: bool = False) -> Path:
+def check_against_emulator(adapter, emulator, trusted_keys=None) -> None:
+    """Require that ``adapter`` was trained on the emulator package ``emulator`` with its split.
+
+    The adapter's manifest is the data owner's claim; the package the model owner built (and
+    kept) is not. Checking the emulator id and the split against it closes the one gap the
+    adapter's own manifest cannot: a forged split that names a middle layer as an adapter layer.
+    """
+    emu = read_manifest(emulator, "emulator")
+    check_trusted(emu, trusted_keys, emulator)
+    verify_files(emulator, emu)
+    mine = read_manifest(adapter, ("adapter", "lora"))
+    if mine["emulator"]["artifact_id"] != emu["artifact_id"]:
+        raise ArtifactError(f"{adapter} was trained on emulator {mine['emulator']['artifact_id'][:16]}, not on the "
+                            f"package {emulator} ({emu['artifact_id'][:16]})")
+    if sorted(mine["split"]["adapter"]) != sorted(emu["split"]["adapter"]):
+        raise ArtifactError(f"{adapter} claims adapter layers {mine['split']['adapter']}, but its emulator {emulator} "
+                            f"has adapter layers {emu['split']['adapter']}")
+
+
+def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto", overwrite: bool = False,
+         emulator=None, trusted_keys=None, sign_key=None) -> Path:
     """Plug a fine-tuned adapter into the full model and write the result.
 
     Args:
@@ -53,6 +84,12 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
         lora_mode: for LoRA artifacts: ``merge`` (a plain HF checkpoint) or ``peft`` (a PEFT
             adapter folder keyed to the full model).
         dtype: dtype to load the base model in.
+        overwrite: replace ``out`` if it is an artifact of the same kind (never an input).
+        emulator: the emulator package the adapter was trained on (recommended): its id and
+            split must match the adapter's.
+        trusted_keys: public key files; when given, the adapter (and ``emulator``) must be signed
+            by one of them.
+        sign_key: Ed25519 private key file to sign the output with.
 
     Returns:
         The output folder.
@@ -60,23 +97,35 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
     if lora_mode not in LORA_MODES:
         raise OffsiteError(f"lora_mode {lora_mode!r} unknown; allowed: {', '.join(LORA_MODES)}")
     started = time.time()
+    inputs = [model, adapter, emulator]
+    guard_output(Path(out), "peft" if lora_mode == "peft" else "plugged", overwrite, inputs)
+    if emulator is not None:
+        check_against_emulator(adapter, emulator, trusted_keys)
     full, tokenizer = load_model(model, dtype=dtype)
-    identity = model_identity(full, model)
-    settings = {"command": "plug", "model": model, "adapter": str(adapter), "lora_mode": lora_mode, "dtype": dtype}
+    identity = model_identity(full, model, loaded_from_files=True)
+    settings = {"command": "plug", "model": model, "adapter": str(adapter), "lora_mode": lora_mode, "dtype": dtype,
+                "emulator": str(emulator) if emulator else None}
     record = {"base": identity, "family": full.config.model_type}
+    write = dict(overwrite=overwrite, inputs=inputs, sign_key=sign_key)
 
     if lora_mode == "peft":
-        manifest, _ = load_adapter(adapter, base=identity)
+        manifest, tensors = load_adapter(adapter, base=identity, trusted_keys=trusted_keys)
         if manifest["kind"] != "lora":
             raise OffsiteError(f"{adapter} is a full adapter; --lora-mode peft applies to LoRA artifacts only")
-        with writing_artifact(out, "peft", overwrite=overwrite) as stage:
+        # The export is copied byte for byte, so it is checked against the full model first,
+        # exactly as the merge path checks it: PeftModel.from_pretrained would trust it blindly.
+        check_lora(full, get_family(full), adapter, manifest, tensors)
+        with writing_artifact(out, "peft", **write) as stage:
             for name in (LORA_CONFIG, LORA_WEIGHTS):
-                shutil.copy2(Path(adapter) / name, stage.path / name)
+                shutil.copyfile(Path(adapter) / name, stage.path / name)
+                if sha256_file(stage.path / name) != manifest["files"][name]:
+                    raise ArtifactError(f"{adapter}/{name} changed while it was being exported; run plug again")
+            stage.manifest["tensors"] = {LORA_WEIGHTS: manifest["tensors"][LORA_WEIGHTS]}
             _finish(stage, record, manifest, settings, started)
         return Path(out)
 
-    plugged, manifest = plug_into(full, model, adapter)
-    with writing_artifact(out, "plugged", overwrite=overwrite) as stage:
+    plugged, manifest = plug_into(full, model, adapter, trusted_keys=trusted_keys, identity=identity)
+    with writing_artifact(out, "plugged", **write) as stage:
         plugged.config.architectures = [type(plugged).__name__]
         plugged.config.save_pretrained(stage.path)
         if getattr(plugged, "generation_config", None) is not None:
@@ -93,5 +142,5 @@ def _finish(stage, record: dict, adapter_manifest: dict, settings: dict, started
     stage.manifest.update(record)
     stage.manifest["adapter"] = {"artifact_id": adapter_manifest["artifact_id"], "kind": adapter_manifest["kind"],
                                  "emulator": adapter_manifest["emulator"]}
-    settings["seconds"] = round(time.time() - started, 2)
+    stage.run["seconds"] = round(time.time() - started, 2)
     (stage.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")

@@ -105,7 +105,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     full_tuned = {t: None for t in names}
     if full_ft:
         whole = workdir / "emulator-full"
-        emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True)
+        emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True)
         for task in names:
             data, fmt = train[task]
             tuned = workdir / f"adapter-full-{_slug(task)}"

@@ -1,28 +1,34 @@
 """Artifact folders: files + ``manifest.json``, written atomically, verified on every load.
 
-Every output of offsite (emulator package, adapter, LoRA adapter, plugged model) is a folder. It is
-assembled in a hidden sibling temp folder; ``manifest.json`` (with the sha256 of every other file)
-is written last, and only then is the folder renamed into place. So a folder with a manifest is
-complete, and a failed run leaves nothing behind at the destination.
+Every output of offsite (emulator package, adapter, LoRA adapter, plugged model, PEFT export) is a
+folder. It is assembled in a hidden sibling temp folder; ``manifest.json`` (with the sha256 of
+every other file) is written last, then the folder is swapped into place: an existing artifact is
+renamed aside first and deleted only once the new one is in place, so a kill at any moment leaves
+either the old or the new artifact at the destination, never neither. Leftovers of killed runs
+(``.NAME.tmp-PID-*`` and ``.NAME.old-PID-*``) are cleaned, or the old artifact restored, by the
+next run that writes to the same place.
+
+``--overwrite`` never deletes what it was not asked to replace: the destination must not be an
+input of the command, lie inside one, contain one, be the current folder or one of its parents,
+and it must already be an artifact of the same kind (or an empty folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
 
 from .. import __version__
 from ..errors import ArtifactError, OffsiteError
-
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-KINDS = ("emulator", "adapter", "lora", "plugged", "peft")
+from .manifest import KINDS, MANIFEST, SCHEMA_VERSION, artifact_id
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -33,107 +39,178 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def canonical_json(data) -> str:
-    """Deterministic JSON (sorted keys, no spaces) used for hashing plain data."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+def list_files(root: Path) -> list:
+    """Relative paths of the regular files under ``root`` (manifest excluded), never following links.
+
+    Raises:
+        ArtifactError: a symlink or a special file is present (it could point outside the folder).
+    """
+    found = []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in dirs + names:
+            full = Path(folder) / name
+            mode = os.lstat(full).st_mode
+            rel = full.relative_to(root).as_posix()
+            if stat.S_ISLNK(mode):
+                raise ArtifactError(f"{root}: '{rel}' is a symbolic link; artifacts may hold only regular files")
+            if name in names and not stat.S_ISREG(mode):
+                raise ArtifactError(f"{root}: '{rel}' is not a regular file")
+            if name in names and rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
 
 
-def _list_files(root: Path) -> list:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p != root / MANIFEST)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def artifact_id(files: dict) -> str:
-    """Identity of an artifact's content: sha256 over its sorted ``{file: sha256}`` table."""
-    return hashlib.sha256(canonical_json(files).encode()).hexdigest()
+def clean_leftovers(out: Path) -> None:
+    """Remove temp folders of killed writers of ``out``; restore an old artifact a killed swap set aside."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*-*")):
+        stage, _, rest = leftover.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if stage not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)) and int(pid) != os.getpid():
+            continue  # not ours, or its writer is still running
+        if stage == "old" and not out.exists():
+            os.replace(leftover, out)  # killed between the two renames of a swap: the old one is the artifact
+            print(f"restored {out} from the interrupted overwrite that left {leftover.name}")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def guard_output(out: Path, kind: str, overwrite: bool, inputs=()) -> None:
+    """Refuse a destination that writing (or overwriting) would damage; see the module docstring."""
+    if out.is_symlink():
+        raise OffsiteError(f"output {out} is a symbolic link; give a real folder path")
+    if out.exists() and not out.is_dir():
+        raise OffsiteError(f"output {out} is a file, not a folder; pick a folder path")
+    target = out.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue  # hub ids and absent optional inputs
+        source = Path(given).resolve()
+        if _inside(target, source):
+            raise OffsiteError(f"output {out} is (inside) the input {given}; writing there would damage the input — "
+                               "pick a folder outside it")
+        if _inside(source, target):
+            raise OffsiteError(f"output {out} contains the input {given}; pick another output folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if _inside(Path.cwd().resolve(), target):
+        raise OffsiteError(f"output {out} is the current folder or one of its parents; pick a new folder")
+    if not overwrite:
+        raise OffsiteError(f"output folder {out} already exists and is not empty; pass --overwrite or pick another")
+    try:
+        existing = json.loads((out / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        existing = None
+    if existing != kind:
+        what = f"a '{existing}' artifact" if existing else "not an offsite artifact"
+        raise OffsiteError(f"--overwrite replaces only an existing '{kind}' artifact, and {out} is {what}; "
+                           "delete it yourself if you mean to, or pick another folder")
 
 
 @contextlib.contextmanager
-def writing_artifact(out_dir, kind: str, overwrite: bool = False):
-    """Yield a temp folder to fill; on success hash it, write the manifest last, move it into place.
+def writing_artifact(out_dir, kind: str, overwrite: bool = False, inputs=(), sign_key=None):
+    """Yield a temp folder to fill; on success hash it, write the manifest last, swap it into place.
 
-    The caller fills ``staging.path`` with files and ``staging.manifest`` (a dict) with metadata.
+    The caller fills ``staging.path`` with files and ``staging.manifest`` (a dict) with metadata;
+    ``staging.run`` (a dict) holds fields of this run (timings) kept out of the identity.
     On any exception the temp folder is removed and ``out_dir`` is left untouched.
 
+    Args:
+        out_dir: destination folder.
+        kind: one of :data:`KINDS`.
+        overwrite: replace an existing artifact of the same kind.
+        inputs: paths the command reads, which the output must neither be, contain nor lie in.
+        sign_key: path of an Ed25519 private key to sign the artifact with, or None (unsigned).
+
     Raises:
-        OffsiteError: ``out_dir`` exists and is not empty, and ``overwrite`` is False.
+        OffsiteError: the destination is refused (see :func:`guard_output`), or the disk failed.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OffsiteError(f"output folder {out} already exists and is not empty; pass --overwrite or pick another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    staging = _Staging(tmp)
+    if out.parent.is_dir():
+        clean_leftovers(out)  # first: a restored old artifact is then guarded like any existing one
+    guard_output(out, kind, overwrite, inputs)
+    signer = None
+    if sign_key is not None:
+        from .signing import load_private_key
+
+        signer = load_private_key(sign_key)  # a bad key fails before any work is written
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = out.parent / f".{out.name}.tmp-{tag}"
+        tmp.mkdir()
+        staging = _Staging(tmp)
         yield staging
-        files = {rel: sha256_file(tmp / rel) for rel in _list_files(tmp)}
-        manifest = {
-            "kind": kind,
-            "schema_version": SCHEMA_VERSION,
-            "offsite_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **staging.manifest,
-            "files": files,
-            "artifact_id": artifact_id(files),
-        }
+        files = {rel: sha256_file(tmp / rel) for rel in list_files(tmp)}
+        manifest = {"kind": kind, "schema_version": SCHEMA_VERSION, "offsite_version": __version__,
+                    **staging.manifest, "files": files}
+        manifest["artifact_id"] = artifact_id(manifest)
+        manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if staging.run:
+            manifest["run"] = staging.run
+        if signer is not None:
+            from .signing import sign_manifest
+
+            manifest["signature"] = sign_manifest(manifest, signer)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        _swap(tmp, out, tag)
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise OffsiteError(f"could not write {out}: {reason} ({exc.filename or out}); nothing was written "
+                           "and any previous artifact there is unchanged") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(new: Path, out: Path, tag: str) -> None:
+    """Move ``new`` to ``out``; an existing ``out`` is set aside first and removed only afterwards."""
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{tag}"
+        os.replace(out, old)
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.replace(old, out)  # put the old artifact back; a hard kill here is undone by clean_leftovers
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.exists():
+            out.rmdir()
+        os.replace(new, out)
 
 
 class _Staging:
     def __init__(self, path: Path):
         self.path = path
         self.manifest: dict = {}
-
-
-def read_manifest(path, kind=None) -> dict:
-    """Read and sanity-check ``manifest.json`` of an artifact folder (no hashing; see :func:`verify_files`).
-
-    Args:
-        path: the artifact folder.
-        kind: expected kind or tuple of kinds; ``None`` accepts any.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"{root} is not a folder; expected an offsite artifact folder with {MANIFEST}")
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise ArtifactError(f"{root} has no {MANIFEST}: it is not an offsite artifact, or it was never completed")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{mpath} is not valid JSON ({exc})") from None
-    for key in ("kind", "schema_version", "files"):
-        if key not in manifest:
-            raise ArtifactError(f"{mpath} lacks the required field '{key}'")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{root} has manifest schema {manifest['schema_version']}; this offsite ({__version__}) reads schema "
-            f"{SCHEMA_VERSION}"
-        )
-    kinds = (kind,) if isinstance(kind, str) else kind
-    if kinds and manifest["kind"] not in kinds:
-        raise ArtifactError(f"{root} is a '{manifest['kind']}' artifact; expected {' or '.join(kinds)}")
-    if artifact_id(manifest["files"]) != manifest.get("artifact_id"):
-        raise ArtifactError(f"{mpath}: artifact_id does not match its file table (manifest edited)")
-    return manifest
+        self.run: dict = {}
 
 
 def verify_files(path, manifest: dict) -> None:
     """Check that the folder holds exactly the manifest's files with the recorded sha256.
 
     Raises:
-        ArtifactError: a file is missing, unlisted, or its content changed.
+        ArtifactError: a file is missing, unlisted, a symlink, or its content changed.
     """
     root = Path(path)
-    present = set(_list_files(root))
+    present = set(list_files(root))
     listed = set(manifest["files"])
     if listed - present:
         raise ArtifactError(f"{root}: files listed in the manifest are missing: {sorted(listed - present)}")

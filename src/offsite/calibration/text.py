@@ -10,7 +10,6 @@ tokenizer and seed always give the same batches.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 from pathlib import Path
@@ -86,12 +85,14 @@ def resolve_calibration(path, method: str) -> Path:
 
 def read_text(path) -> str:
     """The text of a plain (``.gz`` allowed) or JSONL (``"text"`` field) file."""
+    from ..data import numbered_lines
+
     path = Path(path)
     if not path.is_file():
         raise OffsiteError(f"calibration file {path} does not exist; pass a local public text file (--calibration)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        raw = fh.read()
+    # The data readers' line reader: bad bytes and fake .gz files are one error with the line.
+    # Newlines are then normalised as text mode did, so the text (and every build) is unchanged.
+    raw = "".join(line for _, line in numbered_lines(path)).replace("\r\n", "\n").replace("\r", "\n")
     if ".jsonl" in path.suffixes:
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):

@@ -6,8 +6,19 @@ import json
 
 
 def add_out(parser, help_text: str = "output folder") -> None:
+    """``--out``, ``--overwrite`` and ``--sign-key`` of a command that writes an artifact."""
     parser.add_argument("--out", required=True, help=help_text)
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is already an artifact of the same kind (never an input)")
+    parser.add_argument("--sign-key", default=None, metavar="KEY",
+                        help="sign the artifact with this Ed25519 private key (offsite keygen); default unsigned")
+
+
+def add_trust(parser, what: str = "the artifact") -> None:
+    """``--trusted-key`` (repeatable) of a command that reads an artifact from the other party."""
+    parser.add_argument("--trusted-key", action="append", default=None, metavar="PUB", dest="trusted_keys",
+                        help=f"require {what} to be signed by this public key (repeat for several); "
+                             "default: signatures are checked when present but not required")
 
 
 def parse_settings(pairs) -> dict:

@@ -12,7 +12,8 @@ import dataclasses
 import inspect
 import textwrap
 
-_OWN = {"model", "method", "adapter_layers", "calibration", "dtype", "set", "out", "overwrite"}
+_OWN = {"model", "method", "adapter_layers", "calibration", "dtype", "set", "out", "overwrite", "sign_key",
+        "allow_verbatim_middle"}
 
 
 def method_settings() -> dict:
@@ -56,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration", default=None,
                    help="public calibration text file (.txt/.gz/.jsonl) for methods that learn from text")
     p.add_argument("--dtype", default="auto", help="dtype to load the base model in (auto, float32, bfloat16)")
+    p.add_argument("--allow-verbatim-middle", action="store_true",
+                   help="write the package even if middle layers leave unchanged (e.g. every middle layer kept); "
+                        "only for packages that are never shipped")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
     group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
     for name, (help_text, owners) in sorted(method_settings().items()):
@@ -83,6 +87,7 @@ def run(args) -> int:
                                f"not of method '{args.method}'")
         settings[name] = parse_settings([f"{name}={value}"])[name]
     out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
-                  calibration=args.calibration, overwrite=args.overwrite, **settings)
+                  calibration=args.calibration, overwrite=args.overwrite,
+                  allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, **settings)
     print(f"emulator package written to {out}")
     return 0

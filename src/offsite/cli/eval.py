@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--details", action="store_true", help="also write per-question records to the JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--out", required=True, help="results JSON file")
+    from .common import add_trust
+
+    add_trust(p, "every artifact read (--model package or plugged folder, --adapter)")
     p.set_defaults(func=run)
 
 
@@ -62,10 +65,14 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise OffsiteError(f"--out {out} is a folder; give a file name such as results.json")
+    for given in (args.model, args.adapter):
+        if given and Path(given).is_dir() and Path(given).resolve() in out.resolve().parents:
+            raise OffsiteError(f"--out {out} lies inside the input {given}; writing there would change it")
 
     from ..models import load_for_eval
 
-    model, tokenizer, info = load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype)
+    model, tokenizer, info = load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype,
+                                          trusted_keys=args.trusted_keys)
     report = evaluate(model, tokenizer, tasks, data_dir, split=args.split, limit=args.limit,
                       batch_size=args.batch_size, progress=not args.no_progress, keep_details=args.details,
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, stride=args.stride)

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_out(p, "adapter artifact folder to write")
+    from .common import add_trust
+
+    add_trust(p, "the emulator package")
     p.set_defaults(func=run)
 
 
@@ -44,6 +47,7 @@ def run(args) -> int:
     keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "max_steps", "epochs", "lr", "batch_size",
             "grad_accum", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
             "gradient_checkpointing", "eval_every", "save_every", "resume", "device", "seed", "progress"]
-    out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, **{k: getattr(args, k) for k in keys})
+    out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, sign_key=args.sign_key,
+                   trusted_keys=args.trusted_keys, **{k: getattr(args, k) for k in keys})
     print(f"adapter written to {out}")
     return 0

@@ -7,14 +7,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="summarise an artifact folder's manifest")
     p.add_argument("path", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
+    from .common import add_trust
+
+    add_trust(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..artifacts import read_manifest
+    from ..artifacts import check_trusted, read_manifest
     from .common import print_json
 
-    m = read_manifest(args.path)
+    m = read_manifest(args.path)  # schema, identity and an embedded signature are checked; hashes by verify
+    signature = check_trusted(m, args.trusted_keys, args.path)
     if args.json:
         print_json(m)
         return 0
@@ -30,10 +34,15 @@ def run(args) -> int:
         rows.append(("emulator layers", ",".join(str(e["source"]) for e in m["plan"]["layers"])))
     if "parameters" in m:
         rows.append(("parameters", ", ".join(f"{k} {v:,}" for k, v in m["parameters"].items())))
+    if "disclosure" in m:
+        from ..disclosure import format_fractions
+
+        rows.append(("middle leaves", format_fractions(m["disclosure"]["fractions"])))
     if "emulator" in m:
         rows.append(("trained on emulator", m["emulator"].get("artifact_id", "")[:16]))
     rows.append(("files", f"{len(m['files'])}"))
     rows.append(("artifact id", m["artifact_id"][:16]))
+    rows.append(("signature", signature))
     for key, value in rows:
         if value is not None:
             print(f"{key:<20} {value}")

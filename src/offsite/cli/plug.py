@@ -12,7 +12,13 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-mode", default="merge", choices=["merge", "peft"],
                    help="LoRA: merge into the weights (default) or export a PEFT adapter for the full model")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--emulator", default=None,
+                   help="the emulator package the adapter was trained on (recommended): its id and adapter layers "
+                        "must match the adapter's, which a forged adapter manifest cannot fake")
     add_out(p, "output folder")
+    from .common import add_trust
+
+    add_trust(p, "the adapter (and --emulator)")
     p.set_defaults(func=run)
 
 
@@ -20,6 +26,7 @@ def run(args) -> int:
     from ..plug import plug
 
     out = plug(args.model, args.adapter, args.out, lora_mode=args.lora_mode, dtype=args.dtype,
-               overwrite=args.overwrite)
+               overwrite=args.overwrite, emulator=args.emulator, trusted_keys=args.trusted_keys,
+               sign_key=args.sign_key)
     print(f"plugged model written to {out}")
     return 0

@@ -112,7 +112,7 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
     if full_ft:
         # Upper bound: every decoder block of the full model tuned on the same data.
         whole = emulate(str(model_dir), work / "emulator_full", method="uniform", adapter_layers="all",
-                        overwrite=True)
+                        overwrite=True, allow_verbatim_middle=True)  # never shipped
         tuned = finetune(str(whole), str(paths["train"]), work / "adapter_full", overwrite=True, **ft)
         runs["full_ft"] = (model_dir, tuned)
     accuracy = {name: score(str(m), a and str(a), paths["test"], progress) for name, (m, a) in runs.items()}

@@ -9,8 +9,10 @@ shapes from the plan alone, so a package loads without calibration data. Methods
 from __future__ import annotations
 
 import dataclasses
+
 from ..errors import OffsiteError
 from ..families import Family, get_layers, set_layers
+from ..settings_types import check_types
 from ..split import Split
 
 _REGISTRY: dict = {}
@@ -24,12 +26,29 @@ class EmulatorBuilder:
     needs_calibration: bool = False
 
     def make_config(self, **kwargs):
-        """Build the method's config, refusing unknown settings with the list of known ones."""
+        """Build the method's config, refusing unknown settings and values of the wrong type.
+
+        Types are checked against the config's field annotations (see :mod:`offsite.settings_types`):
+        ``emulator_layers="abc"`` or ``2.5`` is refused, ``2.0`` becomes ``2``.
+
+        Raises:
+            OffsiteError: an unknown setting (with the known ones), a wrong type, or the method's own
+                refusal of a value.
+        """
         known = {f.name for f in dataclasses.fields(self.config_cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise OffsiteError(f"method '{self.name}' has no setting(s) {unknown}; known: {sorted(known)}")
-        return self.config_cls(**kwargs)
+        # The method's own checks go first: they know the allowed range ("alpha must be in [0, 1]"),
+        # which says more than a type. The type check then refuses what they let through (2.5 for a
+        # count) or crashed on (int("abc")).
+        try:
+            self.config_cls(**kwargs)
+        except OffsiteError:
+            raise
+        except (TypeError, ValueError, OverflowError):
+            pass  # a wrong type broke the method's check; check_types names it (or, if not, a bug re-raises)
+        return self.config_cls(**check_types(self.config_cls, kwargs, f"method '{self.name}': setting"))
 
     def plan(self, model, family: Family, split: Split, config, calibration=None) -> dict:
         raise NotImplementedError

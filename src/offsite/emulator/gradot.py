@@ -187,6 +187,8 @@ class GradOT(EmulatorBuilder):
     name = "gradot"
     config_cls = GradOTConfig
     needs_calibration = True
+    compresses_kept_layers = True
+    """Every middle layer stays, compressed: one leaving unchanged is refused (``offsite.disclosure``)."""
 
     def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
         plan = self.plan(model, family, split, config, calibration=calibration, tokenizer=tokenizer)

@@ -124,6 +124,9 @@ class ScaleOT(EmulatorBuilder):
     name = "scaleot"
     config_cls = ScaleOTConfig
     needs_calibration = True
+    compresses_kept_layers = "beta"
+    """With beta > 0, SRC compresses every attention projection of every kept middle layer, so a kept
+    layer leaving unchanged is refused (``offsite.disclosure``); beta = 0 promises no compression."""
 
     def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
         middle = list(split.middle)

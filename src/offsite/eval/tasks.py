@@ -3,7 +3,8 @@
 Data layout (schema in ``shared/data/README.md``): ``<data-dir>/mc/<task>/<split>.jsonl.gz``
 (RACE: ``mc/race/high/``), ``<data-dir>/qa/webquestions/<split>.jsonl.gz`` and
 ``<data-dir>/lm/wikitext-2-raw/wiki.{valid,test}.raw.gz``. Records with ``label == -1``
-(hidden-label test splits) are dropped; ``limit`` keeps the first N remaining records.
+(hidden-label test splits) are dropped for evaluation and refused for fine-tuning; ``limit`` keeps
+the first N remaining records. Records are checked by :mod:`offsite.data`'s validators.
 
 Prompts follow the OT / lm-eval recipes; choices are scored as ``" " + choice``:
 
@@ -37,12 +38,12 @@ RACE, WebQuestions, WikiText; validation for PIQA, HellaSwag, BoolQ). Fine-tunin
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..data import check_mc_record, check_object, check_qa_record, numbered_lines
 from ..errors import OffsiteError
 
 SPLITS = ("train", "validation", "test")
@@ -149,7 +150,7 @@ class Task:
 
             docs = load_wikitext(data_dir, split, limit)
             return iter([{"id": f"{self.name}-{split}-{i}", "text": doc} for i, doc in enumerate(docs)])
-        return _read_records(self.data_file(data_dir, split), self.kind, limit)
+        return _read_records(self.data_file(data_dir, split), self.kind, limit, finetune=strict)
 
     def example(self, record: dict) -> dict:
         """A record as the scorer wants it: ``context``, ``choices``/``answers``, ``gold``, ``id``.
@@ -169,13 +170,26 @@ class Task:
         for record in self.records(data_dir, split, limit):
             yield self.example(record)
 
-    def finetune_pair(self, record: dict) -> tuple[str, str]:
-        """``(prompt, " " + gold answer)`` for one record; loss goes on the second string only."""
+    def finetune_pair(self, record: dict, where: str = "record") -> tuple[str, str]:
+        """``(prompt, " " + gold answer)`` for one record; loss goes on the second string only.
+
+        Args:
+            record: a record of this task's schema (validated here: it may come from the user's file).
+            where: ``"file:line"`` of the record, for error messages.
+
+        Raises:
+            OffsiteError: the record is malformed or unlabeled (label -1 has no answer to train on).
+        """
         if self.kind == "exact_match":
+            check_qa_record(record, where)
             return self.prompt(record), " " + record["answers"][0]  # OT trains on the first answer
         if self.kind == "perplexity":
+            if not isinstance(check_object(record, where).get("text"), str):
+                raise OffsiteError(f"{where}: task {self.name!r} trains on documents: each record needs a "
+                                   "string 'text' (or fine-tune on the plain text with --format text)")
             return "", record["text"]
-        return self.prompt(record), " " + record["choices"][int(record["label"])]
+        check_mc_record(record, where, allow_unlabeled=False)
+        return self.prompt(record), " " + record["choices"][record["label"]]
 
     def finetune_pairs(self, data_dir, split: str = "train", limit: int | None = None):
         """Yield ``(prompt, target)`` string pairs of ``split`` for fine-tuning (no split fallback).
@@ -246,42 +260,33 @@ def get_task(name: str) -> Task:
                        "(or a path to a .jsonl/.jsonl.gz file in the multiple-choice schema)")
 
 
-def _read_records(path: Path, kind: str, limit: int | None):
-    """Yield validated records of a JSONL(.gz) file, skipping unlabelled ones (label -1)."""
+def _read_records(path: Path, kind: str, limit: int | None, finetune: bool = False):
+    """Yield validated records of a JSONL(.gz) file.
+
+    Evaluation skips unlabeled records (label -1, hidden-label test splits); fine-tuning
+    (``finetune``) refuses them, as they have no answer to train on.
+    """
     if limit is not None and limit < 1:
         raise OffsiteError(f"--limit must be a positive number of questions, got {limit}")
-    opener = gzip.open if str(path).endswith(".gz") else open
     count = 0
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    for lineno, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        if limit is not None and count >= limit:
+            return
+        where = f"{path}:{lineno}"
+        try:
+            record = check_object(json.loads(line), where)
+        except json.JSONDecodeError as exc:
+            raise OffsiteError(f"{where}: not valid JSON ({exc.msg})") from None
+        if kind in ("multiple_choice", "any") and "choices" in record:
+            check_mc_record(record, where, allow_unlabeled=not finetune)
+            if record["label"] == -1:
                 continue
-            if limit is not None and count >= limit:
-                return
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise OffsiteError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if kind in ("multiple_choice", "any") and "choices" in record:
-                _check_mc(record, path, lineno)
-                if int(record["label"]) == -1:
-                    continue
-            elif kind in ("exact_match", "any") and "answers" in record:
-                if not record["answers"] or "question" not in record:
-                    raise OffsiteError(f"{path}:{lineno}: QA records need 'question' and a non-empty 'answers' list")
-            else:
-                raise OffsiteError(f"{path}:{lineno}: expected the multiple-choice schema (context, question, "
-                                   "choices, label) or the QA schema (question, answers)")
-            count += 1
-            yield record
-
-
-def _check_mc(record: dict, path: Path, lineno: int) -> None:
-    choices, label = record.get("choices"), record.get("label")
-    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-        raise OffsiteError(f"{path}:{lineno}: 'choices' must be a non-empty list of strings")
-    if not isinstance(label, int) or not -1 <= label < len(choices):
-        raise OffsiteError(f"{path}:{lineno}: 'label' must be -1 (unlabelled) or an index below "
-                           f"{len(choices)}, got {label!r}")
-    record.setdefault("context", "")
-    record.setdefault("question", "")
+        elif kind in ("exact_match", "any") and "answers" in record:
+            check_qa_record(record, where)
+        else:
+            raise OffsiteError(f"{where}: expected the multiple-choice schema (context, question, "
+                               "choices, label) or the QA schema (question, answers)")
+        count += 1
+        yield record

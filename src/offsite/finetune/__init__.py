@@ -2,15 +2,15 @@
 
 Reads top to bottom: load the emulator, choose what trains (the adapter layers, or LoRA on them),
 load data, train with AdamW + warmup/decay + accumulation + clipping, validate periodically and
-keep the best emulator validation loss (as Offsite-Tuning does), checkpoint for resumption, and
-write the adapter artifact in full-model layer numbers bound to the emulator's fingerprint.
+keep the best emulator validation loss (as Offsite-Tuning does), checkpoint for resumption (see
+:mod:`.checkpoint`), stop with an error as soon as the loss, gradients or weights stop being finite,
+and write the adapter artifact in full-model layer numbers bound to the emulator's fingerprint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import random
 import time
@@ -19,36 +19,40 @@ from pathlib import Path
 import torch
 
 from ..adapters import save_full_adapter, save_lora_adapter
-from ..artifacts import canonical_json
+from ..artifacts import guard_output
 from ..data import collate, load_examples
 from ..errors import OffsiteError
 from ..families import get_layers
 from ..package import load_emulator
-from .checkpoint import checkpoint_dir, load_checkpoint, remove_checkpoint, save_checkpoint
+from .checkpoint import (checkpoint_dir, diverged, first_nonfinite, load_checkpoint, recover_checkpoint,
+                         remove_checkpoint, run_key, save_checkpoint)
 from .config import FinetuneConfig
 from .schedule import lr_lambda
 
 __all__ = ["finetune", "FinetuneConfig"]
 
 
-def finetune(emulator, data, out, overwrite: bool = False, **settings) -> Path:
+def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, trusted_keys=None, **settings) -> Path:
     """Fine-tune the adapter of an emulator package on ``data`` and write an adapter artifact.
 
     Args:
         emulator: emulator package folder.
         data: training file (see :mod:`offsite.data` for the formats).
         out: adapter artifact folder to write.
-        overwrite: replace ``out`` if it exists.
+        overwrite: replace ``out`` if it is an adapter artifact already.
+        sign_key: Ed25519 private key file (``offsite keygen``) to sign the adapter with.
+        trusted_keys: public key files; when given, the emulator package must be signed by one.
         **settings: fields of :class:`FinetuneConfig`.
 
     Returns:
         The artifact folder (kind ``adapter``, or ``lora`` with ``lora=True``).
     """
     cfg = _make_config(settings)
-    _check_out(out, overwrite)
+    inputs = [emulator, data, cfg.val_data]
+    guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before any work
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
-    emu = load_emulator(emulator)
+    emu = load_emulator(emulator, trusted_keys=trusted_keys)
     model = emu.model.to(device)
     params, peft_model = _trainable(emu, cfg)
 
@@ -73,60 +77,70 @@ def finetune(emulator, data, out, overwrite: bool = False, **settings) -> Path:
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
-    settings_hash = hashlib.sha256(canonical_json([emu.artifact_id, str(data), _resumable(cfg)]).encode()).hexdigest()
+    resume_key = run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg))
     ckpt = checkpoint_dir(out)
+    recover_checkpoint(ckpt)
     step, best_loss, best, log = 0, math.inf, None, {"train": [], "val": []}
-    if cfg.resume and (ckpt / "state.json").is_file():
-        state, best = load_checkpoint(ckpt, settings_hash, params, optimizer)
+    saved = None  # step of the last good checkpoint of this run on disk, named if training diverges
+    if cfg.resume and ckpt.exists():
+        state, best = load_checkpoint(ckpt, resume_key, params, optimizer)
         step, best_loss, log = state["step"], state["best_val_loss"], state["log"]
-        scheduler.last_epoch = step
+        scheduler.last_epoch = saved = step
         print(f"resuming from {ckpt} at step {step}/{total}")
 
     pad = emu.tokenizer.pad_token_id if emu.tokenizer.pad_token_id is not None else 0
     autocast = _autocast(cfg.precision, device)
-    bar = _progress(total, step, cfg.progress)
+    batches = _Batcher(train, cfg.batch_size, cfg.seed, pad, device)
     started = time.time()
     model.train()
-    while step < total:
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = _batch(train, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed, pad, device)
-            with autocast:
-                loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        log["train"].append({"step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0]})
-        if val and (step % eval_every == 0 or step == total):
-            val_loss = _validate(model, val, cfg.batch_size, pad, device, autocast)
-            log["val"].append({"step": step, "loss": val_loss})
-            if val_loss < best_loss:
-                best_loss, best = val_loss, {k: p.detach().clone() for k, p in params.items()}
-            model.train()
-        if step % save_every == 0 and step < total:
-            save_checkpoint(ckpt, params, best, optimizer, {"step": step, "best_val_loss": best_loss,
-                                                             "log": log, "settings_hash": settings_hash})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
-    bar.close()
+    with _progress(total, step, cfg.progress) as bar:
+        while step < total:
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                with autocast:
+                    loss = model(**batches(step * cfg.grad_accum + micro)).loss / cfg.grad_accum
+                value = loss.item()
+                if not math.isfinite(value):  # before backward: a NaN must never reach the weights
+                    raise diverged(step + 1, f"loss is {value}", ckpt, saved, cfg.lr)
+                loss.backward()
+                loss_sum += value
+            norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm))
+            if not math.isfinite(norm):  # clipping cannot rescue inf/NaN gradients; the step would poison them
+                raise diverged(step + 1, f"gradient norm is {norm}", ckpt, saved, cfg.lr)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log["train"].append({"step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0]})
+            if val and (step % eval_every == 0 or step == total):
+                val_loss = _validate(model, val, cfg.batch_size, pad, device, autocast)
+                log["val"].append({"step": step, "loss": val_loss})
+                if val_loss < best_loss:
+                    best_loss, best = val_loss, {k: p.detach().clone() for k, p in params.items()}
+                model.train()
+            if step % save_every == 0 and step < total:
+                _check_finite({**params, **{f"best {k}": t for k, t in (best or {}).items()}}, step, ckpt, saved, cfg)
+                save_checkpoint(ckpt, params, best, optimizer, {"step": step, "best_val_loss": best_loss,
+                                                                 "log": log, "resume_key": resume_key})
+                saved = step
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}")
 
     if best is not None:  # keep the checkpoint with the lowest emulator validation loss
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(best[name])
+    _check_finite(params, step, ckpt, saved, cfg)
     model.eval().to("cpu")
     log.update(steps=step, best_val_loss=None if math.isinf(best_loss) else best_loss,
                train_examples=len(train), val_examples=len(val), seconds=round(time.time() - started, 2))
     resolved = {"command": "finetune", "emulator": str(emulator), "data": str(data), **dataclasses.asdict(cfg),
                 "device": str(device), "total_steps": total, "eval_every": eval_every}
     if cfg.lora:
-        path = save_lora_adapter(out, emu, peft_model, resolved, log, overwrite=overwrite)
+        path = save_lora_adapter(out, emu, peft_model, resolved, log, overwrite=overwrite, inputs=inputs,
+                                 sign_key=sign_key)
     else:
-        path = save_full_adapter(out, emu, resolved, log, overwrite=overwrite)
+        path = save_full_adapter(out, emu, resolved, log, overwrite=overwrite, inputs=inputs, sign_key=sign_key)
     if not cfg.keep_checkpoint:
         remove_checkpoint(ckpt)
     return path
@@ -142,14 +156,11 @@ def _make_config(settings: dict) -> FinetuneConfig:
 
 def _resumable(cfg: FinetuneConfig) -> dict:
     """Settings that must match for a checkpoint to be resumed (not cosmetic ones)."""
-    skip = {"resume", "keep_checkpoint", "progress", "device"}
+    # save_every only says when checkpoints are written (the RNG state travels with them), and
+    # val_data's path is left out: the run key holds the sha256 of its content instead.
+    skip = {"resume", "keep_checkpoint", "progress", "device", "save_every", "val_data"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
-
-def _check_out(out, overwrite: bool) -> None:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OffsiteError(f"output folder {out} already exists and is not empty; pass --overwrite or pick another")
 
 
 def _device(name: str) -> torch.device:
@@ -183,14 +194,39 @@ def _trainable(emu, cfg: FinetuneConfig):
     return params, peft_model
 
 
-def _batch(examples, index: int, size: int, seed: int, pad: int, device) -> dict:
-    """The ``index``-th micro-batch of a deterministic per-epoch shuffle (so resuming is exact)."""
-    per_epoch = max(1, len(examples) // size)
-    epoch, offset = divmod(index, per_epoch)
-    order = list(range(len(examples)))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    chosen = [examples[i] for i in order[offset * size:(offset + 1) * size]] or [examples[order[0]]]
-    return {k: v.to(device) for k, v in collate(chosen, pad).items()}
+def _check_finite(tensors: dict, step: int, ckpt: Path, saved, cfg: FinetuneConfig) -> None:
+    """Stop before a checkpoint or the adapter could be written with NaN/inf weights."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise diverged(step, f"trainable tensor '{bad}' holds NaN or infinite values", ckpt, saved, cfg.lr)
+
+
+class _Batcher:
+    """Micro-batches of a deterministic per-epoch shuffle, addressed by index (so resuming is exact).
+
+    The shuffled order of the current epoch is cached: indices arrive in sequence, so one entry
+    turns the O(N) reshuffle per micro-batch into one per epoch, with the very same order.
+    """
+
+    def __init__(self, examples: list, size: int, seed: int, pad: int, device):
+        self.examples, self.size, self.seed, self.pad, self.device = examples, size, seed, pad, device
+        self.per_epoch = max(1, len(examples) // size)
+        self._epoch, self._order = None, []
+
+    def order(self, epoch: int) -> list:
+        """The example order of ``epoch``: ``range(N)`` shuffled by a per-epoch seeded RNG."""
+        if epoch != self._epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 100003 + epoch).shuffle(order)
+            self._epoch, self._order = epoch, order
+        return self._order
+
+    def __call__(self, index: int) -> dict:
+        epoch, offset = divmod(index, self.per_epoch)
+        order = self.order(epoch)
+        chosen = [self.examples[i] for i in order[offset * self.size:(offset + 1) * self.size]]
+        chosen = chosen or [self.examples[order[0]]]
+        return {k: v.to(self.device) for k, v in collate(chosen, self.pad).items()}
 
 
 @torch.no_grad()

@@ -1,8 +1,13 @@
-"""Resumable fine-tuning checkpoints in ``<out>.ckpt/`` (safetensors + JSON, written atomically).
+"""Resumable fine-tuning checkpoints in ``<out>.ckpt/``, written and swapped in as one unit.
 
-A checkpoint holds the trainable tensors, the best-so-far trainable tensors, the optimizer state,
-the RNG state and a JSON with step, best validation loss, the log, and a hash of the settings: a
-run resumes only with the same settings and emulator, otherwise it is refused with the reason.
+A checkpoint holds the trainable tensors, the best-so-far trainable tensors, the optimizer state
+with the RNG state, and ``state.json`` (step, best validation loss, the log, the run's resume key,
+and the sha256 of every tensor file). It is assembled in a fresh hidden sibling folder and then
+swapped into place (old renamed away, new renamed in, old deleted), so a killed run leaves either
+the previous checkpoint or the new one, never a mix; :func:`recover_checkpoint` finishes or undoes
+a swap that was cut short. On load every file is checked against its sha256, and the resume key
+(emulator, content of the data files, settings) must match, otherwise the run is refused with the
+reason. Non-finite tensors are never written: training that diverges stops with :func:`diverged`.
 """
 
 from __future__ import annotations
@@ -10,13 +15,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..artifacts import canonical_json, sha256_file
+from ..artifacts.tensors import load_tensors
 from ..errors import OffsiteError
 from .schedule import optimizer_tensors, restore_optimizer
+
+TRAINABLE, BEST, OPTIMIZER, STATE = "trainable.safetensors", "best.safetensors", "optimizer.safetensors", "state.json"
+_TENSOR_FILES = (TRAINABLE, BEST, OPTIMIZER)
+_RESTART = "delete it or pass --no-resume to start over"
 
 
 def checkpoint_dir(out) -> Path:
@@ -24,48 +35,217 @@ def checkpoint_dir(out) -> Path:
     return out.parent / f"{out.name}.ckpt"
 
 
-def _save_atomic(tensors: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def _old_dir(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.old"
+
+
+def _tmp_prefix(folder: Path) -> str:
+    return f".{folder.name}.tmp-"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def run_key(emulator_id: str, data, val_data, settings: dict) -> dict:
+    """What a checkpoint must have been made with to be resumed: emulator, data content, settings.
+
+    Args:
+        emulator_id: ``artifact_id`` of the emulator package.
+        data: training data file (hashed by content, so a moved file still resumes and an edited
+            one does not).
+        val_data: validation data file or None.
+        settings: every setting that affects the result.
+    """
+    return {"emulator": emulator_id, "data": sha256_file(Path(data)),
+            "val_data": sha256_file(Path(val_data)) if val_data else None,
+            # A JSON round trip gives the form state.json reads back (tuples become lists, etc.).
+            "settings": json.loads(canonical_json(settings))}
+
+
+def recover_checkpoint(folder: Path) -> None:
+    """Clean up after a run killed while writing or swapping a checkpoint.
+
+    Stale temp folders are deleted (a temp folder is only complete once it is swapped in). If the
+    checkpoint folder is missing but the renamed-away previous one exists, the kill came between
+    the two renames, so the previous one is put back; if both exist, the old one is a leftover.
+    """
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return
+    for stale in folder.parent.iterdir():
+        if stale.name.startswith(_tmp_prefix(folder)):
+            _remove(stale)
+    old = _old_dir(folder)
+    if old.exists():
+        if folder.exists():
+            _remove(old)
+        else:
+            os.replace(old, folder)
+
+
+def _save(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
 
 
 def save_checkpoint(folder: Path, trainable: dict, best: dict | None, optimizer, state: dict) -> None:
-    """Write (or replace) the checkpoint; ``state.json`` last so a readable state means a full set."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _save_atomic(trainable, folder / "trainable.safetensors")
-    if best is not None:
-        _save_atomic(best, folder / "best.safetensors")
-    opt_tensors, groups = optimizer_tensors(optimizer)
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    _save_atomic(opt_tensors, folder / "optimizer.safetensors")
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps({**state, "param_groups": groups}, indent=1, default=str))
-    os.replace(tmp, folder / "state.json")
+    """Write a complete checkpoint into a temp folder, then swap it in place of ``folder``.
+
+    Args:
+        folder: the checkpoint folder (see :func:`checkpoint_dir`).
+        trainable: current trainable tensors.
+        best: tensors with the best validation loss so far, or None.
+        optimizer: the optimizer whose state (and the torch RNG state) is saved.
+        state: JSON-able run state (step, best_val_loss, log, resume_key).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f"{_tmp_prefix(folder)}{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _save(trainable, tmp / TRAINABLE)
+        if best is not None:
+            _save(best, tmp / BEST)
+        opt_tensors, groups = optimizer_tensors(optimizer)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        _save(opt_tensors, tmp / OPTIMIZER)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / STATE).write_text(json.dumps({**state, "param_groups": groups, "files": files}, indent=1, default=str))
+        _swap(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, settings_hash: str, params: dict, optimizer):
-    """Restore a checkpoint into ``params`` and ``optimizer``; returns ``(state, best_tensors_or_None)``.
+def _swap(tmp: Path, folder: Path) -> None:
+    old = _old_dir(folder)
+    if folder.exists():
+        if old.exists():
+            _remove(old)  # a leftover: ``folder`` is the good checkpoint here
+        os.replace(folder, old)
+    # When ``folder`` is missing, ``old`` (if any) stays the last good one until the new one is in.
+    os.replace(tmp, folder)
+    if old.exists():
+        _remove(old)
+
+
+def verified_state(folder: Path) -> dict:
+    """``state.json`` of a checkpoint whose files all exist and match their recorded sha256.
 
     Raises:
-        OffsiteError: the checkpoint was made with other settings or another emulator.
+        OffsiteError: the checkpoint is torn or corrupt (missing, extra, altered or truncated file).
     """
-    state = json.loads((folder / "state.json").read_text())
-    if state.get("settings_hash") != settings_hash:
-        raise OffsiteError(f"{folder} holds a checkpoint of a run with different settings or emulator; "
-                           "delete it or pass --no-resume to start over")
-    trainable = load_file(str(folder / "trainable.safetensors"))
-    if set(trainable) != set(params):
-        raise OffsiteError(f"{folder}: checkpoint tensors do not match the trainable parameters; delete it")
+    folder = Path(folder)
+
+    def torn(why: str) -> OffsiteError:
+        return OffsiteError(f"{folder} is a torn or corrupt checkpoint ({why}); it will not be resumed: {_RESTART}")
+
+    try:
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise torn(f"{STATE} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise torn(f"{STATE} is unreadable: {exc}") from None
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict) or not {TRAINABLE, OPTIMIZER} <= set(files) <= set(_TENSOR_FILES):
+        raise torn(f"{STATE} does not list the sha256 of its tensor files (written by an older offsite?)")
+    extra = sorted({p.name for p in folder.iterdir()} - set(files) - {STATE})
+    if extra:
+        raise torn(f"unlisted file(s) {extra}")
+    for name, digest in files.items():
+        if not (folder / name).is_file():
+            raise torn(f"{name} is missing")
+        if sha256_file(folder / name) != digest:
+            raise torn(f"{name} does not match the sha256 recorded in {STATE}")
+    return state
+
+
+def _short(digest) -> str:
+    return f"{digest[:12]}…" if isinstance(digest, str) else str(digest)
+
+
+def _mismatch(saved, key: dict) -> list:
+    """Why a checkpoint's resume key differs from this run's, one phrase per difference."""
+    if not isinstance(saved, dict):
+        return ["it records no resume key (written by an older offsite)"]
+    reasons = []
+    if saved.get("emulator") != key["emulator"]:
+        reasons.append(f"it was made with another emulator (artifact_id {_short(saved.get('emulator'))}, "
+                       f"now {_short(key['emulator'])})")
+    for part, label in (("data", "training data"), ("val_data", "validation data")):
+        if saved.get(part) != key[part]:
+            reasons.append(f"the {label} changed since (file content sha256 {_short(saved.get(part))} then, "
+                           f"{_short(key[part])} now)")
+    old, new = saved.get("settings") or {}, key["settings"]
+    changed = [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(set(old) | set(new))
+               if k not in old or k not in new or canonical_json(old[k]) != canonical_json(new[k])]
+    if changed:
+        reasons.append(f"it was made with different settings ({', '.join(changed)})")
+    return reasons
+
+
+def load_checkpoint(folder: Path, key: dict, params: dict, optimizer):
+    """Restore a checkpoint into ``params`` and ``optimizer``; returns ``(state, best_tensors_or_None)``.
+
+    Args:
+        folder: the checkpoint folder.
+        key: this run's :func:`run_key`.
+        params: ``{name: parameter}`` to load the trainable tensors into.
+        optimizer: optimizer to restore (the torch RNG state is restored too).
+
+    Raises:
+        OffsiteError: the checkpoint is torn or corrupt, or was made with another emulator, other
+            data or other settings.
+    """
+    state = verified_state(folder)
+    reasons = _mismatch(state.get("resume_key"), key)
+    if reasons:
+        raise OffsiteError(f"{folder} holds a checkpoint this run cannot resume: {'; '.join(reasons)}; {_RESTART}")
+    trainable = load_tensors(folder / TRAINABLE)
+    if set(trainable) != set(params) or any(trainable[n].shape != p.shape for n, p in params.items()):
+        raise OffsiteError(f"{folder}: checkpoint tensors do not match the trainable parameters; {_RESTART}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(trainable[name])
-    opt = load_file(str(folder / "optimizer.safetensors"))
+    opt = load_tensors(folder / OPTIMIZER)
     torch.set_rng_state(opt.pop("rng.torch"))
     restore_optimizer(optimizer, opt, state.pop("param_groups"))
-    best_path = folder / "best.safetensors"
-    return state, (load_file(str(best_path)) if best_path.is_file() else None)
+    return state, (load_tensors(folder / BEST) if BEST in state["files"] else None)
 
 
 def remove_checkpoint(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    _remove(Path(folder))
+    _remove(_old_dir(Path(folder)))
+
+
+def first_nonfinite(tensors: dict) -> str | None:
+    """Name of the first floating tensor with a NaN or infinite value, or None when all are finite."""
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return None
+    # One stacked check costs a single device sync instead of one per tensor.
+    ok = torch.stack([torch.isfinite(t.detach()).all() for t in floats.values()]).tolist()
+    return next((name for name, good in zip(floats, ok) if not good), None)
+
+
+def diverged(step: int, what: str, folder: Path, saved_step: int | None, lr: float) -> OffsiteError:
+    """The error that stops a run whose loss, gradients or weights stopped being finite.
+
+    Args:
+        step: the (1-based) optimizer step at which it was seen.
+        what: what was non-finite, e.g. ``"loss is nan"``.
+        folder: the checkpoint folder.
+        saved_step: step of the last checkpoint this run wrote or resumed from, or None.
+        lr: the peak learning rate in use.
+    """
+    if saved_step is None:
+        return OffsiteError(f"training diverged at step {step}: {what}; no checkpoint of this run was written, "
+                            f"nothing was saved; lower --lr (now {lr:g}) and run again")
+    return OffsiteError(f"training diverged at step {step}: {what}; the last good checkpoint is at {folder} "
+                        f"(step {saved_step}) and was kept, but it resumes only with the same settings, so "
+                        f"lower --lr (now {lr:g}) and pass --no-resume to start over")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import OffsiteError
+from ..settings_types import check_types
 from .schedule import SCHEDULES
 
 
@@ -55,6 +56,10 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Types first: the range checks below would crash on a string or pass a float step count.
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in check_types(type(self), given, "fine-tuning setting").items():
+            setattr(self, name, value)
         if self.schedule not in SCHEDULES:
             raise OffsiteError(f"schedule {self.schedule!r} unknown; allowed: {', '.join(SCHEDULES)}")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -70,3 +75,6 @@ class FinetuneConfig:
             raise OffsiteError(f"val_limit must be >= 1, got {self.val_limit}")
         if self.lr <= 0:
             raise OffsiteError(f"lr must be > 0, got {self.lr}")
+        targets = self.lora_targets
+        if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
+            raise OffsiteError(f"lora_targets must be a non-empty list of module names (strings), got {targets!r}")
