@@ -92,6 +92,16 @@ def test_missing_data_dir_is_a_clear_error(model_dir, tmp_path, monkeypatch, cap
     assert rc == 2 and "pass --data-dir" in capsys.readouterr().err
 
 
+def test_own_data_tasks_need_no_data_dir(model_dir, mc_task, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OFFSITE_DATA_DIR", raising=False)
+    out = tmp_path / "x.json"
+    assert main(["eval", "--model", str(model_dir), "--tasks", mc_task[0], "--limit", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["data_dir"] is None
+    assert main(["report", "--model", str(model_dir), "--tasks", mc_task[0] + ",wikitext", "--workdir",
+                 str(tmp_path / "w")]) == 2
+    assert "pass --data-dir" in capsys.readouterr().err
+
+
 def test_unknown_task_fails_before_loading_the_model(data_dir, tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "no-such-model"), "--tasks", "arc_easy,piqaa",
                "--data-dir", str(data_dir), "--out", str(tmp_path / "x.json")])

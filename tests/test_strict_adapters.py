@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from offsite.adapters import (ADAPTER_WEIGHTS, LORA_CONFIG, LORA_WEIGHTS, check_lora_config, save_full_adapter,
                               save_lora_adapter)
-from offsite.artifacts import MANIFEST, artifact_id, load_tensors, sha256_file, tensor_index
+from offsite.artifacts import MANIFEST, artifact_id, load_tensors, read_manifest, sha256_file, tensor_index
 from offsite.emulate import emulate
 from offsite.errors import ArtifactError
 from offsite.finetune.config import FinetuneConfig
@@ -261,15 +261,14 @@ def test_full_finetuning_baseline_adapter_still_loads(world, tmp_path):
 
 
 def test_dtype_rules_on_a_bf16_base(tmp_path):
-    """A bf16 base read as fp32 refuses its bf16 adapter with the --dtype that fits; LoRA may be fp32."""
+    """A bf16 base read as fp32 takes its emulator's bf16 adapter by an exact upcast; LoRA may be fp32."""
     base = tmp_path / "base"
     make_model("llama", 4).to(torch.bfloat16).save_pretrained(base)
     emu = load_emulator(emulate(str(base), tmp_path / "emu", adapter_layers="1,1", emulator_layers=1))
     adapter = save_full_adapter(tmp_path / "adapter", emu, {}, {})
     out = tmp_path / "out"
-    with pytest.raises(ArtifactError, match=r"is bfloat16 but the model's parameter is float32; .*--dtype bfloat16"):
-        plug(str(base), adapter, out, dtype="float32")
-    assert not out.exists()
+    plug(str(base), adapter, tmp_path / "out32", dtype="float32")  # bf16 -> fp32 is exact: accepted
+    assert {v[0] for v in read_manifest(tmp_path / "out32")["tensors"]["model.safetensors"].values()} == {"float32"}
     plug(str(base), adapter, out)  # read in its own dtype, it plugs
     lora_emu = load_emulator(tmp_path / "emu")
     peft_model = wrap_lora(lora_emu.model, lora_emu.family, lora_emu.adapter_positions, FinetuneConfig(lora=True))

@@ -52,7 +52,8 @@ def test_identity_covers_the_tensor_table_kind_and_plan(built):
     _, emu, _ = built
     m = json.loads((emu / "manifest.json").read_text())
     for edit in (lambda m: m["tensors"]["model.safetensors"].popitem(), lambda m: m["plan"].update(x=1),
-                 lambda m: m["split"].update(adapter=[0, 1, 2, 5]), lambda m: m.update(method="distill")):
+                 lambda m: m["config"].update(emulator_layers=2), lambda m: m.update(method="distill"),
+                 lambda m: m["disclosure"]["fractions"].update(verbatim=0.0)):
         edited = json.loads(json.dumps(m))
         edit(edited)
         (emu / "manifest.json").write_text(json.dumps(edited))
@@ -69,6 +70,19 @@ def test_a_bitwise_identical_rebuild_is_the_same_emulator_and_accepts_its_twins_
     assert "seconds" in read_manifest(twin)["run"]  # timings kept, outside the identity
     assert "seconds" not in json.loads((twin / "settings.json").read_text())
     load_for_eval(str(twin), adapter=str(adapter))
+
+
+@pytest.mark.parametrize("method,settings", [
+    ("gradot", dict(seq_len=16, num_sequences=4, batch_size=2, param_budget=0.5)),
+    ("distill", dict(steps=2, seq_len=16, num_sequences=8, batch_size=4, emulator_layers=1)),
+    ("scaleot", dict(steps=2, seq_len=16, num_sequences=8, batch_size=4, harmonizer_rank=4, alpha=0.5, beta=0.5)),
+])
+def test_trained_and_calibrated_rebuilds_have_one_identity(saved_model, tmp_path, text_file, method, settings):
+    """Their plans record build timings; those are run facts, outside the identity."""
+    path, _ = saved_model("llama", 6)
+    a, b = (emulate(str(path), tmp_path / name, method=method, calibration=text_file, **settings) for name in "ab")
+    assert read_manifest(a)["artifact_id"] == read_manifest(b)["artifact_id"]
+    assert read_manifest(a)["run"]["plan"]  # the timings are kept, as run facts
 
 
 def test_relabelled_kind_and_missing_fields_are_refused(built, capsys):
@@ -120,16 +134,27 @@ def test_listed_pickle_files_and_symlinks_are_refused(built, tmp_path):
 # --- a base fingerprint that covers every weight ---------------------------------------------------
 
 def test_fingerprint_covers_every_value_and_ignores_the_loaded_dtype(saved_model):
+    from offsite.identity import weight_fingerprint
+
     path, model = saved_model("llama", 4, hidden_size=64, intermediate_size=256)
     before = model_identity(model, str(path))["weight_fingerprint"]
-    with torch.no_grad():  # an entry the old strided 4096-value sample skipped (stride 4 on 16384 values)
-        model.model.layers[1].mlp.up_proj.weight[0, 1] = 0.0
-    assert model_identity(model, str(path))["weight_fingerprint"] != before
-    bf16 = model.to(torch.bfloat16)
-    bf16.save_pretrained(path)
-    as_bf16, _ = load_model(str(path), dtype="bfloat16")
+    weights = path / "model.safetensors"
+    tensors = load_file(str(weights))
+    # An entry the old strided 4096-value sample skipped (stride 4 over 16384 values).
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 1] = 0.0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert model_identity(model, str(path))["weight_fingerprint"] != before  # taken from the files
+    in_memory = weight_fingerprint(dict(model.state_dict()))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 1] += 1.0
+    assert weight_fingerprint(dict(model.state_dict())) != in_memory  # the fallback covers every value too
+    as_bf16, _ = load_model(str(path), dtype="bfloat16")  # lossy for this fp32 checkpoint
     as_fp32, _ = load_model(str(path), dtype="float32")
     assert model_identity(as_bf16, str(path)) == model_identity(as_fp32, str(path))
+    model.to(torch.bfloat16).save_pretrained(path)
+    bf16_file = model_identity(as_bf16, str(path))
+    assert bf16_file["weight_fingerprint"] != before
+    assert weight_fingerprint(load_file(str(weights))) == bf16_file["weight_fingerprint"]
 
 
 def test_fingerprint_cache_follows_the_weight_files(saved_model, monkeypatch):
@@ -137,16 +162,15 @@ def test_fingerprint_cache_follows_the_weight_files(saved_model, monkeypatch):
 
     path, _ = saved_model("llama", 4)
     model, _ = load_model(str(path))
-    first = model_identity(model, str(path), loaded_from_files=True)["weight_fingerprint"]
-    monkeypatch.setattr(identity, "weight_fingerprint", lambda t: pytest.fail("cache not used"))
-    assert model_identity(model, str(path), loaded_from_files=True)["weight_fingerprint"] == first
+    first = model_identity(model, str(path))["weight_fingerprint"]
+    monkeypatch.setattr(identity, "files_fingerprint", lambda files: pytest.fail("cache not used"))
+    assert model_identity(model, str(path))["weight_fingerprint"] == first
     monkeypatch.undo()
     weights = path / "model.safetensors"
     tensors = load_file(str(weights))
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1.0
     save_file(tensors, str(weights), metadata={"format": "pt"})  # same size, new ctime
-    changed, _ = load_model(str(path))
-    assert model_identity(changed, str(path), loaded_from_files=True)["weight_fingerprint"] != first
+    assert model_identity(model, str(path))["weight_fingerprint"] != first
 
 
 # --- signatures ------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ check here runs before a single weight is copied and before anything is written.
 
 * ``adapter`` artifacts must hold *exactly* the parameters of the manifest's split adapter layers:
   every parameter of every adapter layer, nothing else, with the model's shapes and dtypes (no
-  silent cast: an fp16 adapter in an fp32 model is refused, with the ``--dtype`` that fits).
+  silent cast: an fp16 adapter in an fp32 model is refused, with the ``--dtype`` that fits; the one
+  exception is the exact upcast of an adapter in its own emulator's bf16/fp16 into an fp32 model).
 * ``lora`` artifacts must have an ``adapter_config.json`` on the whitelist of :func:`check_lora_fields`
   and exactly the LoRA state dict PEFT itself creates on the model with that config. LoRA weights
   may be float32 or the base dtype: PEFT keeps adapter weights in float32 on bf16/fp16 bases, and
@@ -154,11 +155,20 @@ def check_full_adapter(manifest: dict, tensors: dict, model, family: Family, pos
         if tuple(got.shape) != tuple(want.shape):
             raise ArtifactError(f"{where}: tensor '{name}' has shape {list(got.shape)}, the model's parameter "
                                 f"{list(want.shape)}")
-        if got.dtype != want.dtype:
+        if got.dtype != want.dtype and not _exact_upcast(got.dtype, want.dtype, manifest):
             raise ArtifactError(f"{where}: tensor '{name}' is {_dtype_name(got.dtype)} but the model's parameter is "
                                 f"{_dtype_name(want.dtype)}; offsite never casts adapter weights silently — "
                                 f"{_dtype_hint(got.dtype, target_split is None)}")
     return expected
+
+
+def _exact_upcast(got: torch.dtype, want: torch.dtype, manifest: dict) -> bool:
+    """A bf16/fp16 adapter may go into an fp32 model when it has the dtype of the emulator it was
+    trained on: every bf16/fp16 value is exactly an fp32 value, so nothing is rounded (a model owner
+    who emulated in bf16 to ship a smaller package plugs into its fp32 checkpoint). Any other
+    difference is refused."""
+    return (want == torch.float32 and got in (torch.bfloat16, torch.float16)
+            and manifest.get("emulator", {}).get("dtype") == _dtype_name(got))
 
 
 def check_lora_fields(data, manifest: dict, family: Family, where, layer_modules=None) -> dict:

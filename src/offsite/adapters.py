@@ -27,6 +27,7 @@ from .artifacts import (check_against, check_finite, check_trusted, load_tensors
 from .errors import ArtifactError
 from .families import Family, get_layers, named_layer_parameters
 from .identity import same_base
+from .precision import base_dtype, for_saving
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 LORA_WEIGHTS = "adapter_model.safetensors"
@@ -55,8 +56,11 @@ def reindex(names, family: Family, mapping: dict) -> dict:
 def adapter_record(emulator) -> dict:
     """Manifest fields binding an adapter to its emulator and base model."""
     m = emulator.manifest
+    weights = m["tensors"]["model.safetensors"]
+    dtypes = sorted({entry[0] for entry in weights.values() if entry[0].startswith(("float", "bfloat"))})
     return {"base": m["base"], "family": m["family"], "split": m["split"],
-            "emulator": {"artifact_id": m["artifact_id"], "method": m["method"], "path": str(emulator.path)}}
+            "emulator": {"artifact_id": m["artifact_id"], "method": m["method"], "path": str(emulator.path),
+                         "dtype": dtypes[0] if len(dtypes) == 1 else None}}
 
 
 def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False, inputs=(), sign_key=None) -> Path:
@@ -69,6 +73,8 @@ def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False,
     params = named_layer_parameters(emulator.model, emulator.family, emulator.adapter_positions)
     names = reindex(params, emulator.family, to_full)
     tensors = {names[k]: v.detach() for k, v in params.items()}
+    # Trained as fp32 masters (offsite.precision); written in the base dtype, which plug requires.
+    tensors = for_saving(tensors, base_dtype(emulator.model))
     with writing_artifact(out, "adapter", overwrite=overwrite, inputs=inputs, sign_key=sign_key) as stage:
         index = save_tensors(tensors, stage.path / ADAPTER_WEIGHTS)
         _write_sidecars(stage, settings, log)
@@ -87,6 +93,8 @@ def save_lora_adapter(out, emulator, peft_model, settings: dict, log: dict, over
     state = get_peft_model_state_dict(peft_model)
     names = reindex(state, emulator.family, to_full)
     tensors = {names[k]: v.detach() for k, v in state.items()}
+    # LoRA stays in its fp32 masters: PEFT's own format on 16-bit bases, it plugs into the base read in
+    # either dtype, and merging casts the delta into the base weights' dtype anyway (offsite.precision).
     with writing_artifact(out, "lora", overwrite=overwrite, inputs=inputs, sign_key=sign_key) as stage:
         index = save_tensors(tensors, stage.path / LORA_WEIGHTS)
         data = config.to_dict()
@@ -177,7 +185,7 @@ def copy_into_layers(model, family: Family, manifest: dict, tensors: dict, where
     params = check_full_adapter(manifest, tensors, model, family, positions, where, target_split)
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name])  # same dtype and shape, checked: nothing is cast
+            p.copy_(tensors[name])  # same shape, same dtype or an exact bf16/fp16 -> fp32 upcast (checked)
 
 
 def read_lora_config(path) -> dict:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from .artifacts import check_finite, guard_output, unique_state_dict
+from .artifacts import check_finite, guard_output, split_run_facts
+from .device import resolve_device
 from .disclosure import disclose, fingerprint_middle, guard_middle
 from .emulator import get_builder
 from .families import count_parameters, describe, get_family
 from .identity import model_identity
 from .loading import load_model
 from .package import save_emulator
+from .progress import phase
 from .split import make_split
+
+
+def settings_of(config) -> dict:
+    """A method config's settings (its dataclass fields only, not derived attributes such as GradOT's
+    ``CalibrationConfig``, whose repr would otherwise land in the manifest)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtype: str = "auto",
             calibration=None, overwrite: bool = False, allow_verbatim_middle: bool = False, sign_key=None,
-            **method_settings) -> Path:
+            device="auto", **method_settings) -> Path:
     """Build an emulator package from a base model.
 
     Args:
@@ -31,41 +40,50 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         allow_verbatim_middle: write the package even if middle layers leave verbatim (see
             :mod:`offsite.disclosure`); only for packages that are never shipped (full fine-tuning).
         sign_key: Ed25519 private key file (``offsite keygen``) to sign the package with.
+        device: where the base model is loaded and the method runs (calibration, statistics,
+            training): ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``, ... (see
+            :mod:`offsite.device`). Not part of the package's identity; recorded under ``run``.
         **method_settings: the method's own settings (e.g. ``emulator_layers=8``).
 
     Returns:
         The package folder.
     """
     started = time.time()
+    where = resolve_device(device)  # an unavailable device is refused before any work
     builder = get_builder(method)
     config = builder.make_config(**method_settings)
     inputs = [model, calibration]
     guard_output(Path(out), "emulator", overwrite, inputs)  # refuse a bad --out before minutes of work
-    base, tokenizer = load_model(model, dtype=dtype)
+    with phase(f"load {model}"):
+        base, tokenizer = load_model(model, dtype=dtype, device=where)
     family = get_family(base)
     split = make_split(base.config.num_hidden_layers, adapter_layers)
-    check_finite(unique_state_dict(base), f"base model {model}")
-    identity = model_identity(base, model, loaded_from_files=True)
+    check_finite(base.state_dict(), f"base model {model}")  # checked where it lies: no CPU copy of the model
+    identity = model_identity(base, model)
     full_params = count_parameters(base)
 
     before = fingerprint_middle(base, family, split)  # now: builders edit the base model in place
-    plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer)
+    with phase(f"build the {method} emulator"):
+        plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer)
     disclosure = disclose(before, emulator, family, split, plan)
     disclosure["overridden"] = guard_middle(disclosure, builder, config, allow=allow_verbatim_middle)
-    check_finite(unique_state_dict(emulator), f"the {method} emulator built from {model}")
+    check_finite(emulator.state_dict(), f"the {method} emulator built from {model}")
 
+    stored_plan, plan_facts = split_run_facts(plan)  # build timings stay out of the identity
     record = {
         "base": identity,
         "family": describe(family)["model_type"],
         "split": split.to_dict(),
         "method": method,
-        "config": vars(config),
-        "plan": plan,
+        "config": settings_of(config),
+        "plan": stored_plan,
         "parameters": {"full": full_params, "emulator": count_parameters(emulator)},
         "disclosure": disclosure,
     }
     settings = {"command": "emulate", "model": model, "method": method, "adapter_layers": str(adapter_layers),
                 "dtype": dtype, "calibration": str(calibration) if calibration else None,
-                "allow_verbatim_middle": allow_verbatim_middle, **vars(config)}
-    return save_emulator(out, emulator, tokenizer, record, settings, overwrite=overwrite, inputs=inputs,
-                         sign_key=sign_key, run={"seconds": round(time.time() - started, 2)})
+                "allow_verbatim_middle": allow_verbatim_middle, **settings_of(config)}
+    with phase("write the package"):
+        return save_emulator(out, emulator, tokenizer, record, settings, overwrite=overwrite, inputs=inputs,
+                             sign_key=sign_key, run={"seconds": round(time.time() - started, 2), "device": str(where),
+                                                     **({"plan": plan_facts} if plan_facts else {})})

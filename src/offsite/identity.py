@@ -6,15 +6,20 @@ fingerprint of the weights.
 
 The weight fingerprint is a sha256 over *every* weight value: for each tensor in sorted name order,
 its name, shape and all its values in a canonical form — floating tensors as float32 (exact for
-bf16 and fp16, so the same checkpoint read in bf16 or fp32 is the same base model), integer tensors
-as themselves. Changing any single value changes it. Hashing a 7B model reads ~28 GB of fp32
-bytes (seconds to a minute), so :func:`model_identity` can cache the result keyed on the weight
-files it was loaded from (name, size, inode, mtime and ctime of every file, plus the loaded dtype):
-rewriting a file changes its ctime, which user code cannot set back.
+bf16 and fp16), integer tensors as themselves. Changing any single value changes it.
+
+It is taken from the checkpoint's **files** whenever the model comes from safetensors files (a local
+folder, or a hub id already in the local cache), not from the model in memory: the same checkpoint
+loaded in bf16 or in fp32 (even a lossy ``--dtype bfloat16`` of an fp32 checkpoint) is then the same
+base model, and what is named is what is on disk. Without safetensors files (``.bin`` checkpoints)
+it falls back to the model in memory, in the same canonical form. Hashing a 7B checkpoint reads it
+once (~14 GB for bf16), so the result is cached keyed on the weight files (path, name, size, inode,
+mtime, ctime of every file): rewriting a file changes its ctime, which user code cannot set back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,14 +52,17 @@ def _update(h, t: torch.Tensor) -> None:
                  else part.contiguous().numpy().tobytes())
 
 
+def _entry(h, name: str, t: torch.Tensor) -> None:
+    kind = "float" if t.is_floating_point() else str(t.dtype)
+    h.update(f"|{name}|{kind}|{tuple(t.shape)}|".encode())
+    _update(h, t)
+
+
 def weight_fingerprint(tensors: dict) -> str:
     """Fingerprint of a ``{name: tensor}`` dict over every value (see the module docstring)."""
     h = hashlib.sha256(FINGERPRINT_VERSION.encode())
     for name in sorted(tensors):
-        t = tensors[name]
-        kind = "float" if t.is_floating_point() else str(t.dtype)
-        h.update(f"|{name}|{kind}|{tuple(t.shape)}|".encode())
-        _update(h, t)
+        _entry(h, name, tensors[name])
     return h.hexdigest()
 
 
@@ -62,54 +70,81 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("OFFSITE_CACHE_DIR") or Path.home() / ".cache" / "offsite") / "fingerprints"
 
 
-def _files_key(name_or_path: str, dtype) -> str | None:
-    """Key of a local model folder's weight files as they are on disk now, or None (hub id, no files)."""
+def weight_files(name_or_path: str) -> list:
+    """The safetensors files of a local model folder or of a hub id in the local cache (else [])."""
     root = Path(name_or_path)
     if not root.is_dir():
-        return None
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(str(name_or_path), local_files_only=True,
+                                          allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # not cached, offline, not a repo id: the in-memory fallback applies
+            return []
+    return sorted(p for p in root.glob("*.safetensors") if p.is_file())
+
+
+def files_fingerprint(files) -> str:
+    """:func:`weight_fingerprint` of the tensors stored in ``files``, read one tensor at a time."""
+    from safetensors import safe_open
+
+    from .errors import OffsiteError
+
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for path in files:
+            try:
+                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            except Exception as exc:  # safetensors raises its own types for broken files
+                raise OffsiteError(f"{path}: not a readable safetensors file ({exc})") from None
+            for name in handle.keys():
+                if name in where:
+                    raise OffsiteError(f"tensor '{name}' is stored twice ({where[name][1].name}, {path.name})")
+                where[name] = (handle, path)
+        h = hashlib.sha256(FINGERPRINT_VERSION.encode())
+        for name in sorted(where):
+            _entry(h, name, where[name][0].get_tensor(name))
+    return h.hexdigest()
+
+
+def _files_key(files) -> str:
     stats = []
-    for path in sorted(root.iterdir()):
-        if path.suffix in (".safetensors", ".bin", ".json") and path.is_file():
-            st = path.stat()
-            stats.append([path.name, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
-    if not any(name.endswith((".safetensors", ".bin")) for name, *_ in stats):
-        return None
-    data = [FINGERPRINT_VERSION, str(root.resolve()), str(dtype), stats]
-    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+    for path in files:
+        st = path.stat()
+        stats.append([str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
+    return hashlib.sha256(canonical_json([FINGERPRINT_VERSION, stats]).encode()).hexdigest()
 
 
-def _cached_fingerprint(model, name_or_path: str) -> str:
-    key = _files_key(name_or_path, model.dtype)
-    entry = _cache_dir() / f"{key}.json" if key else None
-    if entry is not None and entry.is_file():
+def cached_files_fingerprint(files) -> str:
+    """:func:`files_fingerprint`, cached per weight-file state (see the module docstring)."""
+    entry = _cache_dir() / f"{_files_key(files)}.json"
+    if entry.is_file():
         try:
             return json.loads(entry.read_text())["weight_fingerprint"]
         except (ValueError, KeyError, OSError):
             pass  # a damaged cache entry is recomputed
-    value = weight_fingerprint(unique_state_dict(model))
-    if entry is not None:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({"weight_fingerprint": value, "model": str(name_or_path)}))
-            os.replace(tmp, entry)
-        except OSError:
-            pass  # a read-only home only costs the recomputation next time
+    value = files_fingerprint(files)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"weight_fingerprint": value, "files": [str(f) for f in files]}))
+        os.replace(tmp, entry)
+    except OSError:
+        pass  # a read-only home only costs the recomputation next time
     return value
 
 
-def model_identity(model: torch.nn.Module, name_or_path: str, loaded_from_files: bool = False) -> dict:
+def model_identity(model: torch.nn.Module, name_or_path: str) -> dict:
     """The ``base`` record stored in every manifest.
 
     Args:
-        model: the base model.
-        name_or_path: what it was loaded from.
-        loaded_from_files: ``model`` is exactly what ``name_or_path``'s files hold (just loaded,
-            unmodified): the fingerprint may then come from the cache.
+        model: the base model as loaded from ``name_or_path`` (its config is hashed; its weights
+            only when ``name_or_path`` has no safetensors files).
+        name_or_path: the folder or hub id it was loaded from.
     """
     cfg = model.config
-    fingerprint = (_cached_fingerprint(model, name_or_path) if loaded_from_files
-                   else weight_fingerprint(unique_state_dict(model)))
+    files = weight_files(name_or_path)
+    fingerprint = cached_files_fingerprint(files) if files else weight_fingerprint(unique_state_dict(model))
     return {
         "name_or_path": str(name_or_path),
         "model_type": cfg.model_type,

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from .adapters import copy_into_layers, load_adapter, merge_lora
 from .artifacts import MANIFEST, check_trusted, read_manifest, verify_files
+from .device import resolve_device
 from .errors import OffsiteError
 from .loading import load_model
 from .package import load_emulator
 
 
-def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", trusted_keys=None):
+def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", trusted_keys=None, device="auto"):
     """Load a model for scoring.
 
     Args:
@@ -20,14 +21,21 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
             must have been trained on that emulator); on a full model it gives "plug-in" in memory.
         dtype: dtype for HF models.
         trusted_keys: public key files; when given, every artifact read must be signed by one.
+        device: where the model is put before any adapter is applied (``"auto"``: CUDA when
+            present; see :mod:`offsite.device`), so adapters are copied or merged there.
 
     Returns:
         ``(model, tokenizer, info)`` where ``info`` says what was loaded (kind, paths, layer map).
     """
+    where = resolve_device(device)
     root = Path(model)
     kind = read_manifest(root)["kind"] if (root / MANIFEST).is_file() else "model"
+    if kind == "model" and trusted_keys and adapter is None:
+        # Deleting manifest.json must not turn a required signature into no check at all.
+        raise OffsiteError(f"{model} is not an offsite artifact (no {MANIFEST}), so it carries no signature; "
+                           "--trusted-key accepts only signed emulator packages or plugged folders here")
     if kind == "emulator":
-        emu = load_emulator(root, trusted_keys=trusted_keys)
+        emu = load_emulator(root, device=where, trusted_keys=trusted_keys)
         info = {"kind": "emulator", "path": str(root), "layers": emu.layer_map, "adapter": adapter}
         if adapter is None:
             return emu.model, emu.tokenizer, info
@@ -47,7 +55,7 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         plugged = read_manifest(root)
         check_trusted(plugged, trusted_keys, root)
         verify_files(root, plugged)
-    full, tokenizer = load_model(model, dtype=dtype)
+    full, tokenizer = load_model(model, dtype=dtype, device=where)
     info = {"kind": kind, "path": str(model), "adapter": adapter}
     if adapter is not None:
         from .plug import plug_into

@@ -113,7 +113,13 @@ def load_emulator(path, device: str | None = None, trusted_keys=None) -> Emulato
     verify_files(root, manifest)
     family = get_family(manifest["family"])
     split = Split.from_dict(manifest["split"])
-    config = AutoConfig.from_pretrained(root)
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' errors for a broken config.json
+        raise ArtifactError(f"{root}/config.json is not a usable model config ({str(exc).splitlines()[0]})") from None
+    if config.model_type != manifest["family"]:
+        raise ArtifactError(f"{root}: config.json is a '{config.model_type}' model, the manifest says "
+                            f"'{manifest['family']}'")
     plan = manifest["plan"]
     if config.num_hidden_layers != len(plan["layers"]):
         raise ArtifactError(f"{root}: config has {config.num_hidden_layers} layers but the plan lists "

@@ -16,10 +16,12 @@ from pathlib import Path
 from .adapters import LORA_CONFIG, LORA_WEIGHTS, check_lora, copy_into_layers, load_adapter, merge_lora
 from .artifacts import (check_trusted, guard_output, read_manifest, save_tensors, sha256_file, unique_state_dict,
                         verify_files, writing_artifact)
+from .device import resolve_device
 from .errors import ArtifactError, OffsiteError
 from .families import get_family, get_layers
 from .identity import model_identity
 from .loading import load_model
+from .progress import phase
 
 LORA_MODES = ("merge", "peft")
 
@@ -74,7 +76,7 @@ def check_against_emulator(adapter, emulator, trusted_keys=None) -> None:
 
 
 def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto", overwrite: bool = False,
-         emulator=None, trusted_keys=None, sign_key=None) -> Path:
+         emulator=None, trusted_keys=None, sign_key=None, device="auto") -> Path:
     """Plug a fine-tuned adapter into the full model and write the result.
 
     Args:
@@ -90,6 +92,10 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
         trusted_keys: public key files; when given, the adapter (and ``emulator``) must be signed
             by one of them.
         sign_key: Ed25519 private key file to sign the output with.
+        device: where the full model is loaded and the adapter copied or merged (``"auto"``:
+            CUDA when present; see :mod:`offsite.device`); the output is written from CPU copies and
+            the device is recorded under ``run``, outside the identity (a full adapter's copy gives
+            the same bytes on every device; a LoRA merge may differ in the last bits across devices).
 
     Returns:
         The output folder.
@@ -97,12 +103,14 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
     if lora_mode not in LORA_MODES:
         raise OffsiteError(f"lora_mode {lora_mode!r} unknown; allowed: {', '.join(LORA_MODES)}")
     started = time.time()
+    where = resolve_device(device)  # an unavailable device is refused before any work
     inputs = [model, adapter, emulator]
     guard_output(Path(out), "peft" if lora_mode == "peft" else "plugged", overwrite, inputs)
     if emulator is not None:
         check_against_emulator(adapter, emulator, trusted_keys)
-    full, tokenizer = load_model(model, dtype=dtype)
-    identity = model_identity(full, model, loaded_from_files=True)
+    with phase(f"load {model}"):
+        full, tokenizer = load_model(model, dtype=dtype, device=where)
+    identity = model_identity(full, model)
     settings = {"command": "plug", "model": model, "adapter": str(adapter), "lora_mode": lora_mode, "dtype": dtype,
                 "emulator": str(emulator) if emulator else None}
     record = {"base": identity, "family": full.config.model_type}
@@ -121,11 +129,12 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
                 if sha256_file(stage.path / name) != manifest["files"][name]:
                     raise ArtifactError(f"{adapter}/{name} changed while it was being exported; run plug again")
             stage.manifest["tensors"] = {LORA_WEIGHTS: manifest["tensors"][LORA_WEIGHTS]}
-            _finish(stage, record, manifest, settings, started)
+            _finish(stage, record, manifest, settings, started, where)
         return Path(out)
 
-    plugged, manifest = plug_into(full, model, adapter, trusted_keys=trusted_keys, identity=identity)
-    with writing_artifact(out, "plugged", **write) as stage:
+    with phase("plug the adapter in"):
+        plugged, manifest = plug_into(full, model, adapter, trusted_keys=trusted_keys, identity=identity)
+    with phase("write the plugged model"), writing_artifact(out, "plugged", **write) as stage:
         plugged.config.architectures = [type(plugged).__name__]
         plugged.config.save_pretrained(stage.path)
         if getattr(plugged, "generation_config", None) is not None:
@@ -134,13 +143,13 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)
         stage.manifest["tensors"] = {"model.safetensors": index}
-        _finish(stage, record, manifest, settings, started)
+        _finish(stage, record, manifest, settings, started, where)
     return Path(out)
 
 
-def _finish(stage, record: dict, adapter_manifest: dict, settings: dict, started: float) -> None:
+def _finish(stage, record: dict, adapter_manifest: dict, settings: dict, started: float, device) -> None:
     stage.manifest.update(record)
     stage.manifest["adapter"] = {"artifact_id": adapter_manifest["artifact_id"], "kind": adapter_manifest["kind"],
                                  "emulator": adapter_manifest["emulator"]}
-    stage.run["seconds"] = round(time.time() - started, 2)
+    stage.run.update(seconds=round(time.time() - started, 2), device=str(device))
     (stage.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")

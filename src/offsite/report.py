@@ -20,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from .device import resolve_device
 from .emulate import emulate
 from .errors import OffsiteError
 from .eval.run import evaluate, parse_tasks
@@ -64,6 +65,7 @@ def _train_file(task: str, data_dir, workdir: Path, train_limit) -> tuple:
 
 
 def _score(model, tok, task, data_dir, split, limit, batch_size) -> dict:
+    # max_batch_tokens stays auto: a token budget where the model is on CUDA, batch_size rows elsewhere.
     return evaluate(model, tok, [task], data_dir, split=split, limit=limit, batch_size=batch_size,
                     progress=False)["results"][task]
 
@@ -71,7 +73,7 @@ def _score(model, tok, task, data_dir, split, limit, batch_size) -> dict:
 def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapter_layers="2,2",
                method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
                limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-               full_ft: bool = False, calibration=None, log=print) -> dict:
+               full_ft: bool = False, calibration=None, log=print, device="auto") -> dict:
     """Run the whole protocol and return the report (also written to ``workdir/report.json``).
 
     Args:
@@ -85,54 +87,63 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         split: evaluation split; limit: first N questions; train_limit: first N training examples.
         full_ft: also fine-tune every decoder block of the full model (the upper bound; slow).
         calibration: public calibration text for the methods that learn from text (None: their default).
+        device: where every model of the report runs: emulator builds, fine-tuning (it overrides a
+            ``device`` in ``finetune_settings``) and scoring (``"auto"``: CUDA when present; see
+            :mod:`offsite.device`). Each model is loaded there once and scored there on its tasks.
     """
+    where = resolve_device(device)  # before the workdir or any training file is written
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = parse_tasks(tasks)
     # Written once for the full FT row and every method; bad or leaking data fails here, before model work.
     train = {t: _train_file(t, data_dir, workdir, train_limit) for t in names}
     ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64,
-                   **(finetune_settings or {})}
+                   **(finetune_settings or {}), "device": str(where)}
     ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
     started = time.time()
     report = {"model": model, "tasks": names, "split": split, "limit": limit, "finetune": ft_settings,
               "methods": {}}
 
-    base, tok, _ = load_for_eval(model)
+    base, tok, _ = load_for_eval(model, device=where)
     full_zs = {t: _score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
     log(f"[report] full zero-shot done ({time.time() - started:.0f}s)")
     del base
     full_tuned = {t: None for t in names}
     if full_ft:
         whole = workdir / "emulator-full"
-        emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True)
+        emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True,
+                device=where)
         for task in names:
             data, fmt = train[task]
             tuned = workdir / f"adapter-full-{_slug(task)}"
             finetune(whole, data, tuned, format=fmt, overwrite=True, **ft_settings)
-            m, t_, _ = load_for_eval(model, adapter=str(tuned))
+            m, t_, _ = load_for_eval(model, adapter=str(tuned), device=where)
             full_tuned[task] = _score(m, t_, task, data_dir, split, limit, batch_size)
+            del m  # free its device memory before the next fine-tuning run loads its own models
             log(f"[report] full fine-tuning / {task} ({time.time() - started:.0f}s)")
 
     for method in methods:
         emu_dir = workdir / f"emulator-{method}"
         built = time.time()
         emulate(model, emu_dir, method=method, adapter_layers=adapter_layers, overwrite=True,
-                calibration=calibration, **(method_settings or {}).get(method, {}))
+                calibration=calibration, device=where, **(method_settings or {}).get(method, {}))
         build = {"seconds": round(time.time() - built, 1),
                  "parameters": json.loads((emu_dir / "manifest.json").read_text())["parameters"]}
-        emu, emu_tok, _ = load_for_eval(str(emu_dir))
+        emu, emu_tok, _ = load_for_eval(str(emu_dir), device=where)
         rows = {r: {} for r in ROWS}
         rows["full_zs"] = full_zs
         rows["emu_zs"] = {t: _score(emu, emu_tok, t, data_dir, split, limit, batch_size) for t in names}
+        del emu  # scored on every task; fine-tuning loads its own copy
         for task in names:
             data, fmt = train[task]
             adapter = workdir / f"adapter-{method}-{_slug(task)}"
             finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
-            m, t_, _ = load_for_eval(str(emu_dir), adapter=str(adapter))
+            m, t_, _ = load_for_eval(str(emu_dir), adapter=str(adapter), device=where)
             rows["emu_ft"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
-            m, t_, _ = load_for_eval(model, adapter=str(adapter))
+            del m  # one model on the device at a time
+            m, t_, _ = load_for_eval(model, adapter=str(adapter), device=where)
             rows["plug_in"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
+            del m
             log(f"[report] {method} / {task}: fine-tuned and scored ({time.time() - started:.0f}s)")
         rows["full_ft"] = full_tuned
         report["methods"][method] = {**summarise(rows, names), "build": build}

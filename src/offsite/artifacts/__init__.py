@@ -1,13 +1,14 @@
 """Artifact folders (safetensors + manifest): atomic writing, hashing, strict verified loading, signatures."""
 
 from .folder import guard_output, list_files, sha256_file, verify_files, writing_artifact
-from .manifest import KINDS, MANIFEST, SCHEMA_VERSION, artifact_id, canonical_json, check_schema, read_manifest
+from .manifest import (KINDS, MANIFEST, SCHEMA_VERSION, artifact_id, canonical_json, check_schema, read_manifest,
+                       split_run_facts)
 from .signing import check_trusted, keygen
 from .tensors import (check_against, check_finite, load_into, load_tensors, save_tensors, tensor_index,
                       unique_state_dict)
 
 __all__ = [
-    "KINDS", "MANIFEST", "SCHEMA_VERSION", "artifact_id", "canonical_json", "check_schema", "read_manifest",
+    "KINDS", "MANIFEST", "SCHEMA_VERSION", "artifact_id", "canonical_json", "check_schema", "read_manifest", "split_run_facts",
     "guard_output", "list_files", "sha256_file", "verify_files", "writing_artifact", "check_trusted", "keygen",
     "check_against", "check_finite", "load_into", "load_tensors", "save_tensors", "tensor_index",
     "unique_state_dict",

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -71,13 +72,20 @@ def _alive(pid: int) -> bool:
 
 
 def clean_leftovers(out: Path) -> None:
-    """Remove temp folders of killed writers of ``out``; restore an old artifact a killed swap set aside."""
-    for leftover in sorted(out.parent.glob(f".{out.name}.*-*-*")):
-        stage, _, rest = leftover.name[len(out.name) + 2:].partition("-")
-        pid = rest.split("-", 1)[0]
-        if stage not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)) and int(pid) != os.getpid():
-            continue  # not ours, or its writer is still running
-        if stage == "old" and not out.exists():
+    """Remove temp folders of killed writers of ``out``; restore an old artifact a killed swap set aside.
+
+    Only names this module makes are touched (``.NAME.tmp-PID-8hex`` / ``.NAME.old-PID-8hex``, matched
+    exactly, never as a glob), and only when process PID is gone.
+    """
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(tmp|old)-(\d+)-[0-9a-f]{8}")
+    for leftover in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(leftover.name)
+        if not match or leftover.is_symlink() or not leftover.is_dir():
+            continue
+        pid = int(match.group(2))
+        if _alive(pid) and pid != os.getpid():
+            continue  # its writer is still running
+        if match.group(1) == "old" and not out.exists():
             os.replace(leftover, out)  # killed between the two renames of a swap: the old one is the artifact
             print(f"restored {out} from the interrupted overwrite that left {leftover.name}")
         else:
@@ -92,6 +100,9 @@ def guard_output(out: Path, kind: str, overwrite: bool, inputs=()) -> None:
     """Refuse a destination that writing (or overwriting) would damage; see the module docstring."""
     if out.is_symlink():
         raise OffsiteError(f"output {out} is a symbolic link; give a real folder path")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OffsiteError(f"output {out} cannot be created: {parent} is a file, not a folder")
     if out.exists() and not out.is_dir():
         raise OffsiteError(f"output {out} is a file, not a folder; pick a folder path")
     target = out.resolve()

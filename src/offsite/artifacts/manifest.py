@@ -41,6 +41,34 @@ REQUIRED = {
 }
 
 
+# Keys of measurements inside a plan (timings, memory peaks): facts of one run, moved to ``run``.
+RUN_FACT_KEYS = frozenset({"seconds", "stats_seconds", "max_rss_mb", "cuda_max_allocated_mb"})
+
+
+def split_run_facts(data):
+    """``(data without RUN_FACT_KEYS at any depth, {path: value} of what was removed)``.
+
+    A method's plan may record how long its build took; that must not enter the identity, or a
+    bitwise-identical rebuild would be another artifact.
+    """
+    facts = {}
+
+    def clean(value, path):
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if k in RUN_FACT_KEYS:
+                    facts[".".join(path + (str(k),))] = v
+                else:
+                    out[k] = clean(v, path + (str(k),))
+            return out
+        if isinstance(value, list):
+            return [clean(v, path + (str(i),)) for i, v in enumerate(value)]
+        return value
+
+    return clean(data, ()), facts
+
+
 def canonical_json(data) -> str:
     """Deterministic JSON (sorted keys, no spaces) used for hashing plain data."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
@@ -104,6 +132,8 @@ def check_schema(manifest, where) -> None:
             raise ArtifactError(f"{where}: base.{key} must be {_type_name(kind_of)}")
     if "split" in REQUIRED[kind]:
         _check_split(manifest["split"], manifest["base"]["num_layers"], where)
+    if kind == "emulator":
+        _check_emulator_fields(manifest, where)
     if "emulator" in REQUIRED[kind] and not _is(manifest["emulator"].get("artifact_id"), "hex"):
         raise ArtifactError(f"{where}: emulator.artifact_id must be {_type_name('hex')}")
     _check_tensor_table(manifest["tensors"], files, where)
@@ -116,6 +146,34 @@ def _check_split(split: dict, num_layers: int, where) -> None:
                             "adapter list")
     if any(not _is(i, int) or not 0 <= i < n for i in adapter) or len(set(adapter)) != len(adapter):
         raise ArtifactError(f"{where}: split.adapter {adapter} must be distinct layer indices in 0..{n - 1}")
+    middle = [i for i in range(n) if i not in set(adapter)]
+    if "middle" in split and split["middle"] != middle:
+        raise ArtifactError(f"{where}: split.middle must be the layers not in split.adapter ({middle})")
+
+
+def _check_emulator_fields(manifest: dict, where) -> None:
+    """The plan's layer table, and the numbers ``inspect`` shows, must be what offsite writes."""
+    n, adapter = manifest["split"]["num_layers"], manifest["split"]["adapter"]
+    layers = manifest["plan"].get("layers")
+    ok = isinstance(layers, list) and layers and all(
+        isinstance(e, dict) and _is(e.get("source"), int) and 0 <= e["source"] < n
+        and e.get("role") in ("adapter", "emulator") for e in layers)
+    if not ok:
+        raise ArtifactError(f"{where}: plan.layers must be a non-empty list of {{'source': layer index in 0..{n - 1}, "
+                            "'role': 'adapter' | 'emulator'}")
+    roles = {}
+    for e in layers:
+        roles.setdefault(e["role"], []).append(e["source"])
+    if sorted(roles.get("adapter", [])) != sorted(adapter) or set(roles.get("emulator", [])) & set(adapter):
+        raise ArtifactError(f"{where}: plan.layers must hold each adapter layer {sorted(adapter)} once, as role "
+                            "'adapter', and no adapter layer as an emulator layer")
+    params = manifest.get("parameters", {})
+    if not isinstance(params, dict) or not all(_is(v, int) for v in params.values()):
+        raise ArtifactError(f"{where}: parameters must be an object of name -> integer count")
+    disclosure = manifest.get("disclosure", {"fractions": {}})
+    fractions = disclosure.get("fractions") if isinstance(disclosure, dict) else None
+    if not isinstance(fractions, dict) or not all(_is(v, float) or _is(v, int) for v in fractions.values()):
+        raise ArtifactError(f"{where}: disclosure must be an object with 'fractions' of name -> number")
 
 
 def _check_tensor_table(tensors: dict, files: dict, where) -> None:

@@ -50,6 +50,11 @@ def keygen(out) -> tuple:
     """
     serialization, ed25519 = _crypto()
     base = Path(out)
+    if not str(out).strip() or not base.name or base.name in (".", ".."):
+        raise OffsiteError(f"key name {str(out)!r} is empty; give a path prefix such as keys/model-owner")
+    parent = next((p for p in base.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OffsiteError(f"cannot write keys under {base.parent}: {parent} is a file, not a folder")
     private_path, public_path = base.with_name(base.name + ".key"), base.with_name(base.name + ".pub")
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():

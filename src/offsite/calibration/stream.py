@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..families import Family, get_layers, layer_linears
+from ..progress import bar
 from .stats import gather_linear_stats
 
 
@@ -104,7 +105,7 @@ def capture_boundaries(model, family: Family, batches: list, with_grads: bool = 
     total, tokens = 0.0, 0
     try:
         with frozen(model), torch.set_grad_enabled(with_grads):
-            for ids in batches:
+            for ids in bar(batches, "calibration forward", "batch"):
                 ids = ids.to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
                 # summed (not mean) loss: per-token output gradients are then per-token loss gradients
@@ -137,8 +138,10 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
     if not wanted:
         return
     grads = bounds.top_grads
+    # Counted in layers recomputed (all from the top down to the lowest wanted one), not wanted layers.
+    sweep = range(len(layers) - 1, min(wanted) - 1, -1)
     with frozen(model):
-        for i in range(len(layers) - 1, min(wanted) - 1, -1):
+        for i in bar(sweep, "backward sweep", "layer"):
             layer, new_grads = layers[i], []
             linears = layer_linears(layer, family) if i in wanted else {}
             with gather_linear_stats(linears, stats_dtype) as stats, torch.enable_grad():

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                         "their paths as JSON (for benchmarks that run their own protocol on them)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a small shared CPU more threads often run slower)")
+    p.add_argument("--device", default="auto",
+                   help="where pretraining, emulation, fine-tuning and scoring run: auto (CUDA when present, "
+                        "else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--out", metavar="FILE.json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
     p.set_defaults(func=run)
@@ -30,16 +33,19 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..demo.pipeline import format_table, prepare, run_demo, settings_for
+    from ..device import resolve_device
 
+    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     if args.prepare_only:
         import torch
 
         torch.set_num_threads(args.threads)
-        paths, _ = prepare(args.workdir, settings_for(args.quick, args.seed), args.seed, progress=not args.quiet)
+        paths, _ = prepare(args.workdir, settings_for(args.quick, args.seed), args.seed, progress=not args.quiet,
+                           device=device)
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
         return 0
     result = run_demo(args.workdir, quick=args.quick, seed=args.seed, progress=not args.quiet,
-                      full_ft=args.full_ft, threads=args.threads)
+                      full_ft=args.full_ft, threads=args.threads, device=device)
     print(format_table(result))
     print(f"({result['seconds']['total']:.0f} s; details in {Path(args.workdir) / 'results.json'})")
     if args.out:

@@ -13,7 +13,7 @@ import inspect
 import textwrap
 
 _OWN = {"model", "method", "adapter_layers", "calibration", "dtype", "set", "out", "overwrite", "sign_key",
-        "allow_verbatim_middle"}
+        "allow_verbatim_middle", "device"}
 
 
 def method_settings() -> dict:
@@ -57,6 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration", default=None,
                    help="public calibration text file (.txt/.gz/.jsonl) for methods that learn from text")
     p.add_argument("--dtype", default="auto", help="dtype to load the base model in (auto, float32, bfloat16)")
+    p.add_argument("--device", default="auto",
+                   help="where the base model is loaded and the method runs: auto (CUDA when present, else CPU) | "
+                        "cpu | cuda | cuda:N | mps")
     p.add_argument("--allow-verbatim-middle", action="store_true",
                    help="write the package even if middle layers leave unchanged (e.g. every middle layer kept); "
                         "only for packages that are never shipped")
@@ -72,10 +75,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..device import resolve_device
     from ..emulate import emulate
     from ..errors import OffsiteError
     from .common import parse_settings
 
+    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     settings = parse_settings(args.set)
     known = method_settings()
     for name, (_, owners) in known.items():
@@ -88,6 +93,7 @@ def run(args) -> int:
         settings[name] = parse_settings([f"{name}={value}"])[name]
     out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
                   calibration=args.calibration, overwrite=args.overwrite,
-                  allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, **settings)
+                  allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, device=device,
+                  **settings)
     print(f"emulator package written to {out}")
     return 0

@@ -28,7 +28,12 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="validation",
                    help="validation | test | train | default (lm-eval's split per task); default validation")
     p.add_argument("--limit", type=int, default=None, help="first N questions per task")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per forward pass when no token budget applies (default 8)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="multiple choice: batch by N padded tokens instead of --batch-size rows; 0 = off "
+                        "(default: 8192 on CUDA, off on the CPU); scores are the same either way")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default auto)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget for webquestions")
     p.add_argument("--max-length", type=int, default=None, help="override the model's context length")
@@ -51,40 +56,50 @@ def _positive(name: str, value) -> None:
 
 def run(args) -> int:
     from ..errors import OffsiteError
-    from ..eval.run import evaluate, format_table, parse_tasks
+    from ..device import resolve_device
+    from ..eval.batching import resolve_batch_tokens
+    from ..eval.run import check_data_dir, evaluate, format_table, parse_tasks
 
+    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
+    budget = resolve_batch_tokens(args.max_batch_tokens, device)
     data_dir = args.data_dir or os.environ.get("OFFSITE_DATA_DIR")
-    if not data_dir:
-        raise OffsiteError("no data folder: pass --data-dir DIR (the folder with mc/, qa/, lm/) "
-                           "or set OFFSITE_DATA_DIR")
-    if not Path(data_dir).is_dir():
-        raise OffsiteError(f"--data-dir {data_dir} is not a folder")
+    check_data_dir(parse_tasks(args.tasks), data_dir)
     for name in ("--limit", "--batch-size", "--max-new-tokens", "--max-length", "--stride"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     tasks = parse_tasks(args.tasks)  # fail on a typo before loading the model
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise OffsiteError(f"--out {out} is a folder; give a file name such as results.json")
-    for given in (args.model, args.adapter):
-        if given and Path(given).is_dir() and Path(given).resolve() in out.resolve().parents:
-            raise OffsiteError(f"--out {out} lies inside the input {given}; writing there would change it")
+    from ..eval.tasks import get_task
+
+    task_files = [get_task(t).path.replace("{split}", sp) for t in tasks if get_task(t).adhoc
+                  for sp in get_task(t).splits]
+    for given in (args.model, args.adapter, *task_files):
+        if given and Path(given).exists() and (Path(given).resolve() == out.resolve()
+                                               or Path(given).resolve() in out.resolve().parents):
+            raise OffsiteError(f"--out {out} is (inside) the input {given}; writing there would change it")
 
     from ..models import load_for_eval
 
     model, tokenizer, info = load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype,
-                                          trusted_keys=args.trusted_keys)
+                                          trusted_keys=args.trusted_keys, device=device)
     report = evaluate(model, tokenizer, tasks, data_dir, split=args.split, limit=args.limit,
                       batch_size=args.batch_size, progress=not args.no_progress, keep_details=args.details,
-                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, stride=args.stride)
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, stride=args.stride,
+                      max_batch_tokens=budget)
     params = sum(p.numel() for p in model.parameters())
     report["model"] = {**_jsonable(info), "parameters": params,
                        "model_type": getattr(getattr(model, "config", None), "model_type", None)}
     report["settings"] = {"model": args.model, "adapter": args.adapter, "tasks": tasks,
-                          "data_dir": str(Path(data_dir).resolve()), "split": args.split, "limit": args.limit,
+                          "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "split": args.split,
+                          "limit": args.limit,
                           "batch_size": args.batch_size, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
-                          "max_length": args.max_length, "stride": args.stride}
+                          "max_length": args.max_length, "stride": args.stride, "device": str(device),
+                          "max_batch_tokens": budget}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, out)  # atomic: a crash never leaves half a results file
     print(format_table(report))
     print(f"wrote {out}")
     return 0

@@ -26,12 +26,17 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=512)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    from ..precision import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16/fp16 autocast where the device and model dtype suit it; trained weights are "
+                        "always fp32 masters (see offsite.precision)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing <out>.ckpt")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="where the emulator trains: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     add_out(p, "adapter artifact folder to write")

@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-mode", default="merge", choices=["merge", "peft"],
                    help="LoRA: merge into the weights (default) or export a PEFT adapter for the full model")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="where the full model is loaded and the adapter plugged in: auto (CUDA when present, "
+                        "else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--emulator", default=None,
                    help="the emulator package the adapter was trained on (recommended): its id and adapter layers "
                         "must match the adapter's, which a forged adapter manifest cannot fake")
@@ -23,10 +26,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..device import resolve_device
     from ..plug import plug
 
+    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     out = plug(args.model, args.adapter, args.out, lora_mode=args.lora_mode, dtype=args.dtype,
                overwrite=args.overwrite, emulator=args.emulator, trusted_keys=args.trusted_keys,
-               sign_key=args.sign_key)
+               sign_key=args.sign_key, device=device)
     print(f"plugged model written to {out}")
     return 0

@@ -26,21 +26,25 @@ def add_parser(sub) -> None:
     p.add_argument("--full-ft", action="store_true",
                    help="also fine-tune every decoder block of the full model (the FT upper bound; slow)")
     p.add_argument("--workdir", required=True, help="folder for emulators, adapters, report.json/.md/.png")
+    p.add_argument("--device", default="auto",
+                   help="where every build, fine-tuning and scoring runs: auto (CUDA when present, else CPU) | "
+                        "cpu | cuda | cuda:N | mps")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..errors import OffsiteError
+    from ..device import resolve_device
+    from ..eval.run import check_data_dir, parse_tasks
     from ..report import format_report, plot_report, run_report
 
-    if not args.data_dir:
-        raise OffsiteError("pass --data-dir (or set OFFSITE_DATA_DIR) to the offline data folder")
+    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
+    check_data_dir(parse_tasks(args.tasks), args.data_dir)
     methods = [m for m in args.methods.split(",") if m]
     settings = method_settings(methods, args.emulator_layers, args.method_set)
     report = run_report(args.model, args.tasks, args.data_dir, args.workdir, methods=methods,
                         adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
                         limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft,
-                        calibration=args.calibration,
+                        calibration=args.calibration, device=device,
                         finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
     table = format_report(report)
     from pathlib import Path

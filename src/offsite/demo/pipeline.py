@@ -57,7 +57,7 @@ def settings_for(quick: bool, seed: int = 0) -> DemoSettings:
 
 
 def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = True, full_ft: bool = False,
-             settings: DemoSettings | None = None, threads: int | None = None) -> dict:
+             settings: DemoSettings | None = None, threads: int | None = None, device="auto") -> dict:
     """Run the whole demo in ``workdir`` and return (and write) its results.
 
     Args:
@@ -69,15 +69,19 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
         full_ft: also fine-tune every decoder block of the full model (the upper bound).
         settings: override the preset chosen by ``quick``.
         threads: torch CPU threads (default: leave torch's setting alone).
+        device: where every step runs, pretraining included (``"auto"``: CUDA when present; see
+            :mod:`offsite.device`).
 
     Returns:
         ``{"accuracy": {row: acc}, "delta": plug_in - emulator_ft, "seconds": {...}, ...}``;
         the same object is written to ``workdir/results.json``.
     """
+    from ..device import resolve_device
     from ..emulate import emulate
     from ..finetune import finetune
     from ..plug import plug
 
+    where = resolve_device(device)  # before the world's files are written
     if threads:
         torch.set_num_threads(threads)
     s = settings or settings_for(quick, seed)
@@ -88,22 +92,23 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
     def lap(name: str, t0: float) -> None:
         seconds[name] = round(time.time() - t0, 1)
 
-    paths, prep_seconds = prepare(work, s, seed, progress)
+    paths, prep_seconds = prepare(work, s, seed, progress, where)
     seconds.update(prep_seconds)
     model_dir = paths["model"]
 
     t0 = time.time()
     emulator = emulate(str(model_dir), work / "emulator", method="uniform", adapter_layers=s.adapter_layers,
-                       overwrite=True, emulator_layers=s.emulator_layers)
+                       overwrite=True, emulator_layers=s.emulator_layers, device=where)
     lap("emulate", t0)
     ft = dict(format="mc", val_data=str(paths["validation"]), max_steps=s.ft_steps, lr=s.ft_lr,
-              batch_size=s.ft_batch, warmup_steps=max(1, s.ft_steps // 10), seed=seed, progress=progress)
+              batch_size=s.ft_batch, warmup_steps=max(1, s.ft_steps // 10), seed=seed, progress=progress,
+              device=str(where))
     if s.ft_lora:
         ft.update(lora=True, lora_r=s.ft_lora, lora_alpha=2 * s.ft_lora)
     t0 = time.time()
     say("[demo] data owner: fine-tuning the adapter on the emulator ...")
     adapter = finetune(str(emulator), str(paths["train"]), work / "adapter", overwrite=True, **ft)
-    plugged = plug(str(model_dir), str(adapter), work / "plugged", overwrite=True)
+    plugged = plug(str(model_dir), str(adapter), work / "plugged", overwrite=True, device=where)
     lap("finetune_plug", t0)
 
     t0 = time.time()
@@ -112,30 +117,36 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
     if full_ft:
         # Upper bound: every decoder block of the full model tuned on the same data.
         whole = emulate(str(model_dir), work / "emulator_full", method="uniform", adapter_layers="all",
-                        overwrite=True, allow_verbatim_middle=True)  # never shipped
+                        overwrite=True, allow_verbatim_middle=True, device=where)  # never shipped
         tuned = finetune(str(whole), str(paths["train"]), work / "adapter_full", overwrite=True, **ft)
         runs["full_ft"] = (model_dir, tuned)
-    accuracy = {name: score(str(m), a and str(a), paths["test"], progress) for name, (m, a) in runs.items()}
+    accuracy = {name: score(str(m), a and str(a), paths["test"], progress, where) for name, (m, a) in runs.items()}
     lap("evaluate", t0)
     seconds["total"] = round(time.time() - started, 1)
 
     result = {"accuracy": accuracy, "delta": round(accuracy["plug_in"] - accuracy["emulator_ft"], 4),
               "test_questions": sum(1 for _ in open(paths["test"], encoding="utf-8")),
               "chance": round(1 / len(json.loads(paths["test"].read_text().splitlines()[0])["choices"]), 4),
-              "settings": dataclasses.asdict(s), "seed": seed, "quick": quick, "seconds": seconds,
+              "settings": dataclasses.asdict(s), "seed": seed, "quick": quick, "device": str(where),
+              "seconds": seconds,
               "paths": {k: str(v) for k, v in {**paths, "emulator": emulator,
                                                 "adapter": adapter, "plugged": plugged}.items()}}
     (work / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
 
-def prepare(workdir, settings: DemoSettings, seed: int = 0, progress: bool = True) -> tuple:
+def prepare(workdir, settings: DemoSettings, seed: int = 0, progress: bool = True, device="auto") -> tuple:
     """Steps 1-2: write the world's files and pretrain the base model (reused when already done).
+
+    ``device`` is where a pretraining that is not reused runs (see :mod:`offsite.device`).
 
     Returns:
         ``(paths, seconds)``: ``paths`` has ``corpus``, ``train``, ``validation``, ``test``,
         ``world`` and ``model`` (the pretrained HF folder); ``seconds`` has ``world`` and ``pretrain``.
     """
+    from ..device import resolve_device
+
+    device = resolve_device(device)  # before the world's files are written
     work = Path(workdir)
     say = print if progress else (lambda *a, **k: None)
     t0 = time.time()
@@ -149,17 +160,17 @@ def prepare(workdir, settings: DemoSettings, seed: int = 0, progress: bool = Tru
         say(f"[demo] reusing the pretrained model in {paths['model']}")
     else:
         say(f"[demo] pretraining a {settings.pretrain.layers}-layer Llama on {paths['corpus']} ...")
-        pretrain(paths["corpus"], paths["model"], settings.pretrain, progress=progress)
+        pretrain(paths["corpus"], paths["model"], settings.pretrain, progress=progress, device=device)
     seconds["pretrain"] = round(time.time() - t0, 1)
     return paths, seconds
 
 
-def score(model: str, adapter: str | None, test_file, progress: bool = False) -> float:
+def score(model: str, adapter: str | None, test_file, progress: bool = False, device="auto") -> float:
     """Multiple-choice accuracy (``acc``) of a model / emulator (+ adapter) on the quiz file."""
     from ..eval.run import evaluate
     from ..models import load_for_eval
 
-    m, tokenizer, _ = load_for_eval(model, adapter)
+    m, tokenizer, _ = load_for_eval(model, adapter, device=device)
     out = evaluate(m, tokenizer, [str(test_file)], data_dir=None, split="test", progress=progress)
     return round(out["results"][str(test_file)]["acc"], 4)
 

@@ -1,4 +1,4 @@
-"""Pretrain the demo's small Llama on the generated corpus, from scratch, on CPU.
+"""Pretrain the demo's small Llama on the generated corpus, from scratch (a few CPU minutes).
 
 No pretrained causal LM can be downloaded here, so the demo makes one: a byte-level BPE tokenizer
 trained on the corpus and a ``LlamaForCausalLM`` built from a ``LlamaConfig``, trained with a
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device
 from ..families import get_family, skipping_layers
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -119,7 +120,7 @@ def _skipped(cfg: PretrainConfig, rng: random.Random) -> list:
     return [i for i in ends if rng.random() < cfg.outer_drop]
 
 
-def pretrain(corpus_path, out, cfg: PretrainConfig | None = None, progress: bool = True) -> Path:
+def pretrain(corpus_path, out, cfg: PretrainConfig | None = None, progress: bool = True, device="auto") -> Path:
     """Train tokenizer and model on ``corpus_path`` (one document per line) and save them to ``out``.
 
     Args:
@@ -128,29 +129,32 @@ def pretrain(corpus_path, out, cfg: PretrainConfig | None = None, progress: bool
             and ``pretrain.json`` (written last, so its presence marks a finished run).
         cfg: model and schedule; defaults to :class:`PretrainConfig`.
         progress: show a tqdm bar.
+        device: where the model trains (``"auto"``: CUDA when present; see :mod:`offsite.device`).
 
     Returns:
         The model folder.
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     cfg = cfg or PretrainConfig()
+    where = resolve_device(device)
     out = Path(out)
     started = time.time()
     texts = Path(corpus_path).read_text(encoding="utf-8").splitlines()
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
     docs = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(where)  # built on the CPU from the seed: the same start anywhere
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     rng, drop_rng = random.Random(cfg.seed), random.Random(f"drop-{cfg.seed}")
     family = get_family(model)
     batches, losses = [], []
-    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.steps), "pretrain", "step", enabled=progress, leave=False)
     for step in bar:
         if not batches:
             blocks = _blocks(docs, tokenizer, cfg.seq_len, rng)
-            batches = list(blocks.split(cfg.batch_size))[::-1]  # pop() from the end = in order
+            # one copy per epoch to the device; pop() from the end = in order
+            batches = list(blocks.to(where).split(cfg.batch_size))[::-1]
         batch = batches.pop()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import OffsiteError
 from ..families import capture_hidden, get_layers, set_layers
+from ..progress import bar
 from .base import EmulatorBuilder, layer_entries, register
 from .calibrated import check_positive, load_calibration, model_device
 from .uniform import default_emulator_layers
@@ -80,9 +81,11 @@ def cka_matrix(reps: list) -> torch.Tensor:
     """Symmetric ``(M, M)`` linear-CKA matrix of M representations ``(N, d)``."""
     m = len(reps)
     out = torch.eye(m, dtype=torch.float64)
-    for i in range(m):
-        for j in range(i + 1, m):
-            out[i, j] = out[j, i] = linear_cka(reps[i], reps[j])
+    with bar(m * (m - 1) // 2, "CRaSh CKA", "pair") as pairs:
+        for i in range(m):
+            for j in range(i + 1, m):
+                out[i, j] = out[j, i] = linear_cka(reps[i], reps[j])
+                pairs.update()
     return out
 
 
@@ -117,10 +120,11 @@ def middle_representations(model, family, split, batches: list, pooling: str) ->
     pooled = {i: [] for i in middle}
     device = model_device(model)
     with torch.no_grad(), capture_hidden(model, family, outputs_of=middle) as store:
-        for ids in batches:
+        for ids in bar(batches, "CRaSh forward", "batch"):
             model(input_ids=ids.to(device), use_cache=False)
             for i in middle:
-                pooled[i].append(pool_tokens(store[("out", i)].float(), pooling).cpu())
+                # kept on the model's device: CKA below runs there too (only its scalars leave)
+                pooled[i].append(pool_tokens(store[("out", i)].float(), pooling))
     return [torch.cat(pooled[i]) for i in middle]
 
 

@@ -31,6 +31,9 @@ import torch
 
 from ..errors import OffsiteError
 from ..families import capture_hidden, get_layers
+from ..precision import base_dtype
+from ..precision import policy as precision_policy
+from ..progress import bar
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
 from .calibrated import (check_fraction, check_positive, cycle, load_calibration, model_device,
                          normalised_mse)
@@ -151,28 +154,38 @@ class Distill(EmulatorBuilder):
             plan["distill"] = record
             return plan, student.eval()
 
-        probe = batches[: min(2, len(batches))]
+        # moved once: calibration batches are CPU token ids and the probe runs before and after training
+        probe = [b.to(model_device(student)) for b in batches[: min(2, len(batches))]]
         record["gap_before"] = distill_gap(student, teacher, family, probe, s_points, points)
         from ..finetune.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
 
         for p in trainable:
             p.requires_grad_(True)
+        # The middle layers train as fp32 masters beside the teacher and frozen parts in the checkpoint
+        # dtype (offsite.precision); cast before AdamW is built so its state is fp32 too.
+        precision = precision_policy("auto", base_dtype(student), model_device(student))
+        trained = precision.train(modules=[get_layers(student, family)[pos] for pos, e in enumerate(plan["layers"])
+                                           if e["role"] == "emulator"])
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", config.warmup_steps,
                                                                           config.steps))
         data = cycle(batches, model_device(student))
         started, history = time.time(), []
-        for _ in range(config.steps):
+        steps_bar = bar(range(config.steps), "distill", "step")
+        for _ in steps_bar:
             lm = []
-            kd = _kd_loss(student, teacher, family, next(data), s_points, points, lm_out=lm)
-            loss = config.lm_weight * lm[0] + config.kd_weight * kd
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
+            with precision.autocast():
+                kd = _kd_loss(student, teacher, family, next(data), s_points, points, lm_out=lm)
+                loss = config.lm_weight * lm[0] + config.kd_weight * kd
+            precision.backward(loss)
+            precision.clip(optimizer, trainable, config.max_grad_norm)
+            precision.step(optimizer)
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             history.append((lm[0].item(), kd.item()))
+            steps_bar.set_postfix(lm=f"{history[-1][0]:.3f}", kd=f"{history[-1][1]:.4f}", refresh=False)
         student.requires_grad_(False)
+        trained.restore()  # the package holds the base dtype (a bf16 checkpoint gives a bf16 emulator)
         tail = history[-max(1, len(history) // 10):]
         record.update(steps=config.steps, seconds=round(time.time() - started, 2),
                       lm_first=history[0][0], kd_first=history[0][1],

@@ -52,6 +52,7 @@ from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, cali
 from ..errors import OffsiteError
 from ..families import get_layers, get_submodule, layer_linears
 from ..families.linears import linear_weight, mlp_channel_blocks
+from ..progress import bar
 from . import gcs
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
 from .lowrank import (make_dense, make_low_rank, prune_mlp_channels, replace_linear, restructure_linears,
@@ -208,12 +209,17 @@ class GradOT(EmulatorBuilder):
         linears, mlps = [], []
 
         def on_layer(index, stats):
-            for role, module in layer_linears(layers[index], family).items():
-                if role.startswith("attn."):
+            attention = [(r, m) for r, m in layer_linears(layers[index], family).items() if r.startswith("attn.")]
+            # One step per attention matrix (its SVD dominates) plus one for the MLP, scored as a whole.
+            with bar(len(attention) + 1, f"{config.scoring} scoring, layer {index}", "matrix",
+                     leave=False) as scoring:
+                for role, module in attention:
                     entry = _attention_entry(index, role, module, family, stats[role], config)
                     linears.extend([entry] if entry else [])
-            entry = _mlp_entry(index, layers[index], family, stats, config)
-            mlps.extend([entry] if entry else [])
+                    scoring.update()
+                entry = _mlp_entry(index, layers[index], family, stats, config)
+                mlps.extend([entry] if entry else [])
+                scoring.update()
 
         bounds = capture_boundaries(model, family, batches)
         backward_sweep(model, family, bounds, split.middle, on_layer, STATS_DTYPES[config.stats_dtype])
@@ -232,7 +238,7 @@ class GradOT(EmulatorBuilder):
         with torch.no_grad():
             for entry in plan["mlp"]:
                 prune_mlp_channels(layers[entry["layer"]], family, entry["channels"])
-            for entry in plan["linears"]:
+            for entry in bar(plan["linears"], "low-rank SVD", "matrix"):
                 layer = layers[entry["layer"]]
                 module = get_submodule(layer, family.linear_roles[entry["role"]])
                 up, down = truncated_svd(linear_weight(module, family), components=entry["components"])

@@ -28,6 +28,9 @@ import time
 import torch
 
 from ..families import replace_layer
+from ..precision import MASTER, base_dtype
+from ..precision import policy as precision_policy
+from ..progress import bar
 from .calibrated import cycle, lm_loss, model_device
 
 
@@ -77,7 +80,8 @@ def candidate_loss(model, family, middle: list, harmonizers: dict, replaced: lis
 
 
 def dynamic_layer_replace(model, family, middle: list, harmonizers: dict, batches: list, *, steps: int, lr: float,
-                          score_lr: float, group_size: int, num_candidates: int, seed: int = 0) -> dict:
+                          score_lr: float, group_size: int, num_candidates: int, seed: int = 0,
+                          precision=None) -> dict:
     """Train ``harmonizers`` and learn importance scores of the ``middle`` layers (in place).
 
     Args:
@@ -87,6 +91,9 @@ def dynamic_layer_replace(model, family, middle: list, harmonizers: dict, batche
         batches: calibration batches ``LongTensor (batch, seq)``, cycled.
         steps: policy/harmonizer steps; lr: harmonizer AdamW lr; score_lr: score Adam lr.
         group_size: layers per sampling group; num_candidates: candidate networks per step.
+        precision: an :class:`offsite.precision.Policy`; default ``auto`` for the model's dtype. The
+            harmonizers are cast to fp32 here (no-op when they are already) and stay fp32 masters:
+            the caller casts them to the model's dtype once they are done (and cached).
 
     Returns:
         ``{"scores": {full index: float}, "steps", "seconds", "loss_first", "loss_final"}``.
@@ -97,23 +104,30 @@ def dynamic_layer_replace(model, family, middle: list, harmonizers: dict, batche
     for p in params:
         p.requires_grad_(True)
     device = model_device(model)
-    scores = torch.zeros(len(middle), device=device, requires_grad=True)
+    precision = precision or precision_policy("auto", base_dtype(model), device)
+    # Harmonizers cast their input to their own dtype and back (harmonizer.py): no boundary hooks.
+    precision.train(modules=harmonizers.values(), boundary=False)
+    scores = torch.zeros(len(middle), device=device, dtype=MASTER, requires_grad=True)  # fp32 like every trained part
     h_opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     s_opt = torch.optim.Adam([scores], lr=score_lr)
+    # A CPU generator on purpose: the same seed draws the same groups and candidates on every device
+    # (only small (group,) noise vectors cross to the device; the draws are host-side choices anyway).
     generator = torch.Generator().manual_seed(seed)
     data, history, started = cycle(batches, device), [], time.time()
-    for _ in range(steps):
+    steps_bar = bar(range(steps), "ScaleOT LayerReplace", "step")
+    for _ in steps_bar:
         ids = next(data)
         groups = random_groups(len(middle), group_size, generator)
         losses, log_probs = [], []
         for _ in range(num_candidates):
             replaced, log_prob = sample_candidate(scores, groups, generator)
-            loss = candidate_loss(model, family, middle, harmonizers, replaced, ids)
-            (loss / num_candidates).backward()  # harmonizer gradients; the graph is freed per candidate
+            with precision.autocast():
+                loss = candidate_loss(model, family, middle, harmonizers, replaced, ids)
+            precision.backward(loss / num_candidates)  # harmonizer gradients; the graph is freed per candidate
             losses.append(loss.item())
             log_probs.append(log_prob)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        h_opt.step()
+        precision.clip(h_opt, params, 1.0)
+        precision.step(h_opt)
         h_opt.zero_grad(set_to_none=True)
         mean = sum(losses) / len(losses)
         rewards = [-(value - mean) for value in losses]
@@ -123,6 +137,7 @@ def dynamic_layer_replace(model, family, middle: list, harmonizers: dict, batche
             policy_loss.backward()
             s_opt.step()
         history.append(mean)
+        steps_bar.set_postfix(loss=f"{mean:.3f}", refresh=False)  # shown at the next redraw: no extra writes
     for p in params:
         p.requires_grad_(False)
     tail = history[-max(1, len(history) // 10):]

@@ -87,6 +87,7 @@ def truncated_svd(weight: torch.Tensor, rank: int | None = None, components=None
     idx = torch.arange(rank) if components is None else torch.as_tensor(list(components), dtype=torch.long)
     if idx.numel() == 0 or idx.numel() > full or int(idx.min()) < 0 or int(idx.max()) >= full:
         raise OffsiteError(f"rank/components {idx.tolist()[:8]} invalid for a matrix of rank at most {full}")
+    idx = idx.to(s.device)  # checked on the CPU above (no device sync); indexes the factors where they lie
     root = s[idx].sqrt()
     up, down = u[:, idx] * root, root[:, None] * vh[idx]
     return up.to(weight.dtype), down.to(weight.dtype)
@@ -138,6 +139,7 @@ def prune_mlp_channels(layer: nn.Module, family: Family, keep) -> None:
     channels = down.shape[1]
     if keep.numel() == 0 or int(keep[0]) < 0 or int(keep[-1]) >= channels or len(set(keep.tolist())) != keep.numel():
         raise OffsiteError(f"kept MLP channels must be distinct indices in 0..{channels - 1}, at least one")
+    keep = keep.to(down.device)  # checked on the CPU above; the slicing then stays on the weights' device
     with torch.no_grad():
         for role, blocks in mlp_channel_blocks(family).items():
             module = linears[role]

@@ -32,8 +32,11 @@ import torch
 from ..errors import OffsiteError
 from ..families import get_layers, layer_linears, layer_returns_tuple, replace_layer
 from ..families.linears import linear_weight
+from ..precision import base_dtype
+from ..precision import policy as precision_policy
+from ..progress import bar
 from .base import EmulatorBuilder, register
-from .calibrated import check_fraction, check_positive, load_calibration
+from .calibrated import check_fraction, check_positive, load_calibration, model_device
 from .harmonizer import DEFAULT_RANK, make_harmonizer
 from .importance_cache import cache_key, load_cache, save_cache
 from .layer_replace import dynamic_layer_replace
@@ -138,6 +141,10 @@ class ScaleOT(EmulatorBuilder):
         with torch.random.fork_rng(devices=[]):  # harmonizer init from the seed: same settings, same emulator
             torch.manual_seed(config.seed)
             harmonizers = {i: make_harmonizer(layers[i], hidden, rank, as_tuple) for i in middle}
+        # Harmonizers train, are cached and reloaded as fp32 masters; the emulator gets them in the
+        # base dtype below (offsite.precision). They cast at their own edges, so no boundary hooks.
+        precision = precision_policy("auto", base_dtype(model), model_device(model))
+        trained = precision.train(modules=harmonizers.values(), boundary=False)
         record, scores = {"reused": False}, {i: 0.0 for i in middle}
         if replace or config.cache_dir:
             batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
@@ -151,7 +158,7 @@ class ScaleOT(EmulatorBuilder):
                 result = dynamic_layer_replace(
                     model, family, middle, harmonizers, batches, steps=config.steps, lr=config.lr,
                     score_lr=config.score_lr, group_size=config.group_size,
-                    num_candidates=config.num_candidates, seed=config.seed)
+                    num_candidates=config.num_candidates, seed=config.seed, precision=precision)
                 scores = result.pop("scores")
                 record = {**result, "reused": False}
                 if config.cache_dir:
@@ -160,13 +167,15 @@ class ScaleOT(EmulatorBuilder):
             record["skipped"] = "alpha=0 replaces no layer and no cache_dir asks for scores"
         if config.cache_dir:
             record["cache_dir"] = str(config.cache_dir)
+        trained.restore()  # the package's weights are in the base dtype (the cache kept the fp32 masters)
 
         replaced = sorted(sorted(middle, key=lambda i: (scores[i], i))[:replace])
         plan = {"layers": [], "alpha": config.alpha, "beta": config.beta, "replaced": replaced,
                 "harmonizer_rank": rank, "hidden_size": hidden,
                 "importance": {str(i): round(scores[i], 6) for i in middle}, "linears": [], "src": [],
                 "training": record}
-        for i in range(split.num_layers):
+        # Long only through SRC's SVDs (beta > 0); replacing layers by harmonizers alone is instant.
+        for i in bar(range(split.num_layers), "ScaleOT SRC", "layer", enabled=config.beta > 0):
             entry = {"source": i, "role": "adapter" if i in split.adapter else "emulator"}
             if i in replaced:
                 entry["module"] = "harmonizer"

@@ -22,9 +22,9 @@ import re
 import string
 
 import torch
-from tqdm.auto import tqdm
 
-from .scoring import eval_mode, loglikelihood, model_device, progress_enabled, resolve_max_length, tok_encode
+from ..progress import bar as progress_bar
+from .scoring import eval_mode, loglikelihood, model_device, resolve_max_length, tok_encode
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -67,7 +67,7 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens: int = 32, batch_s
     eos = tokenizer.eos_token_id
     device = model_device(model)
     outputs: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generate", disable=not progress_enabled(progress))
+    bar = progress_bar(len(prompts), "generate", "prompt", enabled=progress)
     with eval_mode(model), bar:
         for start in range(0, len(prompts), max(1, batch_size)):
             chunk = prompts[start:start + max(1, batch_size)]

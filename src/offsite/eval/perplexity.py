@@ -32,10 +32,9 @@ import math
 import re
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import OffsiteError
-from .scoring import eval_mode, prefix_token_id, progress_enabled, resolve_max_length, score_token_pairs
+from ..progress import bar as progress_bar
+from .scoring import eval_mode, prefix_token_id, resolve_max_length, score_token_pairs
 
 _HEADING = re.compile(r"^ = [^=].* = $")  # top-level heading; " = = Sub = = " is a section
 
@@ -119,7 +118,7 @@ def score_documents(model, tokenizer, documents, max_length: int | None = None, 
             windows.append(w)
             owner.append(d)
     # All windows of all documents go through one length-sorted batching pass.
-    with eval_mode(model), tqdm(total=len(windows), desc=desc, disable=not progress_enabled(progress)) as bar:
+    with eval_mode(model), progress_bar(len(windows), desc, "window", enabled=progress) as bar:
         scores = score_token_pairs(model, windows, batch_size, max_length, pbar=bar)
     loglik = sum(ll for ll, _ in scores)
     words = sum(count_words(d) for d in documents)

@@ -20,8 +20,10 @@ evaluation split per task. ``results[task]["split"]`` always says which split wa
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from ..errors import OffsiteError
+from ..progress import phase
 from .generation import score_exact_match
 from .perplexity import score_documents, wikitext_detokenize
 from .scoring import score_multiple_choice
@@ -38,9 +40,27 @@ def parse_tasks(tasks) -> list[str]:
     return list(dict.fromkeys(names))  # drop duplicates, keep order
 
 
+def needs_data_dir(names) -> bool:
+    """True when some task reads the offline data folder (own-data ``.jsonl`` tasks do not)."""
+    from .tasks import is_file_task
+
+    return any(not is_file_task(name) for name in names)
+
+
+def check_data_dir(names, data_dir) -> None:
+    """Refuse a missing or non-folder data dir, but only when a task needs one."""
+    if not needs_data_dir(names):
+        return
+    if not data_dir:
+        raise OffsiteError("no data folder: pass --data-dir DIR (the folder with mc/, qa/, lm/) or set "
+                           "OFFSITE_DATA_DIR; only tasks given as your own .jsonl files need none")
+    if not Path(data_dir).is_dir():
+        raise OffsiteError(f"--data-dir {data_dir} is not a folder")
+
+
 def evaluate_task(model, tokenizer, name: str, data_dir, split: str = "validation", limit: int | None = None,
                   batch_size: int = 8, progress: bool = True, max_new_tokens: int = 32,
-                  max_length: int | None = None, stride: int | None = None) -> dict:
+                  max_length: int | None = None, stride: int | None = None, max_batch_tokens=None) -> dict:
     """Score one task; returns its metrics plus ``details`` (per-question / per-document records)."""
     task = get_task(name)
     used = task.resolve_split(split)
@@ -50,7 +70,7 @@ def evaluate_task(model, tokenizer, name: str, data_dir, split: str = "validatio
     start = time.perf_counter()
     if task.kind == "multiple_choice":
         scored = score_multiple_choice(model, tokenizer, examples, batch_size=batch_size, max_length=max_length,
-                                       progress=progress, desc=name)
+                                       progress=progress, desc=name, max_batch_tokens=max_batch_tokens)
     elif task.kind == "exact_match":
         scored = score_exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress)
@@ -66,7 +86,8 @@ def evaluate_task(model, tokenizer, name: str, data_dir, split: str = "validatio
 
 def evaluate(model, tokenizer, tasks, data_dir, split: str = "validation", limit: int | None = None,
              batch_size: int = 8, progress: bool = True, keep_details: bool = False,
-             max_new_tokens: int = 32, max_length: int | None = None, stride: int | None = None) -> dict:
+             max_new_tokens: int = 32, max_length: int | None = None, stride: int | None = None,
+             max_batch_tokens=None) -> dict:
     """Evaluate ``model`` on ``tasks``.
 
     Args:
@@ -78,11 +99,13 @@ def evaluate(model, tokenizer, tasks, data_dir, split: str = "validation", limit
         split: requested split (``"validation"``, ``"test"``, ``"train"`` or ``"default"``).
         limit: first N questions (documents for wikitext) of each task after dropping unlabelled ones.
         batch_size: rows per forward pass.
-        progress: tqdm bars (shown only on a terminal).
+        progress: tqdm bars on stderr (also off with ``offsite --quiet`` / ``OFFSITE_QUIET=1``).
         keep_details: also return per-question records under ``"details"``.
         max_new_tokens: generation budget for exact-match tasks.
         max_length: override the model's context length (scoring truncation, perplexity windows).
         stride: perplexity window stride (default: the context length, non-overlapping windows).
+        max_batch_tokens: multiple-choice batches by padded-token budget instead of ``batch_size``
+            rows: None = auto (a budget on CUDA only), 0 = off (see :mod:`offsite.eval.batching`).
 
     Returns:
         ``{"results": {task: metrics}}`` (+ ``"details"``), see the module docstring.
@@ -90,8 +113,9 @@ def evaluate(model, tokenizer, tasks, data_dir, split: str = "validation", limit
     names = parse_tasks(tasks)
     results, details = {}, {}
     for name in names:
-        out = evaluate_task(model, tokenizer, name, data_dir, split, limit, batch_size, progress, max_new_tokens,
-                            max_length, stride)
+        with phase(f"eval {name}", enabled=progress):
+            out = evaluate_task(model, tokenizer, name, data_dir, split, limit, batch_size, progress,
+                                max_new_tokens, max_length, stride, max_batch_tokens)
         results[name] = out["metrics"]
         details[name] = out["details"]
     report = {"results": results}

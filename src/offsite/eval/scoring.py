@@ -36,20 +36,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import sys
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import OffsiteError
+from ..progress import bar as progress_bar
+from .batching import plan_batches, resolve_batch_tokens
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
 _TOKENIZER_INFINITY = 1e29  # HF's "no limit" model_max_length is int(1e30)
-
-
-def progress_enabled(progress: bool) -> bool:
-    """Progress bars only when asked for and stderr is a terminal (keeps logs and CI output clean)."""
-    return bool(progress) and sys.stderr.isatty()
 
 
 @contextlib.contextmanager
@@ -130,25 +125,27 @@ def _score_rows(logits: torch.Tensor, ends: list[int], conts: list[list[int]]) -
     ``logits`` is ``[rows, seq, vocab]``; row r predicts ``conts[r]`` at positions ``ends[r] - len(conts[r])``
     up to ``ends[r] - 1``.
     """
-    out = []
+    sums, greedy = [], []
     for row, (end, cont) in enumerate(zip(ends, conts)):
         # log_softmax in fp32 whatever the model dtype: bf16 sums lose digits that decide near-ties.
         logp = torch.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)  # [n_cont, vocab]
         target = torch.tensor(cont, device=logp.device)
-        picked = logp.gather(1, target[:, None]).squeeze(1)  # [n_cont]
-        out.append((float(picked.double().sum()), bool((logp.argmax(-1) == target).all())))
-    return out
+        sums.append(logp.gather(1, target[:, None]).squeeze(1).double().sum())
+        greedy.append((logp.argmax(-1) == target).all())
+    # One transfer per batch: on a GPU a float()/bool() per row would wait on the device each time.
+    return list(zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist()))
 
 
 @torch.no_grad()
 def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                      max_length: int = DEFAULT_MAX_LENGTH, pbar=None) -> list[tuple[float, bool]]:
+                      max_length: int = DEFAULT_MAX_LENGTH, pbar=None, max_batch_tokens: int = 0) -> list:
     """Flat path: ``[(loglikelihood, is_greedy)]`` of (context ids, continuation ids) pairs, in order.
 
     Args:
         pairs: token-id pairs as made by :func:`encode_pair`; continuations must be non-empty.
         max_length: model context; longer inputs are left-truncated to it.
         pbar: optional tqdm bar advanced by one per pair.
+        max_batch_tokens: padded tokens per batch instead of ``batch_size`` rows, 0 = off (:mod:`.batching`).
     """
     for ctx, cont in pairs:
         if not cont:
@@ -161,8 +158,9 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
     # lengths share a batch so little compute is spent on padding.
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: list = [None] * len(pairs)
-    for start in range(0, len(order), max(1, batch_size)):
-        chunk = order[start:start + max(1, batch_size)]
+    widths = [min(len(pairs[i][0]) + len(pairs[i][1]), max_length + 1) - 1 for i in order]
+    for start, stop in plan_batches(widths, batch_size, max_batch_tokens):
+        chunk = order[start:stop]
         inputs = [(pairs[i][0] + pairs[i][1])[-(max_length + 1):][:-1] for i in chunk]
         width = max(len(x) for x in inputs)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)  # right padding with id 0
@@ -225,8 +223,7 @@ def loglikelihood(model, tokenizer, requests, batch_size: int = 8, max_length: i
     """
     max_length = max_length or resolve_max_length(model, tokenizer)
     pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
-    with eval_mode(model), tqdm(total=len(pairs), desc="loglikelihood",
-                                disable=not progress_enabled(progress)) as bar:
+    with eval_mode(model), progress_bar(len(pairs), "loglikelihood", "pair", enabled=progress) as bar:
         return score_token_pairs(model, pairs, batch_size, max_length, pbar=bar)
 
 
@@ -244,7 +241,7 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
 
 def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, shared_context="auto",
                           shared_min_tokens: int = 64, max_length: int | None = None,
-                          progress: bool = True, desc: str = "multiple choice") -> dict:
+                          progress: bool = True, desc: str = "multiple choice", max_batch_tokens=None) -> dict:
     """Score multiple-choice questions; ``acc`` and ``acc_norm`` as lm-eval computes them.
 
     Args:
@@ -252,6 +249,8 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
             leading space), ``gold`` (int) and optionally ``id``.
         shared_context: ``True`` (KV-cache the context where possible), ``False`` (flat only) or
             ``"auto"`` (shared for contexts of at least ``shared_min_tokens`` tokens).
+        max_batch_tokens: token budget of the flat path's batches: None = auto (a budget on CUDA,
+            ``batch_size`` rows elsewhere), 0 = off, N = N tokens (see :mod:`.batching`).
 
     Returns:
         ``{"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "details": [per question:
@@ -263,6 +262,7 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
     if any(not ex["choices"] for ex in examples):
         raise OffsiteError("every multiple-choice question needs at least one choice")
     max_length = max_length or resolve_max_length(model, tokenizer)
+    budget = resolve_batch_tokens(max_batch_tokens, model_device(model))
     encoded = [[encode_pair(tokenizer, ex["context"], " " + ch) for ch in ex["choices"]] for ex in examples]
     scores: list = [[] for _ in examples]
     flat, shared = [], []
@@ -273,7 +273,7 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
             and len({tuple(ctx) for ctx, _ in pairs}) == 1  # no truncation, one common context
         (shared if use_shared else flat).append(q)
     total = sum(len(pairs) for pairs in encoded)
-    with eval_mode(model), tqdm(total=total, desc=desc, disable=not progress_enabled(progress)) as bar:
+    with eval_mode(model), progress_bar(total, desc, "choice", enabled=progress) as bar:
         for q in shared:
             scores[q] = score_shared_context(model, encoded[q][0][0], [c for _, c in encoded[q]])
             if scores[q] is None:
@@ -282,7 +282,8 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
             bar.update(len(scores[q]))
         # Flat questions are pooled so that batches mix questions of similar length.
         pooled = [(q, pair) for q in flat for pair in encoded[q]]
-        flat_scores = score_token_pairs(model, [p for _, p in pooled], batch_size, max_length, pbar=bar)
+        flat_scores = score_token_pairs(model, [p for _, p in pooled], batch_size, max_length, pbar=bar,
+                                        max_batch_tokens=budget)
         for (q, _), res in zip(pooled, flat_scores):
             scores[q].append(res)
     details = []

@@ -1,15 +1,16 @@
 """Workflow: emulator package + private data -> adapter artifact (data owner side).
 
 Reads top to bottom: load the emulator, choose what trains (the adapter layers, or LoRA on them),
-load data, train with AdamW + warmup/decay + accumulation + clipping, validate periodically and
-keep the best emulator validation loss (as Offsite-Tuning does), checkpoint for resumption (see
-:mod:`.checkpoint`), stop with an error as soon as the loss, gradients or weights stop being finite,
-and write the adapter artifact in full-model layer numbers bound to the emulator's fingerprint.
+load data, train with AdamW + warmup/decay + accumulation + clipping under the mixed-precision
+policy of :mod:`offsite.precision` (fp32 master weights for what trains, the checkpoint dtype for
+what is frozen), validate a few times and keep the best emulator validation loss (as
+Offsite-Tuning does), checkpoint for resumption (see :mod:`.checkpoint`), stop with an error as
+soon as the loss, gradients or weights stop being finite, and write the adapter artifact (in the
+base dtype) in full-model layer numbers bound to the emulator's fingerprint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -21,15 +22,24 @@ import torch
 from ..adapters import save_full_adapter, save_lora_adapter
 from ..artifacts import guard_output
 from ..data import collate, load_examples
+from ..device import resolve_device
 from ..errors import OffsiteError
 from ..families import get_layers
 from ..package import load_emulator
-from .checkpoint import (checkpoint_dir, diverged, first_nonfinite, load_checkpoint, recover_checkpoint,
+from ..precision import base_dtype
+from ..precision import policy as precision_policy
+from .checkpoint import (checkpoint_dir, diverged, first_nonfinite, guard_checkpoint, load_checkpoint,
+                         recover_checkpoint,
                          remove_checkpoint, run_key, save_checkpoint)
 from .config import FinetuneConfig
 from .schedule import lr_lambda
 
 __all__ = ["finetune", "FinetuneConfig"]
+
+VALIDATIONS = 5
+"""Default validations per run (eval_every = ceil(steps / 5)); each is a forward pass over val_limit blocks."""
+CHECKPOINT_SECONDS = 600
+"""Without save_every, a checkpoint is written once this many seconds passed since the last one."""
 
 
 def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, trusted_keys=None, **settings) -> Path:
@@ -48,13 +58,15 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
         The artifact folder (kind ``adapter``, or ``lora`` with ``lora=True``).
     """
     cfg = _make_config(settings)
+    device = resolve_device(cfg.device)  # an unavailable device is refused before any work or output
     inputs = [emulator, data, cfg.val_data]
     guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before any work
+    guard_checkpoint(checkpoint_dir(out), inputs)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    emu = load_emulator(emulator, trusted_keys=trusted_keys)
-    model = emu.model.to(device)
-    params, peft_model = _trainable(emu, cfg)
+    emu = load_emulator(emulator, device=device, trusted_keys=trusted_keys)
+    model = emu.model
+    precision = precision_policy(cfg.precision, base_dtype(model), device)
+    params, peft_model, trained = _trainable(emu, cfg, precision)
 
     block = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
     vocab = model.get_input_embeddings().num_embeddings
@@ -69,8 +81,8 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     val = val[:cfg.val_limit]
     per_step = cfg.batch_size * cfg.grad_accum
     total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(train) / per_step)
-    eval_every = cfg.eval_every or max(1, total // 10)
-    save_every = cfg.save_every or eval_every
+    # Validation is overhead: by default 5 times a run (and at the end), see bench/finetune_overhead.py.
+    eval_every = cfg.eval_every or max(1, math.ceil(total / VALIDATIONS))
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -82,16 +94,19 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     recover_checkpoint(ckpt)
     step, best_loss, best, log = 0, math.inf, None, {"train": [], "val": []}
     saved = None  # step of the last good checkpoint of this run on disk, named if training diverges
+    best_on_disk = False  # whether the last checkpoint already holds ``best`` (then it is linked, not rewritten)
     if cfg.resume and ckpt.exists():
         state, best = load_checkpoint(ckpt, resume_key, params, optimizer)
         step, best_loss, log = state["step"], state["best_val_loss"], state["log"]
+        precision.load_state(state.get("scaler"))
         scheduler.last_epoch = saved = step
+        best_on_disk = best is not None
         print(f"resuming from {ckpt} at step {step}/{total}")
 
     pad = emu.tokenizer.pad_token_id if emu.tokenizer.pad_token_id is not None else 0
-    autocast = _autocast(cfg.precision, device)
+    autocast = precision.autocast()
     batches = _Batcher(train, cfg.batch_size, cfg.seed, pad, device)
-    started = time.time()
+    started = last_save = time.time()
     model.train()
     with _progress(total, step, cfg.progress) as bar:
         while step < total:
@@ -102,12 +117,13 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
                 value = loss.item()
                 if not math.isfinite(value):  # before backward: a NaN must never reach the weights
                     raise diverged(step + 1, f"loss is {value}", ckpt, saved, cfg.lr)
-                loss.backward()
+                precision.backward(loss)
                 loss_sum += value
-            norm = float(torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm))
-            if not math.isfinite(norm):  # clipping cannot rescue inf/NaN gradients; the step would poison them
+            norm = precision.clip(optimizer, params.values(), cfg.max_grad_norm)
+            # Clipping cannot rescue inf/NaN gradients; only fp16 overflow is skipped (by the loss scaler).
+            if not math.isfinite(norm) and not precision.overflow_skips():
                 raise diverged(step + 1, f"gradient norm is {norm}", ckpt, saved, cfg.lr)
-            optimizer.step()
+            precision.step(optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -117,12 +133,16 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
                 log["val"].append({"step": step, "loss": val_loss})
                 if val_loss < best_loss:
                     best_loss, best = val_loss, {k: p.detach().clone() for k, p in params.items()}
+                    best_on_disk = False
                 model.train()
-            if step % save_every == 0 and step < total:
+            if step < total and (step % cfg.save_every == 0 if cfg.save_every
+                                 else time.time() - last_save >= CHECKPOINT_SECONDS):
                 _check_finite({**params, **{f"best {k}": t for k, t in (best or {}).items()}}, step, ckpt, saved, cfg)
                 save_checkpoint(ckpt, params, best, optimizer, {"step": step, "best_val_loss": best_loss,
-                                                                 "log": log, "resume_key": resume_key})
-                saved = step
+                                                                 "log": log, "resume_key": resume_key,
+                                                                 "scaler": precision.state()},
+                                best_on_disk)  # positional: best_unchanged (test doubles take *args)
+                saved, last_save, best_on_disk = step, time.time(), best is not None
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}")
 
@@ -130,12 +150,16 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(best[name])
+    trained.release()  # the fp32 masters stay; the artifact writers cast them to the base dtype
     _check_finite(params, step, ckpt, saved, cfg)
-    model.eval().to("cpu")
+    model.eval()  # stays on its device: the artifact is written from CPU copies at save time
     log.update(steps=step, best_val_loss=None if math.isinf(best_loss) else best_loss,
                train_examples=len(train), val_examples=len(val), seconds=round(time.time() - started, 2))
     resolved = {"command": "finetune", "emulator": str(emulator), "data": str(data), **dataclasses.asdict(cfg),
-                "device": str(device), "total_steps": total, "eval_every": eval_every}
+                "device": str(device), "total_steps": total, "eval_every": eval_every,
+                "checkpoint_seconds": None if cfg.save_every else CHECKPOINT_SECONDS,
+                "mixed_precision": {"frozen": _name(precision.frozen), "trained": "float32",
+                                    "autocast": _name(precision.compute), "loss_scaling": bool(precision.scaler)}}
     if cfg.lora:
         path = save_lora_adapter(out, emu, peft_model, resolved, log, overwrite=overwrite, inputs=inputs,
                                  sign_key=sign_key)
@@ -163,35 +187,34 @@ def _resumable(cfg: FinetuneConfig) -> dict:
 
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _autocast(precision: str, device: torch.device):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    # bf16 autocast is slower than fp32 on CPUs without AMX, so "auto" keeps fp32 there.
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def _trainable(emu, cfg: FinetuneConfig, precision):
+    """Freeze everything, then unfreeze the adapter layers or wrap them with LoRA, held in fp32.
 
-
-def _trainable(emu, cfg: FinetuneConfig):
-    """Freeze everything, then unfreeze the adapter layers or wrap them with LoRA."""
+    Returns:
+        ``(params, peft_model_or_None, trained)``: ``{name: parameter}`` to optimise, and the
+        :class:`offsite.precision.Trained` handle of their fp32 casts and boundary hooks.
+    """
     model = emu.model
     model.requires_grad_(False)
     if not cfg.lora:
-        layers = get_layers(model, emu.family)
+        layers = [get_layers(model, emu.family)[pos] for pos in emu.adapter_positions]
+        trained = precision.train(modules=layers)  # before the optimizer: AdamW must see the fp32 tensors
         params = {}
-        for pos in emu.adapter_positions:
-            for name, p in layers[pos].named_parameters():
+        for pos, layer in zip(emu.adapter_positions, layers):
+            for name, p in layer.named_parameters():
                 p.requires_grad_(True)
                 params[f"{emu.family.layers}.{pos}.{name}"] = p
-        return params, None
+        return params, None, trained
     from ..lora import wrap_lora
 
     peft_model = wrap_lora(model, emu.family, emu.adapter_positions, cfg)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    return params, peft_model
+    # PEFT's LoRA layers cast their input to the LoRA weights' dtype and the result back: no hooks.
+    return params, peft_model, precision.train(params=params.values())
 
 
 def _check_finite(tensors: dict, step: int, ckpt: Path, saved, cfg: FinetuneConfig) -> None:
@@ -247,6 +270,6 @@ def _validate(model, examples, size: int, pad: int, device, autocast) -> float:
 
 
 def _progress(total: int, start: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    return tqdm(total=total, initial=start, desc="finetune", unit="step", disable=not enabled, leave=False)
+    return bar(total, "finetune", "step", initial=start, enabled=enabled, leave=False)

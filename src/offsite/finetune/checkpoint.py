@@ -5,7 +5,10 @@ with the RNG state, and ``state.json`` (step, best validation loss, the log, the
 and the sha256 of every tensor file). It is assembled in a fresh hidden sibling folder and then
 swapped into place (old renamed away, new renamed in, old deleted), so a killed run leaves either
 the previous checkpoint or the new one, never a mix; :func:`recover_checkpoint` finishes or undoes
-a swap that was cut short. On load every file is checked against its sha256, and the resume key
+a swap that was cut short. ``best.safetensors`` is only written when the best tensors changed
+since the previous checkpoint; otherwise the previous file is hard-linked (or copied) into the new
+unit with its recorded sha256, so a run that stopped improving pays for the trainable tensors and
+the optimizer only. On load every file is checked against its sha256, and the resume key
 (emulator, content of the data files, settings) must match, otherwise the run is refused with the
 reason. Non-finite tensors are never written: training that diverges stops with :func:`diverged`.
 """
@@ -66,6 +69,41 @@ def run_key(emulator_id: str, data, val_data, settings: dict) -> dict:
             "settings": json.loads(canonical_json(settings))}
 
 
+def guard_checkpoint(folder: Path, inputs=()) -> None:
+    """Refuse a checkpoint path that resuming, replacing or removing would damage.
+
+    The checkpoint folder (``<out>.ckpt``) and its swap sibling are written and deleted by the run,
+    so they must not be, contain or lie inside an input, nor hold the current folder, and when they
+    exist they must hold nothing but checkpoint files.
+
+    Raises:
+        OffsiteError: naming the path and what to do.
+    """
+    folder = Path(folder)
+    for path in (folder, _old_dir(folder)):
+        target = path.absolute().resolve()
+        for given in inputs:
+            if given is None or not Path(given).exists():
+                continue
+            source = Path(given).resolve()
+            if target == source or source in target.parents or target in source.parents:
+                raise OffsiteError(f"the checkpoint folder {path} of this --out would overlap the input {given}; "
+                                   "pick another --out")
+        if Path.cwd().resolve() == target or target in Path.cwd().resolve().parents:
+            raise OffsiteError(f"the checkpoint folder {path} of this --out holds the current folder; "
+                               "pick another --out")
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise OffsiteError(f"{path} exists and is not a fine-tuning checkpoint folder; move it away or pick "
+                               "another --out")
+        if path.is_dir():
+            strangers = sorted(p.name for p in path.iterdir() if p.name not in (TRAINABLE, BEST, OPTIMIZER, STATE)
+                               or not p.is_file() or p.is_symlink())
+            if strangers:
+                raise OffsiteError(f"{path} holds files that are not checkpoint files ({strangers[:3]}); it is not a "
+                                   "fine-tuning checkpoint, so offsite will not resume, replace or delete it — move "
+                                   "it away or pick another --out")
+
+
 def recover_checkpoint(folder: Path) -> None:
     """Clean up after a run killed while writing or swapping a checkpoint.
 
@@ -77,7 +115,7 @@ def recover_checkpoint(folder: Path) -> None:
     if not folder.parent.is_dir():
         return
     for stale in folder.parent.iterdir():
-        if stale.name.startswith(_tmp_prefix(folder)):
+        if stale.name.startswith(_tmp_prefix(folder)) and stale.is_dir() and not stale.is_symlink():
             _remove(stale)
     old = _old_dir(folder)
     if old.exists():
@@ -93,7 +131,8 @@ def _save(tensors: dict, path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
 
 
-def save_checkpoint(folder: Path, trainable: dict, best: dict | None, optimizer, state: dict) -> None:
+def save_checkpoint(folder: Path, trainable: dict, best: dict | None, optimizer, state: dict,
+                    best_unchanged: bool = False) -> None:
     """Write a complete checkpoint into a temp folder, then swap it in place of ``folder``.
 
     Args:
@@ -101,7 +140,9 @@ def save_checkpoint(folder: Path, trainable: dict, best: dict | None, optimizer,
         trainable: current trainable tensors.
         best: tensors with the best validation loss so far, or None.
         optimizer: the optimizer whose state (and the torch RNG state) is saved.
-        state: JSON-able run state (step, best_val_loss, log, resume_key).
+        state: JSON-able run state (step, best_val_loss, log, resume_key, loss-scaler state).
+        best_unchanged: ``best`` is what the checkpoint in ``folder`` holds already: link that file
+            instead of writing it again (written anyway when the old one cannot be reused).
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -109,17 +150,41 @@ def save_checkpoint(folder: Path, trainable: dict, best: dict | None, optimizer,
     tmp.mkdir()
     try:
         _save(trainable, tmp / TRAINABLE)
+        known = {}
         if best is not None:
-            _save(best, tmp / BEST)
+            digest = _reuse_best(folder, tmp / BEST) if best_unchanged else None
+            if digest is None:
+                _save(best, tmp / BEST)
+            else:
+                known[BEST] = digest
         opt_tensors, groups = optimizer_tensors(optimizer)
         opt_tensors["rng.torch"] = torch.get_rng_state()
         _save(opt_tensors, tmp / OPTIMIZER)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: known.get(p.name) or sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / STATE).write_text(json.dumps({**state, "param_groups": groups, "files": files}, indent=1, default=str))
         _swap(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _reuse_best(folder: Path, target: Path) -> str | None:
+    """Link (or copy) ``folder``'s best file to ``target``; its recorded sha256, or None if not reusable.
+
+    The recorded digest is carried over instead of re-hashing: should the old file have changed on
+    disk since, the new checkpoint is refused as torn on load, exactly like the old one would be.
+    """
+    try:
+        digest = json.loads((folder / STATE).read_text(encoding="utf-8"))["files"][BEST]
+        if not isinstance(digest, str) or not (folder / BEST).is_file():
+            return None
+        try:
+            os.link(folder / BEST, target)  # files are never rewritten in place, so sharing the inode is safe
+        except OSError:
+            shutil.copyfile(folder / BEST, target)
+        return digest
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _swap(tmp: Path, folder: Path) -> None:
