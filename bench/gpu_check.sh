@@ -14,7 +14,9 @@ OUT="${2:-bench/results/gpu_check}"
 PY="${PYTHON:-.venv/bin/python}"
 OFFSITE="${OFFSITE:-.venv/bin/offsite}"
 DEVICE="${DEVICE:-cuda}"   # DEVICE=cpu runs the same steps on the CPU (a dry run of this script)
+DTYPE="${DTYPE:-bfloat16}" # DTYPE=float32 for a CPU dry run: bf16 matmuls are very slow on CPUs without AMX
 WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : > "$LOG"
@@ -30,7 +32,7 @@ step() {  # step NAME COMMAND...: run, keep the log, remember the cost line
   tail -n 1 "$WORK/$name.err" > "$WORK/$name.cost"
 }
 
-step make "$PY" bench/make_random_model.py "$SHAPE" "$WORK/m" --dtype bfloat16 --device $DEVICE
+step make "$PY" bench/make_random_model.py "$SHAPE" "$WORK/m" --dtype $DTYPE --device $DEVICE
 step emulate $OFFSITE emulate --model "$WORK/m/model" --method gradot --param-budget 0.5 \
   --calibration "$WORK/m/public.txt" --device $DEVICE --out "$WORK/emu"
 step finetune $OFFSITE finetune --emulator "$WORK/emu" --data "$WORK/m/task/train.jsonl" --format mc \
@@ -60,4 +62,3 @@ json.dump({"shape": shape, "steps": rows, "plugged_dtypes": dtypes, "plugged_eva
           open(out, "w"), indent=2)
 print(json.dumps(rows, indent=2))
 EOF
-rm -rf "$WORK"

@@ -19,6 +19,20 @@ def test_report_has_the_five_numbers_and_delta(saved_model, mc_task, tmp_path):
     for row in ROWS:
         assert 0.0 <= table[row][task] <= 1.0, (row, table[row])
         assert table[row]["avg"] == table[row][task]
+    # Each row is what scoring its own model gives: swapping two rows, or scoring the wrong model
+    # for one, fails here (ranges alone would not notice).
+    from offsite.eval.run import evaluate
+    from offsite.models import load_for_eval
+
+    work = tmp_path / "work"
+    adapter = str(work / f"adapter-uniform-{folder.name}")
+    models = {"full_zs": (str(path), None), "emu_zs": (str(work / "emulator-uniform"), None),
+              "emu_ft": (str(work / "emulator-uniform"), adapter), "plug_in": (str(path), adapter),
+              "full_ft": (str(path), str(work / f"adapter-full-{folder.name}"))}
+    for row, (model, with_adapter) in models.items():
+        m, tok, _ = load_for_eval(model, adapter=with_adapter)
+        result = evaluate(m, tok, [task], None, limit=12, progress=False)["results"][task]
+        assert table[row][task] == pytest.approx(result["acc"]), row
     delta = report["methods"]["uniform"]["delta"][task]
     assert delta == table["plug_in"][task] - table["emu_ft"][task]
     # Full FT really tuned every block: its adapter holds all six layers of the base model.
