@@ -219,3 +219,18 @@ def test_cli_builds_and_verifies_a_gradot_package(saved_model, text_file, tmp_pa
     assert load_emulator(out).manifest["config"]["lambda_mlp"] == 0.2
     assert main(argv[:-2] + ["rank_ratio=2", "--out", str(tmp_path / "bad")]) == 2
     assert "rank_ratio must be a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_random_scoring_keeps_the_floor_and_sizes_and_is_seeded(saved_model, text_file, tmp_path):
+    path, _ = saved_model("llama", 5)
+    plans = {}
+    for name, scoring, seed in (("gcs", "gcs", 0), ("r0", "random", 0), ("r0b", "random", 0), ("r1", "random", 1)):
+        out = emulate(str(path), tmp_path / name, method="gradot", adapter_layers="1,1", calibration=text_file,
+                      scoring=scoring, param_budget=0.4, **{**SMALL, "seed": seed})
+        plans[name] = load_emulator(out).manifest["plan"]
+    sizes = {k: [(e["layer"], e["role"], len(e["components"])) for e in p["linears"]] for k, p in plans.items()}
+    assert sizes["r0"] == sizes["gcs"] == sizes["r1"]  # same sizes as GCS
+    assert [e["channels"] for e in plans["r0"]["mlp"]] == [e["channels"] for e in plans["r0b"]["mlp"]]
+    assert plans["r0"]["linears"] != plans["r1"]["linears"] or plans["r0"]["mlp"] != plans["r1"]["mlp"]
+    for entry in plans["r0"]["linears"]:  # the 5% floor: the top singular components always stay
+        assert entry["components"][0] == 0

@@ -10,6 +10,7 @@ import torch
 
 import offsite.finetune as ft
 import offsite.finetune.checkpoint as ck
+import offsite.finetune.loop as loop
 from conftest import make_model
 from offsite.artifacts.tensors import load_tensors
 from offsite.cli import main
@@ -206,7 +207,7 @@ def _old_batch(examples, index, size, seed, pad):
 @pytest.mark.parametrize("n, size", [(11, 3), (2, 4), (6, 2)])
 def test_cached_batcher_returns_the_old_batches(n, size, monkeypatch):
     examples = [{"input_ids": [i + 1] * (1 + i % 3), "labels": [i + 1] * (1 + i % 3)} for i in range(n)]
-    batcher = ft._Batcher(examples, size, 7, 0, "cpu")
+    batcher = loop.Batcher(examples, size, 7, 0, "cpu")
     indices = list(range(4 * batcher.per_epoch + 1)) + [0, 0, 3 * batcher.per_epoch]  # in order, then back
     expected = [_old_batch(examples, i, size, 7, 0) for i in indices]
     shuffles = []
@@ -216,7 +217,7 @@ def test_cached_batcher_returns_the_old_batches(n, size, monkeypatch):
         shuffles.append(seed)
         return real(seed)
 
-    monkeypatch.setattr(ft.random, "Random", counting)
+    monkeypatch.setattr(loop.random, "Random", counting)
     for i, want in zip(indices, expected):
         got = batcher(i)
         assert all(torch.equal(got[k], want[k]) for k in want), i

@@ -33,7 +33,9 @@ Choices where the sources are silent (each is a setting):
 * The 5% floor is per matrix (``top_fraction``); fused qkv is one matrix (see :mod:`.lowrank`).
   q, k, v and o are all decomposed; biases are kept and not scored.
 * ``scoring="magnitude"`` replaces GCS by the classic baselines at the same sizes: top singular
-  values (plain truncated SVD) and channel-weight-norm pruning. Used by tests and the benchmark.
+  values (plain truncated SVD) and channel-weight-norm pruning. ``scoring="random"`` keeps the
+  same floor and sizes and draws the rest at random (seeded): the baseline any scoring must beat
+  to mean something. Used by tests and the benchmark.
 * The SVD is recomputed in ``apply`` from the plan's component indices (deterministic), instead
   of caching factors between plan and apply.
 """
@@ -59,7 +61,7 @@ from .lowrank import (make_dense, make_low_rank, prune_mlp_channels, replace_lin
                       truncated_svd, weight_svd)
 
 DEFAULT_BUDGET = 0.4
-SCORINGS = ("gcs", "magnitude")
+SCORINGS = ("gcs", "magnitude", "random")
 
 
 def _fraction(name, value, allow_none=True):
@@ -87,7 +89,8 @@ class GradOTConfig:
     top_fraction: float = 0.05
     """Fraction of each matrix's rank (largest singular values) always kept."""
     scoring: str = "gcs"
-    """'gcs' (GradOT) or 'magnitude' (top singular values + channel-norm pruning baseline)."""
+    """'gcs' (GradOT), 'magnitude' (top singular values + channel-norm pruning) or 'random' (same floor and
+    sizes, components/channels drawn at random from the seed): the two baselines GCS must beat."""
     seq_len: int = 128
     """Tokens per calibration window."""
     num_sequences: int = 64
@@ -156,6 +159,9 @@ def _attention_entry(index, role, module, family, stats, config):
     svd = weight_svd(w)
     if config.scoring == "magnitude":
         kept = list(range(rank))
+    elif config.scoring == "random":
+        scores = _random_scores(config.seed, index, role, len(svd[1]))
+        kept = gcs.select_components(scores, rank, gcs.floor_count(min(out_f, in_f), config.top_fraction))
     else:
         scores = gcs.component_scores(stats, svd, config.lambda_attn)
         kept = gcs.select_components(scores, rank, gcs.floor_count(min(out_f, in_f), config.top_fraction))
@@ -163,6 +169,14 @@ def _attention_entry(index, role, module, family, stats, config):
     if rank * (out_f + in_f) < out_f * in_f:
         return {**entry, "rank": rank}
     return {**entry, "shape": [out_f, in_f]}
+
+
+def _random_scores(seed: int, index: int, role: str, n: int) -> torch.Tensor:
+    """Scores ``(n,)`` of the random baseline, drawn from (seed, layer, role) alone, so a selection
+    does not depend on the order matrices are visited in or on the device."""
+    digest = hashlib.sha256(f"{seed}|{index}|{role}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
 def _mlp_entry(index, layer, family, stats, config):
@@ -178,6 +192,8 @@ def _mlp_entry(index, layer, family, stats, config):
         for _, w, blocks in rows:
             norm = norm * w.double().norm(dim=1).view(blocks, channels).prod(0)
         kept = gcs.select_top(norm, keep)
+    elif config.scoring == "random":
+        kept = gcs.select_top(_random_scores(config.seed, index, "mlp", channels), keep)
     else:
         kept = gcs.select_top(gcs.channel_scores(rows, (stats["mlp.down"], down.detach()), config.lambda_mlp), keep)
     return {"layer": index, "channels": kept, "of": channels}

@@ -1,0 +1,104 @@
+"""The pieces of the Offsite-Tuning measurement protocol that ``offsite report`` and ``offsite audit`` share.
+
+Both workflows measure a task the same way, and must, or their numbers would not compare: the
+fine-tuning data of a task comes from the same task spec as its evaluation (its ``train`` split;
+a single own-data file is refused, it would be trained on and scored), every model is scored by
+:func:`offsite.eval.run.evaluate` on one task, the number a table reports is the task's headline
+metric (:func:`headline`), and a difference is signed so that positive means "the first one is
+better" (:func:`gap`) whichever way the metric points. The Full FT row (every decoder block of the
+full model tuned) is built the same way too (:func:`full_package`).
+
+WikiText fine-tunes on the WikiText-2 v1 *tokenized* train text because the raw train split is
+not in the offline data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import OffsiteError
+from .run import evaluate
+from .tasks import get_task
+
+WIKITEXT_TRAIN = "lm/wikitext-2-v1-tokens/wiki.train.tokens.gz"
+
+
+def headline(metrics: dict) -> tuple:
+    """``(value, higher_is_better)`` of the metric reported for a task (acc, exact match, else perplexity)."""
+    for key in ("acc", "exact_match"):
+        if key in metrics:
+            return metrics[key], True
+    return metrics["word_perplexity"], False
+
+
+def gap(reference: float, other: float, higher_is_better: bool) -> float:
+    """How much better ``reference`` is than ``other``: ``reference - other``, negated for perplexity."""
+    return reference - other if higher_is_better else other - reference
+
+
+def slug(task: str) -> str:
+    """A file-name-safe label of a task: its name, or for a task file its (split folder's) name."""
+    path = Path(task)
+    return path.parent.name if "{split}" in path.name else path.name
+
+
+def train_file(task: str, data_dir, workdir: Path, train_limit: int | None) -> tuple:
+    """Write the task's fine-tuning data into ``workdir``; returns ``(path, format)``.
+
+    Args:
+        task: a task name or an own-data template ``mine/{split}.jsonl``.
+        data_dir: the offline data folder (None for own-data tasks).
+        workdir: where ``<slug>.train.jsonl`` (prompt/completion pairs) is written.
+        train_limit: first N training records, or None for all.
+
+    Raises:
+        OffsiteError: the data is missing, or the task is a single file that would also be scored.
+    """
+    if task == "wikitext":
+        path = Path(data_dir or ".") / WIKITEXT_TRAIN
+        if not path.is_file():
+            raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
+        return path, "text"
+    pairs = list(get_task(task).finetune_pairs(data_dir, "train", limit=train_limit))
+    path = Path(workdir) / f"{slug(task)}.train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return path, "prompt"
+
+
+def score(model, tok, task: str, data_dir, split: str, limit: int | None, batch_size: int) -> dict:
+    """Metrics of an in-memory ``model`` on one task (see :func:`offsite.eval.run.evaluate`)."""
+    # max_batch_tokens stays auto: a token budget where the model is on CUDA, batch_size rows elsewhere.
+    return evaluate(model, tok, [task], data_dir, split=split, limit=limit, batch_size=batch_size,
+                    progress=False)["results"][task]
+
+
+def score_with(model: str, adapter, task: str, data_dir, split: str, limit: int | None, batch_size: int,
+               device) -> dict:
+    """Metrics of ``model`` (a full model or an emulator package) with ``adapter`` applied in memory.
+
+    On an emulator package this is "emulator FT", on the full model "plug-in" (or "Full FT" with
+    an adapter of every block). The model is loaded for this score only, so that one model at a
+    time sits on the device.
+    """
+    from ..models import load_for_eval
+
+    loaded, tok, _ = load_for_eval(str(model), adapter=None if adapter is None else str(adapter), device=device)
+    try:
+        return score(loaded, tok, task, data_dir, split, limit, batch_size)
+    finally:
+        del loaded
+
+
+def full_package(model: str, workdir, device) -> Path:
+    """The full model as an ``adapter_layers="all"`` package in ``workdir/emulator-full``.
+
+    Fine-tuning its "adapter" tunes every decoder block of the full model with the very settings
+    of an adapter run (embeddings and head stay frozen, as they do for adapters): the Full FT row.
+    """
+    from ..emulate import emulate
+
+    whole = Path(workdir) / "emulator-full"
+    emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True,
+            device=device)
+    return whole
