@@ -188,8 +188,8 @@ def test_refusals(saved_model, text_file, tmp_path):
         build(param_budget=0.5, channel_ratio=0.5)
     with pytest.raises(OffsiteError, match="lambda_mlp must be a number >= 0"):
         build(lambda_mlp=-1)
-    with pytest.raises(OffsiteError, match="scoring must be one of gcs, magnitude"):
-        build(scoring="random")
+    with pytest.raises(OffsiteError, match="scoring must be one of gcs, magnitude, random"):
+        build(scoring="fisher")
     with pytest.raises(OffsiteError, match=r"method 'gradot' has no setting\(s\) \['emulator_layers'\]"):
         build(emulator_layers=2)
     with pytest.raises(OffsiteError, match="calibration file .*missing.txt does not exist"):
