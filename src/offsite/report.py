@@ -11,7 +11,9 @@ emulator FT − plug-in (positive = the emulator is worse, as it should be).
 
 Fine-tuning data per task comes from the same task spec as evaluation (its ``train`` split);
 WikiText fine-tunes on the WikiText-2 v1 *tokenized* train text because the raw train split is
-not in the offline data. Each adapter is fine-tuned separately per task, as in the papers.
+not in the offline data. Each adapter is fine-tuned separately per task, as in the papers. The
+pieces shared with ``offsite audit`` (training file, scoring, headline metric, Full FT package)
+are :mod:`offsite.eval.protocol`.
 """
 
 from __future__ import annotations
@@ -20,60 +22,26 @@ import json
 import time
 from pathlib import Path
 
+from .audit import resolve_public, strongest_attack
 from .device import resolve_device
 from .emulate import emulate
-from .errors import OffsiteError
-from .eval.run import evaluate, parse_tasks
-from .eval.tasks import get_task
+from .eval.protocol import full_package, gap, headline, score, score_with, slug, train_file
+from .eval.run import parse_tasks
 from .finetune import finetune
 from .models import load_for_eval
 
 ROWS = ("full_zs", "full_ft", "emu_zs", "emu_ft", "plug_in")
-LABELS = {"full_zs": "Full ZS", "full_ft": "Full FT", "emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plug_in": "Plug-in"}
-WIKITEXT_TRAIN = "lm/wikitext-2-v1-tokens/wiki.train.tokens.gz"
-
-
-def headline(metrics: dict) -> tuple:
-    """``(value, higher_is_better)`` of the metric reported for a task."""
-    for key in ("acc", "exact_match"):
-        if key in metrics:
-            return metrics[key], True
-    return metrics["word_perplexity"], False
-
-
-def _slug(task: str) -> str:
-    """A file-name-safe label of a task: its name, or for a task file its (split folder's) name."""
-    path = Path(task)
-    return path.parent.name if "{split}" in path.name else path.name
-
-
-def _train_file(task: str, data_dir, workdir: Path, train_limit) -> tuple:
-    """Write the task's fine-tuning data; returns ``(path, format)``.
-
-    Raises:
-        OffsiteError: the data is missing, or the task is a single file that would also be scored.
-    """
-    if task == "wikitext":
-        path = Path(data_dir or ".") / WIKITEXT_TRAIN
-        if not path.is_file():
-            raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
-        return path, "text"
-    pairs = list(get_task(task).finetune_pairs(data_dir, "train", limit=train_limit))
-    path = workdir / f"{_slug(task)}.train.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
-    return path, "prompt"
-
-
-def _score(model, tok, task, data_dir, split, limit, batch_size) -> dict:
-    # max_batch_tokens stays auto: a token budget where the model is on CUDA, batch_size rows elsewhere.
-    return evaluate(model, tok, [task], data_dir, split=split, limit=limit, batch_size=batch_size,
-                    progress=False)["results"][task]
+LABELS = {"full_zs": "Full ZS", "full_ft": "Full FT", "emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plug_in": "Plug-in",
+          "attack": "Best attack"}
+AUDIT_ROW = "attack"
+"""The sixth row of ``audit=True``: the best of ``offsite audit``'s attacks (Emu FT being attack (a))."""
 
 
 def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapter_layers="2,2",
                method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
                limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-               full_ft: bool = False, calibration=None, log=print, device="auto") -> dict:
+               full_ft: bool = False, calibration=None, log=print, device="auto", audit: bool = False,
+               public=None) -> dict:
     """Run the whole protocol and return the report (also written to ``workdir/report.json``).
 
     Args:
@@ -87,16 +55,21 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         split: evaluation split; limit: first N questions; train_limit: first N training examples.
         full_ft: also fine-tune every decoder block of the full model (the upper bound; slow).
         calibration: public calibration text for the methods that learn from text (None: their default).
+        audit: add the row "Best attack": the best of the attacks of :mod:`offsite.audit` (full-emulator
+            FT, LoRA on every layer, recovery pre-training on ``public`` + full FT, and Emu FT itself)
+            under the same budget as the adapter fine-tune.
+        public: public text of the recovery attack (None: the calibration default when present).
         device: where every model of the report runs: emulator builds, fine-tuning (it overrides a
             ``device`` in ``finetune_settings``) and scoring (``"auto"``: CUDA when present; see
             :mod:`offsite.device`). Each model is loaded there once and scored there on its tasks.
     """
     where = resolve_device(device)  # before the workdir or any training file is written
+    public = resolve_public(public) if audit else None
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     names = parse_tasks(tasks)
     # Written once for the full FT row and every method; bad or leaking data fails here, before model work.
-    train = {t: _train_file(t, data_dir, workdir, train_limit) for t in names}
+    train = {t: train_file(t, data_dir, workdir, train_limit) for t in names}
     ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64,
                    **(finetune_settings or {}), "device": str(where)}
     ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
@@ -105,21 +78,18 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
               "methods": {}}
 
     base, tok, _ = load_for_eval(model, device=where)
-    full_zs = {t: _score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
+    full_zs = {t: score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
     log(f"[report] full zero-shot done ({time.time() - started:.0f}s)")
     del base
     full_tuned = {t: None for t in names}
     if full_ft:
-        whole = workdir / "emulator-full"
-        emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True,
-                device=where)
+        whole = full_package(model, workdir, where)
         for task in names:
             data, fmt = train[task]
-            tuned = workdir / f"adapter-full-{_slug(task)}"
+            tuned = workdir / f"adapter-full-{slug(task)}"
             finetune(whole, data, tuned, format=fmt, overwrite=True, **ft_settings)
-            m, t_, _ = load_for_eval(model, adapter=str(tuned), device=where)
-            full_tuned[task] = _score(m, t_, task, data_dir, split, limit, batch_size)
-            del m  # free its device memory before the next fine-tuning run loads its own models
+            # Loaded for this score only: its device memory is free before the next fine-tuning run.
+            full_tuned[task] = score_with(model, tuned, task, data_dir, split, limit, batch_size, where)
             log(f"[report] full fine-tuning / {task} ({time.time() - started:.0f}s)")
 
     for method in methods:
@@ -130,23 +100,26 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         build = {"seconds": round(time.time() - built, 1),
                  "parameters": json.loads((emu_dir / "manifest.json").read_text())["parameters"]}
         emu, emu_tok, _ = load_for_eval(str(emu_dir), device=where)
-        rows = {r: {} for r in ROWS}
+        rows = {r: {} for r in ROWS + ((AUDIT_ROW,) if audit else ())}
+        best_attacks = {}
         rows["full_zs"] = full_zs
-        rows["emu_zs"] = {t: _score(emu, emu_tok, t, data_dir, split, limit, batch_size) for t in names}
+        rows["emu_zs"] = {t: score(emu, emu_tok, t, data_dir, split, limit, batch_size) for t in names}
         del emu  # scored on every task; fine-tuning loads its own copy
         for task in names:
             data, fmt = train[task]
-            adapter = workdir / f"adapter-{method}-{_slug(task)}"
+            adapter = workdir / f"adapter-{method}-{slug(task)}"
             finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
-            m, t_, _ = load_for_eval(str(emu_dir), adapter=str(adapter), device=where)
-            rows["emu_ft"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
-            del m  # one model on the device at a time
-            m, t_, _ = load_for_eval(model, adapter=str(adapter), device=where)
-            rows["plug_in"][task] = _score(m, t_, task, data_dir, split, limit, batch_size)
-            del m
+            # One model on the device at a time: each is loaded for its score only.
+            rows["emu_ft"][task] = score_with(emu_dir, adapter, task, data_dir, split, limit, batch_size, where)
+            rows["plug_in"][task] = score_with(model, adapter, task, data_dir, split, limit, batch_size, where)
+            if audit:
+                measure = dict(data_dir=data_dir, split=split, limit=limit, batch_size=batch_size)
+                best_attacks[task], rows[AUDIT_ROW][task] = strongest_attack(
+                    emu_dir, train[task], ft_settings, rows["emu_ft"][task], task, public, where, measure)
             log(f"[report] {method} / {task}: fine-tuned and scored ({time.time() - started:.0f}s)")
         rows["full_ft"] = full_tuned
-        report["methods"][method] = {**summarise(rows, names), "build": build}
+        report["methods"][method] = {**summarise(rows, names), "build": build,
+                                     **({"best_attack": best_attacks} if audit else {})}
     report["seconds"] = round(time.time() - started, 1)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -171,7 +144,7 @@ def summarise(rows: dict, names: list) -> dict:
     for t in names + (["avg"] if acc_tasks else []):
         plug, emu = table["plug_in"][t], table["emu_ft"][t]
         if plug is not None and emu is not None:
-            delta[t] = plug - emu if higher.get(t, True) else emu - plug
+            delta[t] = gap(plug, emu, higher.get(t, True))
     return {"table": table, "delta": delta, "higher_is_better": higher, "raw": rows}
 
 
@@ -180,11 +153,11 @@ def format_report(report: dict) -> str:
     out = []
     for method, res in report["methods"].items():
         cols = report["tasks"] + (["avg"] if "avg" in res["delta"] else [])
-        head = [f"{_slug(c)}{'' if res['higher_is_better'].get(c, True) else ' (ppl↓)'}" for c in cols]
+        head = [f"{slug(c)}{'' if res['higher_is_better'].get(c, True) else ' (ppl↓)'}" for c in cols]
         out.append(f"### {method}\n")
         out.append("| | " + " | ".join(head) + " |")
         out.append("|---" * (len(cols) + 1) + "|")
-        for row in ROWS:
+        for row in ROWS + tuple(r for r in (AUDIT_ROW,) if r in res["table"]):
             cells = [_fmt(res["table"][row].get(c), res["higher_is_better"].get(c, True)) for c in cols]
             out.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
         out.append("| **Δ** | " + " | ".join(_fmt(res["delta"].get(c), res["higher_is_better"].get(c, True))
@@ -223,7 +196,7 @@ def plot_report(report: dict, path) -> Path | None:
     for i, t in enumerate(tasks):
         ax.hlines(100 * full[t], i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="dashed",
                   label="Full ZS" if i == 0 else None)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], [_slug(t) for t in tasks])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], [slug(t) for t in tasks])
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Plug-in vs emulator FT — {Path(report['model']).name}")
     ax.legend(fontsize=7, ncol=2)

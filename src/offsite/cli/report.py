@@ -25,6 +25,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--full-ft", action="store_true",
                    help="also fine-tune every decoder block of the full model (the FT upper bound; slow)")
+    p.add_argument("--audit", action="store_true",
+                   help="add the best of offsite audit's attacks on each emulator as a sixth row (same budget)")
+    p.add_argument("--public", default=None, help="public text of the audit's recovery attack (default: the "
+                   "calibration default when present)")
     p.add_argument("--workdir", required=True, help="folder for emulators, adapters, report.json/.md/.png")
     p.add_argument("--device", default="auto",
                    help="where every build, fine-tuning and scoring runs: auto (CUDA when present, else CPU) | "
@@ -44,7 +48,7 @@ def run(args) -> int:
     report = run_report(args.model, args.tasks, args.data_dir, args.workdir, methods=methods,
                         adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
                         limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft,
-                        calibration=args.calibration, device=device,
+                        calibration=args.calibration, device=device, audit=args.audit, public=args.public,
                         finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
     table = format_report(report)
     from pathlib import Path
