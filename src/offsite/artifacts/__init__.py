@@ -1,6 +1,6 @@
 """Artifact folders (safetensors + manifest): atomic writing, hashing, strict verified loading, signatures."""
 
-from .folder import guard_output, list_files, sha256_file, verify_files, writing_artifact
+from .folder import guard_output, list_files, overlapping_input, sha256_file, verify_files, writing_artifact
 from .manifest import (KINDS, MANIFEST, SCHEMA_VERSION, artifact_id, canonical_json, check_schema, read_manifest,
                        split_run_facts)
 from .signing import check_trusted, keygen
@@ -9,7 +9,8 @@ from .tensors import (check_against, check_finite, load_into, load_tensors, save
 
 __all__ = [
     "KINDS", "MANIFEST", "SCHEMA_VERSION", "artifact_id", "canonical_json", "check_schema", "read_manifest", "split_run_facts",
-    "guard_output", "list_files", "sha256_file", "verify_files", "writing_artifact", "check_trusted", "keygen",
+    "guard_output", "list_files", "overlapping_input", "sha256_file", "verify_files", "writing_artifact",
+    "check_trusted", "keygen",
     "check_against", "check_finite", "load_into", "load_tensors", "save_tensors", "tensor_index",
     "unique_state_dict",
 ]

@@ -96,6 +96,24 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def overlapping_input(path, inputs) -> tuple:
+    """The first input that ``path`` is, lies in, or contains: ``(input, "inside" | "contains")``.
+
+    Inputs that are None or do not exist (hub ids, absent optional files) are skipped; returns
+    ``(None, None)`` when nothing overlaps. Every writer checks its destination with this.
+    """
+    target = Path(path).absolute().resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if _inside(target, source):
+            return given, "inside"
+        if _inside(source, target):
+            return given, "contains"
+    return None, None
+
+
 def guard_output(out: Path, kind: str, overwrite: bool, inputs=()) -> None:
     """Refuse a destination that writing (or overwriting) would damage; see the module docstring."""
     if out.is_symlink():
@@ -106,15 +124,12 @@ def guard_output(out: Path, kind: str, overwrite: bool, inputs=()) -> None:
     if out.exists() and not out.is_dir():
         raise OffsiteError(f"output {out} is a file, not a folder; pick a folder path")
     target = out.resolve()
-    for given in inputs:
-        if given is None or not Path(given).exists():
-            continue  # hub ids and absent optional inputs
-        source = Path(given).resolve()
-        if _inside(target, source):
-            raise OffsiteError(f"output {out} is (inside) the input {given}; writing there would damage the input — "
-                               "pick a folder outside it")
-        if _inside(source, target):
-            raise OffsiteError(f"output {out} contains the input {given}; pick another output folder")
+    given, relation = overlapping_input(out, inputs)
+    if relation == "inside":
+        raise OffsiteError(f"output {out} is (inside) the input {given}; writing there would damage the input — "
+                           "pick a folder outside it")
+    if relation == "contains":
+        raise OffsiteError(f"output {out} contains the input {given}; pick another output folder")
     if not out.exists() or not any(out.iterdir()):
         return
     if _inside(Path.cwd().resolve(), target):

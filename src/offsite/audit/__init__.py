@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from ..artifacts import read_manifest
+from ..artifacts import overlapping_input, read_manifest
 from ..device import resolve_device
 from ..errors import OffsiteError
 from ..eval.protocol import full_package, gap, headline, score, score_with, slug, train_file
@@ -211,14 +211,10 @@ def _workdir(workdir, inputs: list) -> Path:
     workdir = Path(workdir)
     if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
         raise OffsiteError(f"--workdir {workdir} is a file or a link; give a folder")
-    target = workdir.resolve()
-    for given in inputs:
-        if given is None or not Path(given).exists():
-            continue  # hub ids and absent optional inputs
-        source = Path(given).resolve()
-        if target == source or source in target.parents:
-            raise OffsiteError(f"--workdir {workdir} is (inside) the input {given}; the audit writes there — "
-                               "pick a folder outside it")
-        if target in source.parents:
-            raise OffsiteError(f"--workdir {workdir} contains the input {given}; pick another folder")
+    given, relation = overlapping_input(workdir, inputs)
+    if relation == "inside":
+        raise OffsiteError(f"--workdir {workdir} is (inside) the input {given}; the audit writes there — "
+                           "pick a folder outside it")
+    if relation == "contains":
+        raise OffsiteError(f"--workdir {workdir} contains the input {given}; pick another folder")
     return workdir

@@ -70,14 +70,14 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise OffsiteError(f"--out {out} is a folder; give a file name such as results.json")
+    from ..artifacts import overlapping_input
     from ..eval.tasks import get_task
 
     task_files = [get_task(t).path.replace("{split}", sp) for t in tasks if get_task(t).adhoc
                   for sp in get_task(t).splits]
-    for given in (args.model, args.adapter, *task_files):
-        if given and Path(given).exists() and (Path(given).resolve() == out.resolve()
-                                               or Path(given).resolve() in out.resolve().parents):
-            raise OffsiteError(f"--out {out} is (inside) the input {given}; writing there would change it")
+    given, relation = overlapping_input(out, [args.model, args.adapter, *task_files])
+    if relation == "inside":
+        raise OffsiteError(f"--out {out} is (inside) the input {given}; writing there would change it")
 
     from ..models import load_for_eval
 

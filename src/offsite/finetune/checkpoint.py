@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import canonical_json, sha256_file
+from ..artifacts import canonical_json, overlapping_input, sha256_file
 from ..artifacts.tensors import load_tensors
 from ..errors import OffsiteError
 from .schedule import optimizer_tensors, restore_optimizer
@@ -82,13 +82,10 @@ def guard_checkpoint(folder: Path, inputs=()) -> None:
     folder = Path(folder)
     for path in (folder, _old_dir(folder)):
         target = path.absolute().resolve()
-        for given in inputs:
-            if given is None or not Path(given).exists():
-                continue
-            source = Path(given).resolve()
-            if target == source or source in target.parents or target in source.parents:
-                raise OffsiteError(f"the checkpoint folder {path} of this --out would overlap the input {given}; "
-                                   "pick another --out")
+        given, relation = overlapping_input(path, inputs)
+        if relation:
+            raise OffsiteError(f"the checkpoint folder {path} of this --out would overlap the input {given}; "
+                               "pick another --out")
         if Path.cwd().resolve() == target or target in Path.cwd().resolve().parents:
             raise OffsiteError(f"the checkpoint folder {path} of this --out holds the current folder; "
                                "pick another --out")
