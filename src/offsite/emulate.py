@@ -26,7 +26,7 @@ def settings_of(config) -> dict:
 
 def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtype: str = "auto",
             calibration=None, overwrite: bool = False, allow_verbatim_middle: bool = False, sign_key=None,
-            device="auto", **method_settings) -> Path:
+            device="auto", selection: dict | None = None, **method_settings) -> Path:
     """Build an emulator package from a base model.
 
     Args:
@@ -43,6 +43,7 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         device: where the base model is loaded and the method runs (calibration, statistics,
             training): ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``, ... (see
             :mod:`offsite.device`). Not part of the package's identity; recorded under ``run``.
+        selection: how these settings were chosen (``offsite frontier``'s sweep), stored in the manifest.
         **method_settings: the method's own settings (e.g. ``emulator_layers=8``).
 
     Returns:
@@ -79,6 +80,7 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         "plan": stored_plan,
         "parameters": {"full": full_params, "emulator": count_parameters(emulator)},
         "disclosure": disclosure,
+        **({"selection": selection} if selection else {}),
     }
     settings = {"command": "emulate", "model": model, "method": method, "adapter_layers": str(adapter_layers),
                 "dtype": dtype, "calibration": str(calibration) if calibration else None,

@@ -22,10 +22,10 @@ import json
 import time
 from pathlib import Path
 
-from ..artifacts import overlapping_input, read_manifest
+from ..artifacts import read_manifest
 from ..device import resolve_device
 from ..errors import OffsiteError
-from ..eval.protocol import full_package, gap, headline, score, score_with, slug, train_file
+from ..eval.protocol import check_workdir, full_package, gap, headline, score, score_with, slug, train_file
 from ..eval.run import check_data_dir, parse_tasks
 from ..eval.tasks import is_file_task
 from ..finetune import finetune, make_config
@@ -80,7 +80,7 @@ def run_audit(emulator, model: str, tasks, data_dir, workdir, public=None, budge
     if cfg.max_steps is None or cfg.max_steps < 1:
         raise OffsiteError(f"the audit's budget is counted in optimizer steps: give max_steps >= 1, got {cfg.max_steps}")
     public = resolve_public(public) if "recovery" in attacks else None
-    workdir = _workdir(workdir, [emulator, model, public, data_dir] +
+    workdir = check_workdir(workdir, [emulator, model, public, data_dir] +
                        [Path(t).parent for t in names if is_file_task(t)])
     workdir.mkdir(parents=True, exist_ok=True)
     train = {t: train_file(t, data_dir, workdir, train_limit) for t in names}  # bad data fails before model work
@@ -201,20 +201,3 @@ def resolve_public(public) -> Path:
     if not path.is_file():
         raise OffsiteError(f"--public {path} is not a file; give a public text file (.txt, .gz or .jsonl)")
     return path
-
-
-def _workdir(workdir, inputs: list) -> Path:
-    """``workdir`` as a Path, refused when it is a file, a link, or is, lies in or contains an input.
-
-    Every output of the audit goes inside it, so this one check keeps every input intact.
-    """
-    workdir = Path(workdir)
-    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
-        raise OffsiteError(f"--workdir {workdir} is a file or a link; give a folder")
-    given, relation = overlapping_input(workdir, inputs)
-    if relation == "inside":
-        raise OffsiteError(f"--workdir {workdir} is (inside) the input {given}; the audit writes there — "
-                           "pick a folder outside it")
-    if relation == "contains":
-        raise OffsiteError(f"--workdir {workdir} contains the input {given}; pick another folder")
-    return workdir

@@ -24,6 +24,12 @@ class EmulatorBuilder:
     name: str = ""
     config_cls: type = None
     needs_calibration: bool = False
+    size_knob: str | None = None
+    """The setting that sets the emulator's size (what ``offsite frontier`` sweeps), or None."""
+
+    def size_points(self, middle: int) -> list:
+        """Default values of :attr:`size_knob` for a split with ``middle`` middle layers (small to large)."""
+        return []
 
     def make_config(self, **kwargs):
         """Build the method's config, refusing unknown settings and values of the wrong type.
@@ -106,3 +112,8 @@ def layer_entries(split: Split, kept_middle: list) -> list:
     adapter = set(split.adapter)
     sources = sorted(set(split.adapter) | set(kept_middle))
     return [{"source": i, "role": "adapter" if i in adapter else "emulator"} for i in sources]
+
+
+def layer_count_points(middle: int) -> list:
+    """About a quarter, a half and three quarters of ``middle`` layers kept (distinct, 1..middle-1)."""
+    return sorted({min(max(1, round(middle * f)), max(1, middle - 1)) for f in (0.25, 0.5, 0.75)})

@@ -33,7 +33,7 @@ import torch
 from ..errors import OffsiteError
 from ..families import capture_hidden, get_layers, set_layers
 from ..progress import bar
-from .base import EmulatorBuilder, layer_entries, register
+from .base import EmulatorBuilder, layer_count_points, layer_entries, register
 from .calibrated import check_positive, load_calibration, model_device
 from .uniform import default_emulator_layers
 
@@ -161,6 +161,11 @@ class CrashConfig:
 @register
 class Crash(EmulatorBuilder):
     name = "crash"
+    size_knob = "emulator_layers"
+
+    def size_points(self, middle: int) -> list:
+        return layer_count_points(middle)
+
     config_cls = CrashConfig
     needs_calibration = True
 

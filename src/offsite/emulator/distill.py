@@ -34,7 +34,7 @@ from ..families import capture_hidden, get_layers
 from ..precision import base_dtype
 from ..precision import policy as precision_policy
 from ..progress import bar
-from .base import EmulatorBuilder, keep_layers, layer_entries, register
+from .base import EmulatorBuilder, keep_layers, layer_count_points, layer_entries, register
 from .calibrated import (check_fraction, check_positive, cycle, load_calibration, model_device,
                          normalised_mse)
 from .uniform import uniform_middle
@@ -124,6 +124,11 @@ def _hooks(points: list) -> dict:
 @register
 class Distill(EmulatorBuilder):
     name = "distill"
+    size_knob = "emulator_layers"
+
+    def size_points(self, middle: int) -> list:
+        return layer_count_points(middle)
+
     config_cls = DistillConfig
     needs_calibration = True
 

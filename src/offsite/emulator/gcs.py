@@ -1,28 +1,46 @@
 """Gradient-preserving Compression Score (GCS) of GradOT, in closed form for rank-1 removals.
 
 For a perturbation δ of a weight ``W (out, in)`` with K-FAC factors ``A (in, in)``, ``G (out, out)``
-and mean gradient ``g (out, in)`` (see :mod:`offsite.calibration.stats`)::
+and mean gradient ``g (out, in)`` of the mean token loss (see :mod:`offsite.calibration.stats`),
+three terms describe what removing δ does:
 
-    GCS(δ) = ||G δ A||_1 − λ <g, δ>
+* ``shift(δ) = ||G δ A||_1``: K-FAC's Hessian-vector product, the first-order change of ``W``'s
+  gradient (the paper's utility term: keep it small);
+* ``gain(δ) = <g, δ>``: the first-order loss increase (the paper's privacy term: make it large);
+* ``loss(δ) = <g, δ> + ½ tr(δᵀ G δ A)``: the second-order (K-FAC) estimate of the loss increase, in
+  nats per calibration token. The quadratic part is a sum of squares and far less noisy than the
+  first-order part, which averages signed per-token gradients that nearly cancel at a trained model.
 
-``G δ A`` is K-FAC's Hessian-vector product: the first-order change of ``W``'s gradient (keep it
-small: utility); ``<g, δ>`` (entrywise product summed) is the first-order loss increase (make it
-large: privacy). Every removal GradOT considers is rank one, ``δ = −c a bᵀ``, so
-``||G δ A||_1 = |c| ||G a||_1 ||A b||_1`` (the L1 norm of an outer product factorises) and
-``<g, δ> = −c aᵀ g b``: one matrix product per factor scores every candidate at once.
+Every removal GradOT considers is rank one, ``δ = −c a bᵀ``, so ``||G δ A||_1 = |c| ||G a||_1 ||A b||_1``
+(the L1 norm of an outer product factorises), ``<g, δ> = −c aᵀ g b`` and ``tr(δᵀ G δ A) = c² (aᵀ G a)
+(bᵀ A b)``: one matrix product per factor scores every candidate at once.
 
-* Removing singular component k: ``a = u_k, b = v_k, c = s_k``.
-* Removing intermediate channel j: row j of up/gate (``a = e_j``, ``b = w_j``) plus column j of
-  down (``a = d_j``, ``b = e_j``); the channel's score sums its matrices' terms (K-FAC is
-  block-diagonal across matrices, and the L1 norm of a block-diagonal change is the sum). Phi-3's
-  fused gate_up loses two rows of one matrix; their terms are summed (an upper bound).
+* Singular component k: ``a = u_k, b = v_k, c = s_k``.
+* Intermediate channel j: row j of up/gate (``a = e_j``, ``b = w_j``) plus column j of down
+  (``a = d_j``, ``b = e_j``). ``shift`` and ``gain`` sum the matrices' terms as the paper does (K-FAC
+  is block-diagonal across matrices; Phi-3's fused gate_up loses two rows of one matrix, summed one by
+  one: an upper bound). ``loss`` uses the down column alone: removing the channel changes the layer's
+  function exactly as removing that column does (the channel's activation no longer reaches the
+  output), so adding the up/gate terms would count the same change two or three times.
 
-Both terms are divided by their mean absolute value over the candidates of one selection (one
-matrix, or one MLP), so λ is a dimensionless trade-off that means the same in every layer and
-model (the raw terms differ by orders of magnitude between layers); within one selection this
-only rescales λ. Candidates are scored independently and the lowest-GCS ones are removed: the sum
-of single-removal scores is an upper bound of the joint ``||G δ A||_1`` (triangle inequality) and
-exact for ``<g, δ>``, so keeping the highest scores minimises that bound.
+Two forms turn the terms into one score (lower = better to remove; the highest scores are kept):
+
+* ``"relative"`` (default): ``shift_k / Σ shift − λ · curv_k / Σ curv``, sums over the selection's
+  candidates (one matrix's components, one MLP's channels). Both terms are *shares of the same
+  matrix's total effect*, so they are on one scale and λ is an exchange rate: λ = 1 removes a
+  candidate when its share of the loss increase exceeds its share of the gradient change; λ = 0 is
+  gradient fidelity alone; large λ removes what the loss needs most (privacy). ``curv`` is the
+  quadratic part of ``loss``: the first-order part is mostly noise at a trained model (its rank
+  correlation between two halves of the calibration text is about 0.5, the quadratic part's and
+  the shift's above 0.97; ``bench/results/gcs_selection``), so it is left out unless
+  ``first_order`` asks for it.
+* ``"paper"``: ``shift − λ · gain``, each term divided by its mean absolute value over the candidates
+  (the raw terms differ by orders of magnitude between layers, so a raw λ would mean something else in
+  every matrix). This is the published score with that one normalisation.
+
+Candidates are scored independently: the sum of single-removal shifts bounds the joint ``||G δ A||_1``
+(triangle inequality), ``gain`` is additive, and ``loss`` ignores the cross terms between removed
+components (zero for components orthogonal in the A and G metrics).
 """
 
 from __future__ import annotations
@@ -31,51 +49,48 @@ import math
 
 import torch
 
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.abs().mean().clamp_min(torch.finfo(x.dtype).tiny)
+FORMS = ("relative", "paper")
 
 
-def component_terms(stats: dict, svd) -> tuple:
-    """Raw ``(||G δ_k A||_1, <g, δ_k>)`` for removing each singular component k, ``δ_k = −s_k u_k v_k^T``.
+def _share(x: torch.Tensor) -> torch.Tensor:
+    return x / x.abs().sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def component_terms(stats: dict, svd) -> dict:
+    """``shift``, ``gain`` and ``loss`` of removing each singular component k, ``δ_k = −s_k u_k v_kᵀ``.
 
     Args:
         stats: ``{"A": (in, in), "G": (out, out), "grad": (out, in)}``.
         svd: ``(U (out, k), S (k,), Vh (k, in))`` of the matrix.
 
     Returns:
-        Two ``(k,)`` tensors.
+        ``{"shift", "gain", "curvature", "loss"}``, each ``(k,)`` (curvature = the quadratic part of loss).
     """
     u, s, vh = (t.to(stats["A"].dtype) for t in svd)
-    shift = s * (stats["G"] @ u).abs().sum(0) * (stats["A"] @ vh.T).abs().sum(0)
+    gu, av = stats["G"] @ u, stats["A"] @ vh.T
+    shift = s * gu.abs().sum(0) * av.abs().sum(0)
     gain = -s * torch.einsum("ok,oi,ki->k", u, stats["grad"], vh)
-    return shift, gain
+    curvature = 0.5 * s.square() * (u * gu).sum(0) * (vh.T * av).sum(0)
+    return {"shift": shift, "gain": gain, "curvature": curvature, "loss": gain + curvature}
 
 
-def component_scores(stats: dict, svd, lam: float) -> torch.Tensor:
-    """Normalised GCS of removing each singular component (lower = better to remove), ``(k,)``."""
-    shift, gain = component_terms(stats, svd)
-    return _unit(shift) - lam * _unit(gain)
-
-
-def channel_terms(row_parts: list, down_part: tuple) -> tuple:
-    """Raw ``(||G δ_j A||_1, <g, δ_j>)`` summed over the MLP's matrices, for removing channel j.
-
-    Exact for separate up/gate/down matrices. For a fused ``gate_up`` (``blocks`` = 2) the two
-    removed rows of one matrix are scored one by one and summed: an upper bound of that matrix's
-    joint L1 term (the exact value would cost one ``(out, in)`` product per channel).
+def channel_terms(row_parts: list, down_part: tuple) -> dict:
+    """``shift``, ``gain`` (summed over the MLP's matrices) and ``loss`` (down column) per channel j.
 
     Args:
         row_parts: ``[(stats, W (blocks * channels, in), blocks)]`` for up/gate.
         down_part: ``(stats, W_down (out, channels))``.
 
     Returns:
-        Two ``(channels,)`` tensors.
+        ``{"shift", "gain", "curvature", "loss"}``, each ``(channels,)``.
     """
     d_stats, d_w = down_part
     d_w = d_w.to(d_stats["A"].dtype)
-    shift = (d_stats["G"] @ d_w).abs().sum(0) * d_stats["A"].abs().sum(0)
+    g_d = d_stats["G"] @ d_w
+    shift = g_d.abs().sum(0) * d_stats["A"].abs().sum(0)
     gain = -(d_stats["grad"] * d_w).sum(0)
+    curvature = 0.5 * (d_w * g_d).sum(0) * d_stats["A"].diagonal()
+    loss = gain + curvature
     channels = d_w.shape[1]
     for stats, w, blocks in row_parts:
         w = w.to(stats["A"].dtype)
@@ -83,13 +98,19 @@ def channel_terms(row_parts: list, down_part: tuple) -> tuple:
         row_gain = -(stats["grad"] * w).sum(1)
         shift = shift + row_shift.view(blocks, channels).sum(0)
         gain = gain + row_gain.view(blocks, channels).sum(0)
-    return shift, gain
+    return {"shift": shift, "gain": gain, "curvature": curvature, "loss": loss}
 
 
-def channel_scores(row_parts: list, down_part: tuple, lam: float) -> torch.Tensor:
-    """Normalised GCS of removing each intermediate channel (lower = better to remove), ``(channels,)``."""
-    shift, gain = channel_terms(row_parts, down_part)
-    return _unit(shift) - lam * _unit(gain)
+def scores(terms: dict, lam: float, form: str = "relative", first_order: bool = False) -> torch.Tensor:
+    """GCS of every candidate from its terms (lower = better to remove), ``(n,)``; see the module doc.
+
+    ``first_order`` (relative form only) adds ``<g, δ>`` to the loss term; without it the loss term is
+    the quadratic part alone, the expected increase at a minimum of the calibration loss.
+    """
+    if form == "paper":
+        shift, gain = terms["shift"], terms["gain"]
+        return shift / shift.abs().mean().clamp_min(1e-300) - lam * gain / gain.abs().mean().clamp_min(1e-300)
+    return _share(terms["shift"]) - lam * _share(terms["loss" if first_order else "curvature"])
 
 
 def floor_count(full: int, fraction: float) -> int:

@@ -57,10 +57,12 @@ from ..families.linears import linear_weight, mlp_channel_blocks
 from ..progress import bar
 from . import gcs
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
+from .importance_cache import cache_key, load_terms, save_terms
 from .lowrank import (make_dense, make_low_rank, prune_mlp_channels, replace_linear, restructure_linears,
                       truncated_svd, weight_svd)
 
 DEFAULT_BUDGET = 0.4
+TERMS_VERSION = 3  # bump when what the terms mean changes, so older caches are not reused
 SCORINGS = ("gcs", "magnitude", "random")
 
 
@@ -91,6 +93,14 @@ class GradOTConfig:
     scoring: str = "gcs"
     """'gcs' (GradOT), 'magnitude' (top singular values + channel-norm pruning) or 'random' (same floor and
     sizes, components/channels drawn at random from the seed): the two baselines GCS must beat."""
+    gcs_form: str = "relative"
+    """How GCS weighs its two terms: 'relative' (shares of the matrix's gradient change and K-FAC loss
+    increase; λ is an exchange rate) or 'paper' (the published ||GδA||₁ − λ<g, δ>, mean-normalised)."""
+    first_order: bool = False
+    """Relative form: add the first-order <g, δ> to the loss term (noisy at a trained model)."""
+    cache_dir: str | None = None
+    """Folder keeping the GCS terms of this model, split and calibration, so later builds with other
+    sizes, λ or form skip the calibration sweep (``offsite frontier`` uses it)."""
     seq_len: int = 128
     """Tokens per calibration window."""
     num_sequences: int = 64
@@ -114,6 +124,8 @@ class GradOTConfig:
         self.top_fraction = _fraction("top_fraction", self.top_fraction, allow_none=False)
         if self.scoring not in SCORINGS:
             raise OffsiteError(f"gradot scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.gcs_form not in gcs.FORMS:
+            raise OffsiteError(f"gradot gcs_form must be one of {', '.join(gcs.FORMS)}, got {self.gcs_form!r}")
         if self.stats_dtype not in STATS_DTYPES:
             raise OffsiteError(f"gradot stats_dtype must be one of {', '.join(STATS_DTYPES)}, got {self.stats_dtype!r}")
         self.calibration = CalibrationConfig(None, self.seq_len, self.num_sequences, self.batch_size, self.seed)
@@ -150,25 +162,28 @@ def _batches(model, config: GradOTConfig, calibration, tokenizer):
                      "sequences": c.num_sequences, "seq_len": c.seq_len, "seed": c.seed}
 
 
-def _attention_entry(index, role, module, family, stats, config):
+def _attention_terms(module, family, stats, need_stats: bool) -> dict:
+    """What selecting one attention matrix's components needs: its shape and, for GCS, the terms."""
     w = linear_weight(module, family)
-    out_f, in_f = w.shape
-    rank = config.target_rank(out_f, in_f)
-    if rank >= min(out_f, in_f):
-        return None  # nothing to compress
-    svd = weight_svd(w)
-    if config.scoring == "magnitude":
-        kept = list(range(rank))
-    elif config.scoring == "random":
-        scores = _random_scores(config.seed, index, role, len(svd[1]))
-        kept = gcs.select_components(scores, rank, gcs.floor_count(min(out_f, in_f), config.top_fraction))
-    else:
-        scores = gcs.component_scores(stats, svd, config.lambda_attn)
-        kept = gcs.select_components(scores, rank, gcs.floor_count(min(out_f, in_f), config.top_fraction))
-    entry = {"layer": index, "role": role, "components": kept}
-    if rank * (out_f + in_f) < out_f * in_f:
-        return {**entry, "rank": rank}
-    return {**entry, "shape": [out_f, in_f]}
+    entry = {"shape": list(w.shape)}
+    if need_stats:
+        entry.update(gcs.component_terms(stats, weight_svd(w)))
+    return entry
+
+
+def _mlp_terms(layer, family, stats, need_stats: bool) -> dict:
+    """One MLP's channel count, the magnitude baseline's channel norms and, for GCS, the terms."""
+    linears = layer_linears(layer, family)
+    down = linear_weight(linears["mlp.down"], family).detach()
+    channels = down.shape[1]
+    rows = [(stats.get(r), linear_weight(linears[r], family).detach(), b) for r, b in mlp_channel_blocks(family).items()]
+    norm = down.double().norm(dim=0)
+    for _, w, blocks in rows:
+        norm = norm * w.double().norm(dim=1).view(blocks, channels).prod(0)
+    entry = {"of": channels, "norm": norm}
+    if need_stats:
+        entry.update(gcs.channel_terms(rows, (stats["mlp.down"], down)))
+    return entry
 
 
 def _random_scores(seed: int, index: int, role: str, n: int) -> torch.Tensor:
@@ -179,29 +194,51 @@ def _random_scores(seed: int, index: int, role: str, n: int) -> torch.Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
-def _mlp_entry(index, layer, family, stats, config):
-    linears = layer_linears(layer, family)
-    down = linear_weight(linears["mlp.down"], family)
-    channels = down.shape[1]
-    keep = config.target_channels(channels)
-    if keep >= channels:
-        return None
-    rows = [(stats[r], linear_weight(linears[r], family).detach(), b) for r, b in mlp_channel_blocks(family).items()]
-    if config.scoring == "magnitude":
-        norm = down.detach().double().norm(dim=0)
-        for _, w, blocks in rows:
-            norm = norm * w.double().norm(dim=1).view(blocks, channels).prod(0)
-        kept = gcs.select_top(norm, keep)
-    elif config.scoring == "random":
-        kept = gcs.select_top(_random_scores(config.seed, index, "mlp", channels), keep)
-    else:
-        kept = gcs.select_top(gcs.channel_scores(rows, (stats["mlp.down"], down.detach()), config.lambda_mlp), keep)
-    return {"layer": index, "channels": kept, "of": channels}
+def select(terms: dict, config: GradOTConfig) -> tuple:
+    """The plan's ``linears`` and ``mlp`` tables from the terms of every middle matrix (no model needed).
+
+    Args:
+        terms: ``{"attn": {"<layer>.<role>": {"shape", ...}}, "mlp": {"<layer>": {"of", "norm", ...}}}``
+            as :meth:`GradOT.terms` returns it (GCS terms present when ``config.scoring == "gcs"``).
+        config: sizes, scoring, λ, form and floor.
+    """
+    linears, mlps = [], []
+    for key, t in terms["attn"].items():
+        index, role = key.split(".", 1)
+        out_f, in_f = t["shape"]
+        rank, full = config.target_rank(out_f, in_f), min(out_f, in_f)
+        if rank >= full:
+            continue  # nothing to compress
+        if config.scoring == "magnitude":
+            kept = list(range(rank))
+        else:
+            scores = (_random_scores(config.seed, int(index), role, full) if config.scoring == "random"
+                      else gcs.scores(t, config.lambda_attn, config.gcs_form, config.first_order))
+            kept = gcs.select_components(scores, rank, gcs.floor_count(full, config.top_fraction))
+        entry = {"layer": int(index), "role": role, "components": kept}
+        linears.append({**entry, "rank": rank} if rank * (out_f + in_f) < out_f * in_f else {**entry, "shape": [out_f, in_f]})
+    for key, t in terms["mlp"].items():
+        keep = config.target_channels(t["of"])
+        if keep >= t["of"]:
+            continue
+        if config.scoring == "magnitude":
+            scores = t["norm"]
+        elif config.scoring == "random":
+            scores = _random_scores(config.seed, int(key), "mlp", t["of"])
+        else:
+            scores = gcs.scores(t, config.lambda_mlp, config.gcs_form, config.first_order)
+        mlps.append({"layer": int(key), "channels": gcs.select_top(scores, keep), "of": t["of"]})
+    return sorted(linears, key=lambda e: (e["layer"], e["role"])), sorted(mlps, key=lambda e: e["layer"])
 
 
 @register
 class GradOT(EmulatorBuilder):
     name = "gradot"
+    size_knob = "param_budget"
+
+    def size_points(self, middle: int) -> list:
+        return [0.25, 0.4, 0.6]
+
     config_cls = GradOTConfig
     needs_calibration = True
     compresses_kept_layers = True
@@ -212,7 +249,8 @@ class GradOT(EmulatorBuilder):
         return plan, self.apply(model, family, split, plan)
 
     def plan(self, model, family, split, config, calibration=None, tokenizer=None) -> dict:
-        """Calibrate (streamed) and decide every middle linear's kept components / channels.
+        """Calibrate (streamed, or from ``config.cache_dir``) and decide every middle linear's kept
+        components / channels.
 
         Args:
             calibration: a text file, None (the default public corpus) or ready ``LongTensor
@@ -220,34 +258,62 @@ class GradOT(EmulatorBuilder):
             tokenizer: the model's tokenizer (read from ``model.name_or_path`` when None).
         """
         started = time.time()
-        batches, source = _batches(model, config, calibration, tokenizer)
+        terms, record = self.terms(model, family, split, config, calibration, tokenizer)
+        linears, mlps = select(terms, config)
+        settings = {k: v for k, v in vars(config).items() if k != "calibration"}
+        return {
+            "layers": layer_entries(split, list(split.middle)),
+            "linears": linears,
+            "mlp": mlps,
+            "settings": settings,
+            "calibration": record,
+            "build": {"stats_seconds": round(time.time() - started, 2), **peak_memory_mb()},
+        }
+
+    def terms(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+        """Everything selection needs from the model, for every middle matrix (see :func:`select`).
+
+        GCS runs the streamed calibration sweep (or reads a matching ``cache_dir``); the baselines
+        read the weights alone and use no calibration text.
+
+        Returns:
+            ``(terms, calibration record)``.
+        """
         layers = get_layers(model, family)
-        linears, mlps = [], []
+        need_stats = config.scoring == "gcs"
+        if not need_stats:
+            terms = {"attn": {}, "mlp": {}}
+            for index in split.middle:
+                for role, module in layer_linears(layers[index], family).items():
+                    if role.startswith("attn."):
+                        terms["attn"][f"{index}.{role}"] = _attention_terms(module, family, None, False)
+                terms["mlp"][str(index)] = _mlp_terms(layers[index], family, {}, False)
+            return terms, {"skipped": f"scoring={config.scoring} reads the weights only"}
+        batches, source = _batches(model, config, calibration, tokenizer)
+        key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype})
+        if config.cache_dir:
+            cached = load_terms(config.cache_dir, key)
+            if cached is not None:
+                return cached["terms"], {**source, **cached["record"], "cache_dir": str(config.cache_dir)}
+        terms = {"attn": {}, "mlp": {}}
 
         def on_layer(index, stats):
             attention = [(r, m) for r, m in layer_linears(layers[index], family).items() if r.startswith("attn.")]
-            # One step per attention matrix (its SVD dominates) plus one for the MLP, scored as a whole.
-            with bar(len(attention) + 1, f"{config.scoring} scoring, layer {index}", "matrix",
-                     leave=False) as scoring:
+            # One step per attention matrix (its SVD dominates) plus one for the MLP.
+            with bar(len(attention) + 1, f"gcs terms, layer {index}", "matrix", leave=False) as scoring:
                 for role, module in attention:
-                    entry = _attention_entry(index, role, module, family, stats[role], config)
-                    linears.extend([entry] if entry else [])
+                    terms["attn"][f"{index}.{role}"] = _attention_terms(module, family, stats[role], True)
                     scoring.update()
-                entry = _mlp_entry(index, layers[index], family, stats, config)
-                mlps.extend([entry] if entry else [])
+                terms["mlp"][str(index)] = _mlp_terms(layers[index], family, stats, True)
                 scoring.update()
 
         bounds = capture_boundaries(model, family, batches)
         backward_sweep(model, family, bounds, split.middle, on_layer, STATS_DTYPES[config.stats_dtype])
-        settings = {k: v for k, v in vars(config).items() if k != "calibration"}
-        return {
-            "layers": layer_entries(split, list(split.middle)),
-            "linears": sorted(linears, key=lambda e: (e["layer"], e["role"])),
-            "mlp": sorted(mlps, key=lambda e: e["layer"]),
-            "settings": settings,
-            "calibration": {**source, "tokens": bounds.tokens, "loss": round(bounds.loss, 6)},
-            "build": {"stats_seconds": round(time.time() - started, 2), **peak_memory_mb()},
-        }
+        record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
+        if config.cache_dir:
+            save_terms(config.cache_dir, key, terms, record)
+            record = {**record, "cache_dir": str(config.cache_dir)}
+        return terms, {**source, **record}
 
     def apply(self, model, family, split, plan):
         layers = get_layers(model, family)

@@ -1,11 +1,14 @@
-"""ScaleOT's reusable stage-1 result: importance scores + every middle layer's harmonizer.
+"""Reusable calibration results: ScaleOT's stage 1 (importance scores + every middle layer's
+harmonizer) and GradOT's GCS terms (per middle matrix, see :mod:`.gcs`).
 
 Layout of a cache folder (no pickle)::
 
     harmonizers.safetensors   "<full layer index>.<parameter>" -> tensor, one harmonizer per middle layer
     importance.json           key, scores per full layer index, training record and settings
 
-``importance.json`` is written last, so a folder with it is complete. The key is a sha256 over the
+GradOT's folder holds ``gcs_terms.safetensors`` ("attn|<layer>.<role>|<term>" or "mlp|<layer>|<term>")
+and ``gcs_terms.json`` (key, shapes, record). The JSON file is written last, so a folder with it is
+complete. The key is a sha256 over the
 base model's identity (config hash + weight fingerprint), the split, the calibration batches'
 token ids and the training settings: a cache answers only the exact question it was made for, and
 a folder made for another one is refused rather than silently reused or overwritten.
@@ -73,4 +76,48 @@ def save_cache(folder, key: str, scores: dict, harmonizers: dict, record: dict, 
     save_tensors(tensors, root / WEIGHTS)
     meta = {"key": key, "scores": {str(i): s for i, s in scores.items()}, "record": record, "settings": settings}
     (root / SCORES).write_text(json.dumps(meta, indent=2) + "\n")
+    return root
+
+
+TERMS_META = "gcs_terms.json"
+TERMS_WEIGHTS = "gcs_terms.safetensors"
+
+
+def load_terms(folder, key: str) -> dict | None:
+    """GradOT's terms from ``folder`` when they were made for ``key``; None when it has none yet.
+
+    Returns:
+        ``{"terms": {"attn": {...}, "mlp": {...}}, "record": dict}``.
+
+    Raises:
+        OffsiteError: the folder holds terms for another model, split, calibration or statistics dtype.
+    """
+    root = Path(folder)
+    if not (root / TERMS_META).is_file():
+        return None
+    meta = json.loads((root / TERMS_META).read_text())
+    if meta.get("key") != key:
+        raise OffsiteError(f"GCS terms cache {root} was made for another base model, split, calibration text or "
+                           "statistics dtype; use another cache_dir or the same settings")
+    tensors = load_tensors(root / TERMS_WEIGHTS)
+    terms = {"attn": {k: {"shape": shape} for k, shape in meta["attn"].items()},
+             "mlp": {k: {"of": of} for k, of in meta["mlp"].items()}}
+    for name, t in tensors.items():
+        kind, key_, term = name.split("|")
+        if key_ not in terms.get(kind, {}):
+            raise OffsiteError(f"GCS terms cache {root}: tensor {name!r} has no entry in {TERMS_META}")
+        terms[kind][key_][term] = t
+    return {"terms": terms, "record": meta["record"]}
+
+
+def save_terms(folder, key: str, terms: dict, record: dict) -> Path:
+    """Write GradOT's terms to ``folder`` (created; the JSON file last)."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{kind}|{k}|{name}": v for kind in ("attn", "mlp") for k, entry in terms[kind].items()
+               for name, v in entry.items() if torch.is_tensor(v)}
+    save_tensors(tensors, root / TERMS_WEIGHTS)
+    meta = {"key": key, "attn": {k: e["shape"] for k, e in terms["attn"].items()},
+            "mlp": {k: e["of"] for k, e in terms["mlp"].items()}, "record": record}
+    (root / TERMS_META).write_text(json.dumps(meta, indent=2) + "\n")
     return root

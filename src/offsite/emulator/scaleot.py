@@ -125,6 +125,11 @@ def compress_attention(layer, family, beta: float) -> list:
 @register
 class ScaleOT(EmulatorBuilder):
     name = "scaleot"
+    size_knob = "alpha"
+
+    def size_points(self, middle: int) -> list:
+        return [0.75, 0.5, 0.25]  # fraction of middle layers replaced: small emulator first
+
     config_cls = ScaleOTConfig
     needs_calibration = True
     compresses_kept_layers = "beta"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import OffsiteError
-from .base import EmulatorBuilder, layer_entries, register
+from .base import EmulatorBuilder, layer_count_points, layer_entries, register
 
 
 def uniform_positions(num_middle: int, keep: int) -> list:
@@ -64,6 +64,11 @@ class UniformConfig:
 @register
 class UniformDrop(EmulatorBuilder):
     name = "uniform"
+    size_knob = "emulator_layers"
+
+    def size_points(self, middle: int) -> list:
+        return layer_count_points(middle)
+
     config_cls = UniformConfig
 
     def plan(self, model, family, split, config, calibration=None) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..artifacts import overlapping_input
 from ..errors import OffsiteError
 from .run import evaluate
 from .tasks import get_task
@@ -102,3 +103,21 @@ def full_package(model: str, workdir, device) -> Path:
     emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True,
             device=device)
     return whole
+
+
+def check_workdir(workdir, inputs: list) -> Path:
+    """``workdir`` as a Path, refused when it is a file, a link, or is, lies in or contains an input.
+
+    Every output of the audit and of the frontier goes inside it, so this one check keeps every
+    input intact.
+    """
+    workdir = Path(workdir)
+    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+        raise OffsiteError(f"--workdir {workdir} is a file or a link; give a folder")
+    given, relation = overlapping_input(workdir, inputs)
+    if relation == "inside":
+        raise OffsiteError(f"--workdir {workdir} is (inside) the input {given}; results are written there — "
+                           "pick a folder outside it")
+    if relation == "contains":
+        raise OffsiteError(f"--workdir {workdir} contains the input {given}; pick another folder")
+    return workdir

@@ -1,0 +1,179 @@
+"""GCS vs magnitude vs random selection at matched size on the reference Llama, and GCS's λ.
+
+Usage (from the repository root):
+    .venv/bin/python bench/gcs_selection.py [--model DIR] [--data-dir DIR] [--budget 0.4]
+                                            [--windows 64] [--out bench/results/gcs_selection]
+
+Every emulator keeps every middle layer with each middle linear at ``--budget`` of its parameters
+(GradOT's sizes); only *which* singular components and channels stay differs:
+
+* ``gcs`` in the relative form at λ ∈ {0, 0.25, 0.5, 1, 2, 4, 8, 10^6}, with the first-order term at
+  λ ∈ {0.25, 1}, and in the paper form at λ ∈ {0.25, 4} (terms computed once, through ``cache_dir``);
+* ``magnitude`` (top singular values, channel norms) and ``random`` (same floor, seeds 0-4).
+
+For each: the adapter-gradient cosine (full model vs emulator) and the emulator's LM loss on
+WikiText-2 *validation* windows (used to choose λ) and *test* windows (used to judge the choice),
+neither seen by the calibration (War and Peace). Selection stability: the GCS terms computed on two
+disjoint halves of the calibration windows, per matrix the Spearman correlation of each term between
+the halves and the overlap (|kept ∩ kept'| / |kept|) of the default selection.
+
+Writes ``results.json`` and ``results.md`` (tables with the command) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RELATIVE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 1e6)
+PAPER = (0.25, 4.0)
+RANDOM_SEEDS = (0, 1, 2, 3, 4)
+TERMS = ("shift", "gain", "curvature", "loss")
+
+
+def _spearman(a, b) -> float:
+    import torch
+
+    ra, rb = (torch.argsort(torch.argsort(x)).double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="../shared/models/ref-llama-12l")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--budget", type=float, default=0.4)
+    p.add_argument("--windows", type=int, default=64, help="calibration windows (the GradOT default)")
+    p.add_argument("--held-windows", type=int, default=32)
+    p.add_argument("--out", default="bench/results/gcs_selection")
+    args = p.parse_args()
+    os.chdir(ROOT)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    import torch
+    import torch.nn.functional as F
+
+    from offsite.calibration import calibration_batches
+    from offsite.emulator import get_builder
+    from offsite.emulator.gradot import select
+    from offsite.eval.gradients import adapter_gradient_cosine
+    from offsite.families import get_family
+    from offsite.loading import load_model
+    from offsite.split import make_split
+
+    torch.set_num_threads(2)
+    started = time.time()
+    full, tok = load_model(args.model)
+    family, split = get_family(full), make_split(full.config.num_hidden_layers, "2,2")
+    data = Path(args.data_dir)
+    calib = calibration_batches(data / "lm/war_and_peace/war_and_peace_pg2600.txt.gz", tok, seq_len=128,
+                                num_sequences=args.windows, batch_size=8)
+    held = {name: calibration_batches(data / f"lm/wikitext-2-raw/wiki.{name}.raw.gz", tok, seq_len=128,
+                                      num_sequences=args.held_windows, batch_size=8, seed=2)
+            for name in ("valid", "test")}
+
+    def lm_loss(model, batches):
+        with torch.no_grad():
+            total = sum(float(F.cross_entropy(model(input_ids=b).logits[:, :-1].flatten(0, 1), b[:, 1:].flatten(),
+                                              reduction="sum")) for b in batches)
+        return total / sum(b[:, 1:].numel() for b in batches)
+
+    builder = get_builder("gradot")
+    cache = tempfile.mkdtemp(prefix="gcs-terms-")
+    points = [("gcs", "relative", lam) for lam in RELATIVE] + [("gcs", "relative+first", lam) for lam in (0.25, 1.0)]
+    points += [("gcs", "paper", lam) for lam in PAPER]
+    points += [("magnitude", None, None)] + [("random", None, seed) for seed in RANDOM_SEEDS]
+    rows = []
+    for scoring, form, value in points:
+        settings = {"param_budget": args.budget, "scoring": scoring}
+        if scoring == "gcs":
+            settings.update(gcs_form=form.split("+")[0], first_order=form.endswith("+first"), lambda_attn=value,
+                            lambda_mlp=value, cache_dir=cache)
+        if scoring == "random":
+            settings["seed"] = value
+        config = builder.make_config(**settings)
+        plan = builder.plan(full, family, split, config, calibration=calib)
+        emu = builder.apply(copy.deepcopy(full), family, split, plan)
+        layer_map = [e["source"] for e in plan["layers"]]
+        row = {"scoring": scoring, "form": form, "lambda": value if scoring == "gcs" else None,
+               "seed": value if scoring == "random" else None,
+               "params": sum(t.numel() for t in emu.parameters())}
+        for name, batches in held.items():
+            row[f"cos_{name}"] = adapter_gradient_cosine(full, emu, family, list(split.adapter), layer_map,
+                                                         batches)["overall"]
+            row[f"loss_{name}"] = lm_loss(emu, batches)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # stability: terms from two disjoint halves of the calibration windows
+    half = len(calib) // 2
+    halves = []
+    for part in (calib[:half], calib[half:]):
+        config = builder.make_config(param_budget=args.budget)
+        halves.append(builder.terms(full, family, split, config, calibration=part)[0])
+    stability = {"attn": {}, "mlp": {}}
+    default = builder.make_config(param_budget=args.budget)
+    kept = [select(t, default) for t in halves]
+    for kind in ("attn", "mlp"):
+        for key in halves[0][kind]:
+            stability[kind][key] = {term: _spearman(halves[0][kind][key][term], halves[1][kind][key][term])
+                                    for term in TERMS}
+    overlap = {"attn": [len(set(a["components"]) & set(b["components"])) / len(a["components"])
+                        for a, b in zip(kept[0][0], kept[1][0])],
+               "mlp": [len(set(a["channels"]) & set(b["channels"])) / len(a["channels"])
+                       for a, b in zip(kept[0][1], kept[1][1])]}
+    summary = {kind: {term: statistics.median(v[term] for v in stability[kind].values())
+                      for term in TERMS} for kind in ("attn", "mlp")}
+    results = {"command": "python bench/gcs_selection.py " + " ".join(sys.argv[1:]), "model": args.model,
+               "budget": args.budget, "calibration_windows": args.windows, "held_windows": args.held_windows,
+               "full": {f"loss_{n}": lm_loss(full, b) for n, b in held.items()}, "rows": rows,
+               "stability": {"median_spearman": summary, "per_matrix": stability,
+                             "kept_overlap_default": {k: statistics.mean(v) for k, v in overlap.items()}},
+               "seconds": round(time.time() - started, 1)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(render(results))
+    print(render(results))
+    return 0
+
+
+def render(r: dict) -> str:
+    lines = [f"# Which components GradOT keeps: GCS vs magnitude vs random (reference Llama, budget {r['budget']})",
+             "", f"Produced by `{r['command']}` in {r['seconds']:.0f} s (2 CPU cores). Calibration: "
+             f"{r['calibration_windows']} War and Peace windows x 128 tokens; held out: {r['held_windows']} WikiText-2 "
+             "windows each of validation (chooses) and test (judges). Full model loss: "
+             f"valid {r['full']['loss_valid']:.3f}, test {r['full']['loss_test']:.3f}.", "",
+             "| scoring | form | λ / seed | params | grad cos (valid) | loss (valid) | grad cos (test) | loss (test) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        tag = row["lambda"] if row["scoring"] == "gcs" else (row["seed"] if row["scoring"] == "random" else "")
+        lines.append(f"| {row['scoring']} | {row['form'] or ''} | {tag} | {row['params']:,} | {row['cos_valid']:.4f} | "
+                     f"{row['loss_valid']:.4f} | {row['cos_test']:.4f} | {row['loss_test']:.4f} |")
+    rand = [row for row in r["rows"] if row["scoring"] == "random"]
+    if len(rand) > 1:
+        lines += ["", "Random selection over its seeds (mean ± standard error): " + ", ".join(
+            f"{k} {statistics.mean(x[k] for x in rand):.4f} ± {statistics.stdev(x[k] for x in rand) / len(rand) ** 0.5:.4f}"
+            for k in ("cos_valid", "loss_valid", "cos_test", "loss_test"))]
+    s = r["stability"]
+    lines += ["", "## Stability between two disjoint halves of the calibration windows", "",
+              "Median over matrices of the Spearman rank correlation of each term between the halves, and the "
+              "mean overlap of the default selection (relative form):", "",
+              "| part | shift ‖GδA‖₁ | gain ⟨g,δ⟩ | curvature ½tr(δᵀGδA) | loss (gain + curvature) | kept overlap |",
+              "|---|---|---|---|---|---|"]
+    for kind in ("attn", "mlp"):
+        m = s["median_spearman"][kind]
+        lines.append(f"| {kind} | {m['shift']:.3f} | {m['gain']:.3f} | {m['curvature']:.3f} | {m['loss']:.3f} | "
+                     f"{s['kept_overlap_default'][kind]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
