@@ -48,3 +48,32 @@ def test_report_refuses_a_task_it_would_train_and_score_on_before_any_model_work
         run_report("no-such-model", [str(mc_file)], data_dir=None, workdir=tmp_path / "work", log=lambda *a: None)
     with pytest.raises(OffsiteError, match="WikiText fine-tuning text not found"):
         run_report("no-such-model", ["wikitext"], data_dir=tmp_path, workdir=tmp_path / "work", log=lambda *a: None)
+
+
+def test_wikitext_fine_tunes_on_text_in_the_style_it_is_scored_on(tmp_path):
+    """The v1 train text is detokenised by the rules evaluation applies to the raw text: the tokenizer's
+    marks are gone and punctuation comes at the rates of the detokenised text that is scored."""
+    import gzip
+
+    from fixtures.llama2c import shared_dir
+    from offsite.eval.perplexity import load_wikitext, wikitext_detokenize
+    from offsite.eval.protocol import train_file
+
+    if shared_dir() is None or not (shared_dir() / "data/lm/wikitext-2-v1-tokens").is_dir():
+        pytest.skip("shared WikiText data not present")
+    data = shared_dir() / "data"
+    path, fmt = train_file("wikitext", data, tmp_path, None)
+    text = path.read_text()
+    assert fmt == "text" and path.parent == tmp_path and len(text) > 10_000_000
+    with gzip.open(data / "lm/wikitext-2-v1-tokens/wiki.train.tokens.gz", "rt", encoding="utf-8") as fh:
+        tokens = fh.read()
+    for mark in (" @-@ ", " , ", " . ", " 's "):  # the tokenizer's marks are (almost) all gone
+        assert text.count(mark) < 0.01 * tokens.count(mark), mark
+    # ... as in the text evaluation scores: the raw validation articles, detokenised
+    scored = "\n\n".join(wikitext_detokenize(d) for d in load_wikitext(data, "validation"))
+
+    def rate(t, mark):
+        return t.count(mark) / len(t)
+
+    for mark in (", ", ". ", "-", "'s "):  # the same punctuation style, at about the same rates
+        assert 0.7 < rate(text, mark) / rate(scored, mark) < 1.4, (mark, rate(text, mark), rate(scored, mark))

@@ -10,8 +10,8 @@ average over tasks and GradOT's privacy gap Δ = plug-in − emulator FT. Accura
 emulator FT − plug-in (positive = the emulator is worse, as it should be).
 
 Fine-tuning data per task comes from the same task spec as evaluation (its ``train`` split);
-WikiText fine-tunes on the WikiText-2 v1 *tokenized* train text because the raw train split is
-not in the offline data. Each adapter is fine-tuned separately per task, as in the papers. The
+WikiText fine-tunes on the WikiText-2 v1 train text, detokenised as evaluation detokenises the raw text
+(the raw train split is not in the offline data). Each adapter is fine-tuned separately per task, as in the papers. The
 pieces shared with ``offsite audit`` (training file, scoring, headline metric, Full FT package)
 are :mod:`offsite.eval.protocol`.
 """

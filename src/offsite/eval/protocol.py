@@ -8,8 +8,10 @@ metric (:func:`headline`), and a difference is signed so that positive means "th
 better" (:func:`gap`) whichever way the metric points. The Full FT row (every decoder block of the
 full model tuned) is built the same way too (:func:`full_package`).
 
-WikiText fine-tunes on the WikiText-2 v1 *tokenized* train text because the raw train split is
-not in the offline data.
+WikiText fine-tunes on the WikiText-2 v1 train text (the raw train split is not in the offline data),
+cut into articles and detokenised with the rules evaluation applies to the raw text
+(:func:`offsite.eval.perplexity.wikitext_detokenize`), so training and scoring see one text style.
+The v1 files replace rare words by ``<unk>``, which stays: the raw words are not recoverable.
 """
 
 from __future__ import annotations
@@ -57,14 +59,27 @@ def train_file(task: str, data_dir, workdir: Path, train_limit: int | None) -> t
         OffsiteError: the data is missing, or the task is a single file that would also be scored.
     """
     if task == "wikitext":
-        path = Path(data_dir or ".") / WIKITEXT_TRAIN
-        if not path.is_file():
-            raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
-        return path, "text"
+        return wikitext_train_text(data_dir, workdir), "text"
     pairs = list(get_task(task).finetune_pairs(data_dir, "train", limit=train_limit))
     path = Path(workdir) / f"{slug(task)}.train.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
     return path, "prompt"
+
+
+def wikitext_train_text(data_dir, workdir) -> Path:
+    """``workdir/wikitext.train.txt``: the v1 train articles, detokenised one by one, blank-line separated."""
+    import gzip
+
+    from .perplexity import split_wikitext_documents, wikitext_detokenize
+
+    path = Path(data_dir or ".") / WIKITEXT_TRAIN
+    if not path.is_file():
+        raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        docs = split_wikitext_documents(fh.read())
+    out = Path(workdir) / "wikitext.train.txt"
+    out.write_text("\n\n".join(wikitext_detokenize(d).strip() for d in docs) + "\n", encoding="utf-8")
+    return out
 
 
 def score(model, tok, task: str, data_dir, split: str, limit: int | None, batch_size: int) -> dict:
