@@ -94,6 +94,41 @@ def test_streamed_statistics_equal_whole_model_backward(model_type, tok, text_fi
     assert bounds.tokens == 2 * 2 * 11 and abs(bounds.loss - float(ref)) < 0.5
 
 
+def test_linears_reading_one_input_share_one_covariance(tok):
+    """q/k/v and gate/up read the same tensor: one A each group (the same object), equal to the mean
+    outer product of the inputs recorded independently; o and down have their own. Without the
+    gradient, G is unchanged and no (out, in) accumulator exists."""
+    model = make_model("llama", 3)
+    family = get_family(model)
+    layer = get_layers(model, family)[1]
+    linears = layer_linears(layer, family)
+    seen = {role: [] for role in linears}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, r=role: seen[r].append(inp[0].detach().flatten(0, 1)))
+             for role, m in linears.items()]
+    batches = [torch.randint(4, 120, (2, 10), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    results = {}
+    for with_grad in (True, False):
+        got = {}
+        bounds = capture_boundaries(model, family, batches)
+        for role in seen:
+            seen[role].clear()
+        backward_sweep(model, family, bounds, [1], lambda i, st: got.update(st), with_grad=with_grad)
+        results[with_grad] = got
+    for h in hooks:
+        h.remove()
+    got = results[True]
+    for group in (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up")):
+        assert all(got[r]["A"] is got[group[0]]["A"] for r in group)
+    assert got["attn.o"]["A"] is not got["attn.q"]["A"] and got["mlp.down"]["A"] is not got["mlp.up"]["A"]
+    for role, inputs in seen.items():
+        x = torch.cat(inputs).double()
+        assert torch.allclose(got[role]["A"], x.T @ x / len(x), rtol=1e-6, atol=1e-10), role
+    lean = results[False]
+    for role in got:
+        assert lean[role]["grad"] is None and got[role]["grad"].shape == got[role]["G"].shape[:1] + got[role]["A"].shape[:1]
+        assert torch.allclose(lean[role]["G"], got[role]["G"], rtol=1e-6, atol=1e-12), role
+
+
 def test_damping_triggers_only_when_needed():
     pd = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     with warnings.catch_warnings():

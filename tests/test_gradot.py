@@ -109,19 +109,21 @@ def test_scores_trade_gradient_change_for_loss_increase():
     g = torch.Generator().manual_seed(3)
     terms = {"shift": torch.rand(12, generator=g, dtype=torch.float64),
              "gain": torch.randn(12, generator=g, dtype=torch.float64),
-             "loss": torch.rand(12, generator=g, dtype=torch.float64)}
+             "loss": torch.rand(12, generator=g, dtype=torch.float64),
+             "curvature": torch.rand(12, generator=g, dtype=torch.float64)}
     scaled = {k: 1e-7 * v for k, v in terms.items()}
     for lam in (0.0, 0.5, 4.0):
         assert torch.allclose(scores(terms, lam), scores(scaled, lam))
         assert torch.allclose(scores(terms, lam, "paper"), scores(scaled, lam, "paper"))
     assert torch.equal(torch.argsort(scores(terms, 0.0)), torch.argsort(terms["shift"]))
-    assert torch.equal(torch.argsort(scores(terms, 1e9)), torch.argsort(-terms["loss"]))
+    assert torch.equal(torch.argsort(scores(terms, 1e9)), torch.argsort(-terms["curvature"]))
+    assert torch.equal(torch.argsort(scores(terms, 1e9, first_order=True)), torch.argsort(-terms["loss"]))
     assert torch.equal(torch.argsort(scores(terms, 1e9, "paper")), torch.argsort(-terms["gain"]))
-    same = {"shift": terms["loss"] * 3.0, "gain": terms["gain"], "loss": terms["loss"]}
+    same = {"shift": terms["curvature"] * 3.0, "curvature": terms["curvature"]}
     assert torch.allclose(scores(same, 1.0), torch.zeros(12, dtype=torch.float64), atol=1e-12)
     # raising λ can only move the kept set towards lower loss increases
     kept = [set(torch.argsort(scores(terms, lam), descending=True)[:6].tolist()) for lam in (0.0, 1.0, 100.0)]
-    mean_loss = [float(terms["loss"][sorted(k)].mean()) for k in kept]
+    mean_loss = [float(terms["curvature"][sorted(k)].mean()) for k in kept]
     assert mean_loss[0] >= mean_loss[1] >= mean_loss[2]
 
 

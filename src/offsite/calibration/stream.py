@@ -120,7 +120,8 @@ def capture_boundaries(model, family: Family, batches: list, with_grads: bool = 
     return Boundaries(hidden, calls, top_grads if with_grads else None, total / max(tokens, 1), tokens)
 
 
-def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, stats_dtype=torch.float64):
+def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, stats_dtype=torch.float64,
+                   with_grad: bool = True):
     """Recompute layers top-down, gathering linear statistics of the ``wanted`` layers.
 
     Args:
@@ -132,6 +133,7 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
         on_layer: ``on_layer(index, {role: stats_dict})`` called as soon as a wanted layer is done,
             so statistics of only one layer are alive at a time.
         stats_dtype: accumulation dtype.
+        with_grad: also gather each linear's mean weight gradient (see :class:`.stats.LinearStats`).
     """
     layers = get_layers(model, family)
     wanted = set(wanted)
@@ -144,7 +146,7 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
         for i in bar(sweep, "backward sweep", "layer"):
             layer, new_grads = layers[i], []
             linears = layer_linears(layer, family) if i in wanted else {}
-            with gather_linear_stats(linears, stats_dtype) as stats, torch.enable_grad():
+            with gather_linear_stats(linears, stats_dtype, with_grad) as stats, torch.enable_grad():
                 for b, grad in enumerate(grads):
                     h = bounds.hidden[i][b].detach().requires_grad_(True)
                     rest, kwargs = bounds.calls[i][b]

@@ -69,8 +69,10 @@ def component_terms(stats: dict, svd) -> dict:
     u, s, vh = (t.to(stats["A"].dtype) for t in svd)
     gu, av = stats["G"] @ u, stats["A"] @ vh.T
     shift = s * gu.abs().sum(0) * av.abs().sum(0)
-    gain = -s * torch.einsum("ok,oi,ki->k", u, stats["grad"], vh)
     curvature = 0.5 * s.square() * (u * gu).sum(0) * (vh.T * av).sum(0)
+    if stats.get("grad") is None:  # gathered without the gradient: the first-order terms are not known
+        return {"shift": shift, "curvature": curvature}
+    gain = -s * torch.einsum("ok,oi,ki->k", u, stats["grad"], vh)
     return {"shift": shift, "gain": gain, "curvature": curvature, "loss": gain + curvature}
 
 
@@ -88,17 +90,19 @@ def channel_terms(row_parts: list, down_part: tuple) -> dict:
     d_w = d_w.to(d_stats["A"].dtype)
     g_d = d_stats["G"] @ d_w
     shift = g_d.abs().sum(0) * d_stats["A"].abs().sum(0)
-    gain = -(d_stats["grad"] * d_w).sum(0)
     curvature = 0.5 * (d_w * g_d).sum(0) * d_stats["A"].diagonal()
-    loss = gain + curvature
     channels = d_w.shape[1]
+    first = d_stats.get("grad") is not None
+    gain = -(d_stats["grad"] * d_w).sum(0) if first else None
     for stats, w, blocks in row_parts:
         w = w.to(stats["A"].dtype)
         row_shift = stats["G"].abs().sum(0) * (stats["A"] @ w.T).abs().sum(0)
-        row_gain = -(stats["grad"] * w).sum(1)
         shift = shift + row_shift.view(blocks, channels).sum(0)
-        gain = gain + row_gain.view(blocks, channels).sum(0)
-    return {"shift": shift, "gain": gain, "curvature": curvature, "loss": loss}
+        if first:
+            gain = gain + (-(stats["grad"] * w).sum(1)).view(blocks, channels).sum(0)
+    if not first:  # gathered without the gradient: the first-order terms are not known
+        return {"shift": shift, "curvature": curvature}
+    return {"shift": shift, "gain": gain, "curvature": curvature, "loss": -(d_stats["grad"] * d_w).sum(0) + curvature}
 
 
 def scores(terms: dict, lam: float, form: str = "relative", first_order: bool = False) -> torch.Tensor:

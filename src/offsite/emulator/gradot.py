@@ -290,7 +290,9 @@ class GradOT(EmulatorBuilder):
                 terms["mlp"][str(index)] = _mlp_terms(layers[index], family, {}, False)
             return terms, {"skipped": f"scoring={config.scoring} reads the weights only"}
         batches, source = _batches(model, config, calibration, tokenizer)
-        key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype})
+        with_grad = config.gcs_form == "paper" or config.first_order  # the only users of <g, δ>
+        key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype,
+                                                "with_grad": with_grad})
         if config.cache_dir:
             cached = load_terms(config.cache_dir, key)
             if cached is not None:
@@ -308,7 +310,7 @@ class GradOT(EmulatorBuilder):
                 scoring.update()
 
         bounds = capture_boundaries(model, family, batches)
-        backward_sweep(model, family, bounds, split.middle, on_layer, STATS_DTYPES[config.stats_dtype])
+        backward_sweep(model, family, bounds, split.middle, on_layer, STATS_DTYPES[config.stats_dtype], with_grad)
         record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
         if config.cache_dir:
             save_terms(config.cache_dir, key, terms, record)

@@ -97,8 +97,9 @@ def load_terms(folder, key: str) -> dict | None:
         return None
     meta = json.loads((root / TERMS_META).read_text())
     if meta.get("key") != key:
-        raise OffsiteError(f"GCS terms cache {root} was made for another base model, split, calibration text or "
-                           "statistics dtype; use another cache_dir or the same settings")
+        raise OffsiteError(f"GCS terms cache {root} was made for another base model, split, calibration text, "
+                           "statistics dtype or GCS form (the paper form and first_order need the gradient terms); "
+                           "use another cache_dir or the same settings")
     tensors = load_tensors(root / TERMS_WEIGHTS)
     terms = {"attn": {k: {"shape": shape} for k, shape in meta["attn"].items()},
              "mlp": {k: {"of": of} for k, of in meta["mlp"].items()}}
