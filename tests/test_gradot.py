@@ -56,6 +56,28 @@ def test_full_rank_and_no_pruning_give_the_original_logits(saved_model, text_fil
         assert not torch.allclose(emu.model(ids()).logits, model(ids()).logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("scoring", ["gcs", "magnitude"])
+def test_layer_by_layer_build_equals_plan_then_apply(scoring, saved_model, text_file, tmp_path):
+    """build() compresses each layer as soon as its terms exist, reusing their SVD; the plan and the
+    emulator must be exactly what plan() followed by apply() gives."""
+    from offsite.calibration import calibration_batches
+    from offsite.loading import load_model
+
+    path, _ = saved_model("llama", 5)
+    model, tok = load_model(str(path))
+    family, split = get_family(model), make_split(5, "1,1")
+    batches = calibration_batches(text_file, tok, seq_len=16, num_sequences=4, batch_size=2)
+    builder = get_builder("gradot")
+    config = builder.make_config(param_budget=0.3, scoring=scoring, lambda_attn=1.0, lambda_mlp=1.0)
+    plan = builder.plan(model, family, split, config, calibration=batches)
+    separate = builder.apply(copy.deepcopy(model), family, split, plan)
+    built_plan, built = builder.build(copy.deepcopy(model), family, split, config, calibration=batches)
+    for key in ("layers", "linears", "mlp", "calibration"):
+        assert built_plan[key] == plan[key], key
+    a, b = separate.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _stats(out_f, in_f, seed):
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randn(in_f, in_f, generator=g, dtype=torch.float64), torch.randn(out_f, out_f, generator=g,

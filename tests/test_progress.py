@@ -30,7 +30,7 @@ def _gradot_argv(saved_model, text_file, out):
 def test_gradot_emulate_shows_every_long_phase_then_the_cost_line(saved_model, text_file, tmp_path, capsys):
     assert main(_gradot_argv(saved_model, text_file, tmp_path / "emu")) == 0
     captured = capsys.readouterr()
-    for shown in ("calibration forward", "backward sweep", "gcs terms, layer 2", "low-rank SVD",
+    for shown in ("calibration forward", "backward sweep", "gcs terms, layer 2", "gcs terms, layer 1",
                   "[offsite] build the gradot emulator ... done in", "[offsite] write the package ... done in"):
         assert shown in captured.err
     assert COST.match(captured.err.splitlines()[-1]).group(1) == "emulate"

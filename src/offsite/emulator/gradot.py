@@ -52,14 +52,13 @@ import torch
 from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, calibration_batches, capture_boundaries,
                            peak_memory_mb, resolve_calibration)
 from ..errors import OffsiteError
-from ..families import get_layers, get_submodule, layer_linears
-from ..families.linears import linear_weight, mlp_channel_blocks
+from ..families import get_layers, layer_linears
 from ..progress import bar
 from . import gcs
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
+from .gradot_select import attention_terms, compress_layer, layer_part, mlp_terms, select
 from .importance_cache import cache_key, load_terms, save_terms
-from .lowrank import (make_dense, make_low_rank, prune_mlp_channels, replace_linear, restructure_linears,
-                      truncated_svd, weight_svd)
+from .lowrank import restructure_linears
 
 DEFAULT_BUDGET = 0.4
 TERMS_VERSION = 3  # bump when what the terms mean changes, so older caches are not reused
@@ -162,75 +161,6 @@ def _batches(model, config: GradOTConfig, calibration, tokenizer):
                      "sequences": c.num_sequences, "seq_len": c.seq_len, "seed": c.seed}
 
 
-def _attention_terms(module, family, stats, need_stats: bool) -> dict:
-    """What selecting one attention matrix's components needs: its shape and, for GCS, the terms."""
-    w = linear_weight(module, family)
-    entry = {"shape": list(w.shape)}
-    if need_stats:
-        entry.update(gcs.component_terms(stats, weight_svd(w)))
-    return entry
-
-
-def _mlp_terms(layer, family, stats, need_stats: bool) -> dict:
-    """One MLP's channel count, the magnitude baseline's channel norms and, for GCS, the terms."""
-    linears = layer_linears(layer, family)
-    down = linear_weight(linears["mlp.down"], family).detach()
-    channels = down.shape[1]
-    rows = [(stats.get(r), linear_weight(linears[r], family).detach(), b) for r, b in mlp_channel_blocks(family).items()]
-    norm = down.double().norm(dim=0)
-    for _, w, blocks in rows:
-        norm = norm * w.double().norm(dim=1).view(blocks, channels).prod(0)
-    entry = {"of": channels, "norm": norm}
-    if need_stats:
-        entry.update(gcs.channel_terms(rows, (stats["mlp.down"], down)))
-    return entry
-
-
-def _random_scores(seed: int, index: int, role: str, n: int) -> torch.Tensor:
-    """Scores ``(n,)`` of the random baseline, drawn from (seed, layer, role) alone, so a selection
-    does not depend on the order matrices are visited in or on the device."""
-    digest = hashlib.sha256(f"{seed}|{index}|{role}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-    return torch.rand(n, generator=generator, dtype=torch.float64)
-
-
-def select(terms: dict, config: GradOTConfig) -> tuple:
-    """The plan's ``linears`` and ``mlp`` tables from the terms of every middle matrix (no model needed).
-
-    Args:
-        terms: ``{"attn": {"<layer>.<role>": {"shape", ...}}, "mlp": {"<layer>": {"of", "norm", ...}}}``
-            as :meth:`GradOT.terms` returns it (GCS terms present when ``config.scoring == "gcs"``).
-        config: sizes, scoring, λ, form and floor.
-    """
-    linears, mlps = [], []
-    for key, t in terms["attn"].items():
-        index, role = key.split(".", 1)
-        out_f, in_f = t["shape"]
-        rank, full = config.target_rank(out_f, in_f), min(out_f, in_f)
-        if rank >= full:
-            continue  # nothing to compress
-        if config.scoring == "magnitude":
-            kept = list(range(rank))
-        else:
-            scores = (_random_scores(config.seed, int(index), role, full) if config.scoring == "random"
-                      else gcs.scores(t, config.lambda_attn, config.gcs_form, config.first_order))
-            kept = gcs.select_components(scores, rank, gcs.floor_count(full, config.top_fraction))
-        entry = {"layer": int(index), "role": role, "components": kept}
-        linears.append({**entry, "rank": rank} if rank * (out_f + in_f) < out_f * in_f else {**entry, "shape": [out_f, in_f]})
-    for key, t in terms["mlp"].items():
-        keep = config.target_channels(t["of"])
-        if keep >= t["of"]:
-            continue
-        if config.scoring == "magnitude":
-            scores = t["norm"]
-        elif config.scoring == "random":
-            scores = _random_scores(config.seed, int(key), "mlp", t["of"])
-        else:
-            scores = gcs.scores(t, config.lambda_mlp, config.gcs_form, config.first_order)
-        mlps.append({"layer": int(key), "channels": gcs.select_top(scores, keep), "of": t["of"]})
-    return sorted(linears, key=lambda e: (e["layer"], e["role"])), sorted(mlps, key=lambda e: e["layer"])
-
-
 @register
 class GradOT(EmulatorBuilder):
     name = "gradot"
@@ -245,8 +175,37 @@ class GradOT(EmulatorBuilder):
     """Every middle layer stays, compressed: one leaving unchanged is refused (``offsite.disclosure``)."""
 
     def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
-        plan = self.plan(model, family, split, config, calibration=calibration, tokenizer=tokenizer)
-        return plan, self.apply(model, family, split, plan)
+        """Plan and apply layer by layer: each middle layer is compressed as soon as its terms are known
+        (selection is per matrix), with the SVD its terms were made from, which is then dropped. The
+        plan and emulator equal :meth:`plan` + :meth:`apply`'s; peak memory holds one layer's
+        statistics and factors, and each matrix is decomposed once.
+        """
+        started = time.time()
+        layers = get_layers(model, family)
+        linears, mlps = [], []
+
+        def on_terms(index, layer_terms, svds):
+            lin, mlp = select(layer_terms, config)
+            with torch.no_grad():
+                compress_layer(layers[index], family, lin, mlp, svds)
+            linears.extend(lin)
+            mlps.extend(mlp)
+
+        _, record = self.terms(model, family, split, config, calibration, tokenizer, on_terms=on_terms)
+        plan = self._plan(split, config, linears, mlps, record, started)
+        keep_layers(model, family, [e["source"] for e in plan["layers"]])
+        return plan, model
+
+    def _plan(self, split, config, linears, mlps, record, started) -> dict:
+        settings = {k: v for k, v in vars(config).items() if k != "calibration"}
+        return {
+            "layers": layer_entries(split, list(split.middle)),
+            "linears": sorted(linears, key=lambda e: (e["layer"], e["role"])),
+            "mlp": sorted(mlps, key=lambda e: e["layer"]),
+            "settings": settings,
+            "calibration": record,
+            "build": {"stats_seconds": round(time.time() - started, 2), **peak_memory_mb()},
+        }
 
     def plan(self, model, family, split, config, calibration=None, tokenizer=None) -> dict:
         """Calibrate (streamed, or from ``config.cache_dir``) and decide every middle linear's kept
@@ -259,58 +218,54 @@ class GradOT(EmulatorBuilder):
         """
         started = time.time()
         terms, record = self.terms(model, family, split, config, calibration, tokenizer)
-        linears, mlps = select(terms, config)
-        settings = {k: v for k, v in vars(config).items() if k != "calibration"}
-        return {
-            "layers": layer_entries(split, list(split.middle)),
-            "linears": linears,
-            "mlp": mlps,
-            "settings": settings,
-            "calibration": record,
-            "build": {"stats_seconds": round(time.time() - started, 2), **peak_memory_mb()},
-        }
+        return self._plan(split, config, *select(terms, config), record, started)
 
-    def terms(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+    def terms(self, model, family, split, config, calibration=None, tokenizer=None, on_terms=None) -> tuple:
         """Everything selection needs from the model, for every middle matrix (see :func:`select`).
 
         GCS runs the streamed calibration sweep (or reads a matching ``cache_dir``); the baselines
         read the weights alone and use no calibration text.
 
+        Args:
+            on_terms: ``on_terms(index, layer_terms, svds)`` called once per middle layer as soon as
+                its terms are known (``svds``: the factors made for them, ``{"<layer>.<role>": svd}``).
+
         Returns:
             ``(terms, calibration record)``.
         """
         layers = get_layers(model, family)
-        need_stats = config.scoring == "gcs"
-        if not need_stats:
-            terms = {"attn": {}, "mlp": {}}
+        terms = {"attn": {}, "mlp": {}}
+
+        def layer_done(index, stats, need_stats):
+            svds = {} if on_terms is not None else None
+            attention = [(r, m) for r, m in layer_linears(layers[index], family).items() if r.startswith("attn.")]
+            # One step per attention matrix (its SVD dominates) plus one for the MLP.
+            with bar(len(attention) + 1, f"{config.scoring} terms, layer {index}", "matrix", leave=False) as step:
+                for role, module in attention:
+                    key = f"{index}.{role}"
+                    terms["attn"][key] = attention_terms(module, family, stats.get(role), need_stats, svds, key)
+                    step.update()
+                terms["mlp"][str(index)] = mlp_terms(layers[index], family, stats, need_stats)
+                step.update()
+            if on_terms is not None:
+                on_terms(index, layer_part(terms, index), svds)
+
+        if config.scoring != "gcs":
             for index in split.middle:
-                for role, module in layer_linears(layers[index], family).items():
-                    if role.startswith("attn."):
-                        terms["attn"][f"{index}.{role}"] = _attention_terms(module, family, None, False)
-                terms["mlp"][str(index)] = _mlp_terms(layers[index], family, {}, False)
+                layer_done(index, {}, False)
             return terms, {"skipped": f"scoring={config.scoring} reads the weights only"}
         batches, source = _batches(model, config, calibration, tokenizer)
         with_grad = config.gcs_form == "paper" or config.first_order  # the only users of <g, δ>
         key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype,
                                                 "with_grad": with_grad})
-        if config.cache_dir:
-            cached = load_terms(config.cache_dir, key)
-            if cached is not None:
-                return cached["terms"], {**source, **cached["record"], "cache_dir": str(config.cache_dir)}
-        terms = {"attn": {}, "mlp": {}}
-
-        def on_layer(index, stats):
-            attention = [(r, m) for r, m in layer_linears(layers[index], family).items() if r.startswith("attn.")]
-            # One step per attention matrix (its SVD dominates) plus one for the MLP.
-            with bar(len(attention) + 1, f"gcs terms, layer {index}", "matrix", leave=False) as scoring:
-                for role, module in attention:
-                    terms["attn"][f"{index}.{role}"] = _attention_terms(module, family, stats[role], True)
-                    scoring.update()
-                terms["mlp"][str(index)] = _mlp_terms(layers[index], family, stats, True)
-                scoring.update()
-
+        cached = load_terms(config.cache_dir, key) if config.cache_dir else None
+        if cached is not None:
+            for index in split.middle if on_terms is not None else ():
+                on_terms(index, layer_part(cached["terms"], index), {})
+            return cached["terms"], {**source, **cached["record"], "cache_dir": str(config.cache_dir)}
         bounds = capture_boundaries(model, family, batches)
-        backward_sweep(model, family, bounds, split.middle, on_layer, STATS_DTYPES[config.stats_dtype], with_grad)
+        backward_sweep(model, family, bounds, split.middle, lambda i, stats: layer_done(i, stats, True),
+                       STATS_DTYPES[config.stats_dtype], with_grad)
         record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
         if config.cache_dir:
             save_terms(config.cache_dir, key, terms, record)
@@ -320,17 +275,9 @@ class GradOT(EmulatorBuilder):
     def apply(self, model, family, split, plan):
         layers = get_layers(model, family)
         with torch.no_grad():
-            for entry in plan["mlp"]:
-                prune_mlp_channels(layers[entry["layer"]], family, entry["channels"])
-            for entry in bar(plan["linears"], "low-rank SVD", "matrix"):
-                layer = layers[entry["layer"]]
-                module = get_submodule(layer, family.linear_roles[entry["role"]])
-                up, down = truncated_svd(linear_weight(module, family), components=entry["components"])
-                if "rank" in entry:
-                    new = make_low_rank(module, family, up, down)
-                else:
-                    new = make_dense(up @ down, getattr(module, "bias", None))
-                replace_linear(layer, family, entry["role"], new)
+            for index in sorted({e["layer"] for e in plan["linears"] + plan["mlp"]}):
+                compress_layer(layers[index], family, [e for e in plan["linears"] if e["layer"] == index],
+                                [e for e in plan["mlp"] if e["layer"] == index], {})
         keep_layers(model, family, [e["source"] for e in plan["layers"]])
         return model
 
