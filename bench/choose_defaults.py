@@ -83,6 +83,15 @@ def choose(args, out: Path) -> dict:
                 r = rows[-1]
                 print(f"seed {seed} {method} {settings}: emu FT {100 * r['emu_ft']:.1f} plug-in "
                       f"{100 * r['plug_in']:.1f}", flush=True)
+    chosen = pick(rows, args.min_delta)
+    record = {"min_delta": args.min_delta, "seeds": args.choose_seeds, "rows": rows, "chosen": chosen}
+    (out / "choose.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def pick(rows: list, min_delta: float) -> dict:
+    """Per method: the point with the best mean plug-in among those with mean Δ >= ``min_delta`` points
+    (ties: the larger Δ); with none, the one with the largest Δ."""
     chosen = {}
     for method, settings_list in POINTS.items():
         stats = []
@@ -90,12 +99,11 @@ def choose(args, out: Path) -> dict:
             mine = [r for r in rows if r["method"] == method and r["settings"] == settings]
             stats.append({"settings": settings, "emu_ft": mean(mine, "emu_ft"), "plug_in": mean(mine, "plug_in"),
                           "delta": mean(mine, "delta"), "params_ratio": mine[0]["params_ratio"]})
-        ok = [s for s in stats if s["delta"] >= args.min_delta / 100]
-        best = max(ok, key=lambda s: s["plug_in"]) if ok else max(stats, key=lambda s: s["delta"])
+        ok = [s for s in stats if s["delta"] >= min_delta / 100]
+        best = (max(ok, key=lambda s: (round(s["plug_in"], 6), s["delta"])) if ok
+                else max(stats, key=lambda s: s["delta"]))
         chosen[method] = {**best, "met": bool(ok), "candidates": stats}
-    record = {"min_delta": args.min_delta, "seeds": args.choose_seeds, "rows": rows, "chosen": chosen}
-    (out / "choose.json").write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return chosen
 
 
 def judge(args, out: Path, chosen: dict) -> dict:
@@ -178,6 +186,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record = choose(args, out) if args.stage != "judge" else json.loads((out / "choose.json").read_text())
+    record["chosen"] = pick(record["rows"], args.min_delta)  # the rule of this run, on the stored points
     judged = judge(args, out, record["chosen"]) if args.stage != "choose" else None
     text = summary(args, record["chosen"], judged) + f"\nWall time of this run: {time.time() - started:.0f} s.\n"
     (out / "summary.md").write_text(text)

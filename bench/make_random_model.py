@@ -29,6 +29,11 @@ SHAPES = {
     # facebook/opt-125m
     "opt-125m": dict(model_type="opt", hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
                      vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768),
+    # the depth pair of bench/scale.py: one width, two depths (how cost grows with depth alone)
+    "llama-w512-12l": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=12,
+                           num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
+    "llama-w512-24l": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=24,
+                           num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
 }
 WORDS = ("the river town baker sells bread every morning while the old teacher walks her dog past the "
          "market and a red boat waits near the bridge for the fishermen who sing").split()

@@ -17,10 +17,18 @@ Departures and choices (settings where they matter): the calibration text is pub
 model owner, not the task's validation set the released scripts use (the data owner's data is
 private in real OT); only the middle layers are clustered because the adapter is fixed by the
 split (the code picks adapters among the representatives); clusters are runs of consecutive
-*middle* layers, so with ``idx:`` splits a cluster may straddle an adapter layer. Shared layers are
-stored as copies: the package stays a stock Hugging Face checkpoint with the full depth (each
-position has its own KV-cache slot and ``layer_idx``), at the cost of storing a representative
-once per position it fills; the plan records which source every position uses.
+*middle* layers, so with ``idx:`` splits a cluster may straddle an adapter layer.
+
+Storing shared layers: by default each position a representative fills holds a copy, so the
+package stays a stock Hugging Face checkpoint with the full depth, at the cost of storing a
+representative once per position. With ``tie_shared`` the positions that repeat one layer share
+its parameters instead (the same ``nn.Parameter`` objects; each position keeps its own module, so
+its own ``layer_idx`` KV-cache slot): the package stores each distinct layer once, lists the tied
+positions in ``plan["shared_positions"]`` (groups of emulator positions, the first holding the
+weights), counts each parameter once in ``parameters.emulator``, and :meth:`Crash.restructure`
+re-ties the groups on load. Such a package loads only with ``offsite.package.load_emulator``
+(stock ``from_pretrained`` cannot tie decoder layers and would initialise the repeats randomly).
+Adapter layers are never repeated, so never tied: the data owner trains exactly the same tensors.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import dataclasses
 
 import torch
 
-from ..errors import OffsiteError
+from ..errors import ArtifactError, OffsiteError
 from ..families import capture_hidden, get_layers, set_layers
 from ..progress import bar
 from .base import EmulatorBuilder, layer_count_points, layer_entries, register
@@ -133,9 +141,12 @@ class CrashConfig:
     """Settings of CRaSh (clustering, removing, sharing)."""
 
     emulator_layers: int | None = None
-    """Clusters K = distinct middle layers kept; default 40% of the middle."""
+    """Clusters K = distinct middle layers kept; default 25% of the middle (uniform.DEFAULT_KEEP_FRACTION)."""
     share: bool = False
     """Repeat kept layers in the removed positions, restoring the original depth."""
+    tie_shared: bool = False
+    """With share: store each repeated layer once and tie its positions on load (smaller package;
+    loads with offsite's load_emulator only, not with stock from_pretrained)."""
     pooling: str = "mean_weighted"
     """Token pooling of layer outputs before CKA: mean_weighted, mean or last."""
     seq_len: int = 128
@@ -156,6 +167,11 @@ class CrashConfig:
             raise OffsiteError(f"unknown pooling {self.pooling!r}; allowed: {', '.join(POOLINGS)}")
         if not isinstance(self.share, bool):
             raise OffsiteError(f"share must be true or false, got {self.share!r}")
+        if not isinstance(self.tie_shared, bool):
+            raise OffsiteError(f"tie_shared must be true or false, got {self.tie_shared!r}")
+        if self.tie_shared and not self.share:
+            raise OffsiteError("tie_shared ties the positions that share=true repeats; set share=true as well, "
+                               "or leave tie_shared false")
 
 
 @register
@@ -192,15 +208,62 @@ class Crash(EmulatorBuilder):
         plan = {"layers": layers, "emulator_layers": k, "clusters": clusters, "representatives": reps,
                 "share": config.share, "pooling": config.pooling,
                 "cka": [[round(float(v), 5) for v in row] for row in similarity]}
+        if config.tie_shared:
+            plan["shared_positions"] = shared_positions(layers)
         return plan, self.apply(model, family, split, plan)
 
     def apply(self, model, family, split, plan):
-        """Keep the plan's sources; a source used again (sharing) is stored as an independent copy."""
+        """Keep the plan's sources; a source used again (sharing) is an independent copy, or, when the
+        plan has ``shared_positions``, a module of its own holding the very same parameters."""
         layers = get_layers(model, family)
         sources = [e["source"] for e in plan["layers"]]
+        tied = "shared_positions" in plan
         modules, used = [], set()
         for src in sources:
-            modules.append(copy.deepcopy(layers[src]) if src in used else layers[src])
+            if src not in used:
+                modules.append(layers[src])
+            elif tied:  # new modules (own layer_idx), the same Parameter objects: nothing is copied
+                modules.append(copy.deepcopy(layers[src], {id(p): p for p in layers[src].parameters()}))
+            else:
+                modules.append(copy.deepcopy(layers[src]))
             used.add(src)
         set_layers(model, family, modules, sources)
         return model
+
+    def restructure(self, model, family, plan: dict) -> None:
+        """Re-tie the plan's ``shared_positions``: every position of a group takes the first one's parameters."""
+        layers = get_layers(model, family)
+        for group in plan.get("shared_positions", []):
+            for pos in group[1:]:
+                tie_parameters(layers[pos], layers[group[0]], f"emulator layer {pos} (tied to {group[0]})")
+
+
+def shared_positions(layers: list) -> list:
+    """Groups of emulator positions that repeat one middle layer, each in order (adapters never repeat).
+
+    Args:
+        layers: the plan's layer table.
+
+    Returns:
+        ``[[position, ...], ...]`` with two or more positions per group, groups ordered by first position.
+    """
+    groups: dict = {}
+    for pos, entry in enumerate(layers):
+        if entry["role"] == "emulator":
+            groups.setdefault(entry["source"], []).append(pos)
+    return sorted(g for g in groups.values() if len(g) > 1)
+
+
+def tie_parameters(target: torch.nn.Module, source: torch.nn.Module, where: str) -> None:
+    """Make every parameter of ``target`` the same object as ``source``'s parameter of that name.
+
+    Raises:
+        ArtifactError: the two modules do not have the same parameter names and shapes.
+    """
+    mine = dict(target.named_parameters())
+    theirs = dict(source.named_parameters())
+    if {k: tuple(v.shape) for k, v in mine.items()} != {k: tuple(v.shape) for k, v in theirs.items()}:
+        raise ArtifactError(f"{where}: its parameters differ in names or shapes from the layer it is tied to")
+    for name, param in theirs.items():
+        path, _, attr = name.rpartition(".")
+        (target.get_submodule(path) if path else target)._parameters[attr] = param

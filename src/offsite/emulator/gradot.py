@@ -6,8 +6,8 @@ secondary sources confirm it (../shared/research/papers.md §5) and documents ev
 
 Algorithm: one streamed forward/backward pass of the *full* model over public calibration text
 gathers, for every linear of every middle layer, the K-FAC factors A, G and the mean gradient g
-(:mod:`offsite.calibration`). Each compression δ is scored by GCS(δ) = ||G δ A||_1 − λ<g, δ>
-(:mod:`.gcs`): small gradient change for the adapter (utility), large loss increase (privacy).
+(:mod:`offsite.calibration`). Each compression δ is scored by GCS (:mod:`.gcs`; the paper's
+||G δ A||_1 − λ<g, δ>): small gradient change for the adapter (utility), large loss increase (privacy).
 Attention projections get Dynamic Rank Decomposition (SVD; the top 5% of singular components are
 always kept, the rest of the rank budget goes to the components whose removal has the highest
 GCS; stored as two factors). MLPs get Selective Channel Pruning (remove the intermediate channels
@@ -18,26 +18,33 @@ Choices where the sources are silent (each is a setting):
 * Calibration: public text, default War and Peace from the shared data (disjoint from every
   evaluation and fine-tuning set here), 64 windows x 128 tokens, seed 0. The loss is the plain
   next-token LM loss of the full model (adapters as they are) on that text.
-* Size: ``param_budget`` = fraction of every middle linear's parameters kept (default 0.4,
-  OT's 8 of 20 middle layers, so the default emulator matches uniform drop's default size).
+* Size: ``param_budget`` = fraction of every middle linear's parameters kept (default 0.25: on the
+  demo world the same emulator size as uniform drop's default, 0.68 of the full model).
   Attention rank r = floor(budget * out * in / (out + in)) (factors cost r(out+in)); MLP keeps
   round(budget * channels) channels. ``rank_ratio`` (fraction of full rank) and ``channel_ratio``
   set the two parts directly instead; a part without its ratio uses the default budget. A rank
   whose factors would cost at least the dense matrix is stored dense (the same product).
-* <g, δ> is the entrywise product summed to a scalar; both GCS terms are normalised per
-  selection (see :mod:`.gcs`), so λ is dimensionless. Defaults λ_attn = λ_mlp = 0.25, from a
-  small sweep on the reference Llama (budget 0.4, 16 and 32 calibration windows, judged on
-  WikiText-2 validation): λ = 0 keeps the adapter gradient closest but raises the loss *less*
-  than the magnitude baseline; λ = 0.5 raises the loss more but, with 16 windows, falls below the
-  baseline's gradient agreement; 0.25 beat the baseline on both in both settings.
+* Score: ``gcs_form="relative"`` (default; see :mod:`.gcs`): shares of the matrix's gradient change
+  ‖GδA‖₁ and of its K-FAC curvature loss ½ tr(δᵀGδA), so λ is an exchange rate between utility and
+  privacy on one scale; ``first_order`` adds the paper's noisy <g, δ>; ``gcs_form="paper"`` is the
+  published ‖GδA‖₁ − λ<g, δ> (mean-normalised per selection).
+* Defaults λ_attn = λ_mlp = 4 and budget 0.25, chosen by measurement (``bench/choose_defaults.py``,
+  ``bench/results/choose_defaults/summary.md``): of budgets {0.25, 0.4} x λ {0.25, 1, 2, 4} on three
+  demo worlds (validation people), the best mean plug-in among the points whose mean Δ = plug-in −
+  emulator FT reached 40 points (ties: the larger Δ): plug-in 92.6, Δ 64.4. λ = 0.25 keeps most of what
+  the model knows (emulator FT 71.1, Δ 20.0). On the reference Llama (``bench/gcs_selection.py``,
+  WikiText-2) λ moves gradient cosine and loss monotonically (λ 0: 0.890 / 5.761; λ 4: 0.630 / 5.990 on
+  test windows); no λ beats both baselines on both at once: magnitude truncation is beaten on both
+  for λ <= 0.25, random selection lies on the GCS curve (about λ 1.5).
 * The 5% floor is per matrix (``top_fraction``); fused qkv is one matrix (see :mod:`.lowrank`).
   q, k, v and o are all decomposed; biases are kept and not scored.
 * ``scoring="magnitude"`` replaces GCS by the classic baselines at the same sizes: top singular
   values (plain truncated SVD) and channel-weight-norm pruning. ``scoring="random"`` keeps the
   same floor and sizes and draws the rest at random (seeded): the baseline any scoring must beat
   to mean something. Used by tests and the benchmark.
-* The SVD is recomputed in ``apply`` from the plan's component indices (deterministic), instead
-  of caching factors between plan and apply.
+* ``build`` compresses each middle layer as soon as its terms are known, with the SVD the terms were
+  made from (one SVD per matrix); ``apply`` alone (a plan from elsewhere) decomposes again, with the
+  same result.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from .gradot_select import attention_terms, compress_layer, layer_part, mlp_term
 from .importance_cache import cache_key, load_terms, save_terms
 from .lowrank import restructure_linears
 
-DEFAULT_BUDGET = 0.4
+DEFAULT_BUDGET = 0.25
 TERMS_VERSION = 3  # bump when what the terms mean changes, so older caches are not reused
 SCORINGS = ("gcs", "magnitude", "random")
 
@@ -78,14 +85,14 @@ class GradOTConfig:
     """Settings of GradOT (see the module docstring for what each default stands for)."""
 
     param_budget: float | None = None
-    """Fraction of every middle linear's parameters kept (default 0.4 when no ratio is given)."""
+    """Fraction of every middle linear's parameters kept (default 0.25 when no ratio is given)."""
     rank_ratio: float | None = None
     """Attention: fraction of the full rank kept (instead of param_budget)."""
     channel_ratio: float | None = None
     """MLP: fraction of the intermediate channels kept (instead of param_budget)."""
-    lambda_attn: float = 0.25
+    lambda_attn: float = 4.0
     """λ of the GCS loss-increase term for attention (rank decomposition); 0 = gradient only."""
-    lambda_mlp: float = 0.25
+    lambda_mlp: float = 4.0
     """λ of the GCS loss-increase term for the MLP (channel pruning)."""
     top_fraction: float = 0.05
     """Fraction of each matrix's rank (largest singular values) always kept."""
