@@ -83,7 +83,7 @@ def test_identical_layers_cluster_together_and_sharing_restores_depth(saved_mode
     assert emu.layer_map == [0, 1, 3, 5, 6, 7]
 
     shared = load_emulator(emulate(str(path), tmp_path / "shared", method="crash", calibration=text_file,
-                                   emulator_layers=2, share=True, **SMALL))
+                                   emulator_layers=2, share=True, tie_shared=False, **SMALL))
     assert len(shared.layer_map) == 8 and shared.model.config.num_hidden_layers == 8
     assert shared.layer_map == [0, 1, 3, 3, 5, 5, 6, 7]  # nearest representative, ties to the right
     family = get_family(model)
@@ -97,6 +97,12 @@ def test_identical_layers_cluster_together_and_sharing_restores_depth(saved_mode
         assert torch.equal(stock(x).logits, shared.model(x).logits)
         # the shared stack 0,1,3,3,5,5,6,7 lacks layer 2 (the only non-identity of its cluster)
         assert not torch.allclose(shared.model(x).logits, model(x).logits)
+    # the default stores each repeated layer once and ties it on load: same model, smaller package
+    tied = load_emulator(emulate(str(path), tmp_path / "tied", method="crash", calibration=text_file,
+                                 emulator_layers=2, share=True, **SMALL))
+    with torch.no_grad():
+        assert torch.equal(tied.model(x).logits, shared.model(x).logits)
+    assert tied.manifest["parameters"]["emulator"] < shared.manifest["parameters"]["emulator"]
 
 
 def test_crash_refusals(saved_model, text_file, tmp_path):

@@ -56,7 +56,7 @@ def reindex(names, family: Family, mapping: dict) -> dict:
 def adapter_record(emulator) -> dict:
     """Manifest fields binding an adapter to its emulator and base model."""
     m = emulator.manifest
-    weights = m["tensors"]["model.safetensors"]
+    weights = {k: v for table in m["tensors"].values() for k, v in table.items()}  # every shard
     dtypes = sorted({entry[0] for entry in weights.values() if entry[0].startswith(("float", "bfloat"))})
     return {"base": m["base"], "family": m["family"], "split": m["split"],
             "emulator": {"artifact_id": m["artifact_id"], "method": m["method"], "path": str(emulator.path),

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .artifacts import check_finite, guard_output, split_run_facts
+from .artifacts.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .device import resolve_device
 from .disclosure import disclose, fingerprint_middle, guard_middle
 from .emulator import get_builder
@@ -26,7 +27,8 @@ def settings_of(config) -> dict:
 
 def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtype: str = "auto",
             calibration=None, overwrite: bool = False, allow_verbatim_middle: bool = False, sign_key=None,
-            device="auto", selection: dict | None = None, **method_settings) -> Path:
+            device="auto", selection: dict | None = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+            **method_settings) -> Path:
     """Build an emulator package from a base model.
 
     Args:
@@ -43,6 +45,8 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         device: where the base model is loaded and the method runs (calibration, statistics,
             training): ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``, ... (see
             :mod:`offsite.device`). Not part of the package's identity; recorded under ``run``.
+        max_shard_size: largest weight file (bytes, or e.g. ``"5GB"``); bigger emulators are written shard
+            by shard in Hugging Face's sharded layout.
         selection: how these settings were chosen (``offsite frontier``'s sweep), stored in the manifest.
         **method_settings: the method's own settings (e.g. ``emulator_layers=8``).
 
@@ -55,6 +59,7 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     config = builder.make_config(**method_settings)
     inputs = [model, calibration]
     guard_output(Path(out), "emulator", overwrite, inputs)  # refuse a bad --out before minutes of work
+    parse_size(max_shard_size)  # and a bad shard size
     with phase(f"load {model}"):
         base, tokenizer = load_model(model, dtype=dtype, device=where)
     family = get_family(base)
@@ -87,5 +92,6 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
                 "allow_verbatim_middle": allow_verbatim_middle, **settings_of(config)}
     with phase("write the package"):
         return save_emulator(out, emulator, tokenizer, record, settings, overwrite=overwrite, inputs=inputs,
-                             sign_key=sign_key, run={"seconds": round(time.time() - started, 2), "device": str(where),
+                             sign_key=sign_key, max_shard_size=max_shard_size,
+                             run={"seconds": round(time.time() - started, 2), "device": str(where),
                                                      **({"plan": plan_facts} if plan_facts else {})})

@@ -1,7 +1,9 @@
 """Workflow: full model + adapter artifact -> plugged model (model owner side).
 
 The output is a stock Hugging Face checkpoint (config, safetensors, tokenizer) that loads with
-``AutoModelForCausalLM.from_pretrained`` and no offsite code, plus offsite's manifest. A LoRA
+``AutoModelForCausalLM.from_pretrained`` and no offsite code, plus offsite's manifest. Weights past
+``max_shard_size`` are written shard by shard in Hugging Face's sharded layout (see
+:mod:`offsite.artifacts.shards`); a model that fits stays one ``model.safetensors``. A LoRA
 artifact is merged into the weights by default, or, with ``lora_mode="peft"``, exported as a PEFT
 adapter folder for ``PeftModel.from_pretrained(full_model, dir)``.
 """
@@ -14,8 +16,8 @@ import time
 from pathlib import Path
 
 from .adapters import LORA_CONFIG, LORA_WEIGHTS, check_lora, copy_into_layers, load_adapter, merge_lora
-from .artifacts import (check_trusted, guard_output, read_manifest, save_tensors, sha256_file, unique_state_dict,
-                        verify_files, writing_artifact)
+from .artifacts import (DEFAULT_MAX_SHARD_SIZE, check_trusted, guard_output, parse_size, read_manifest, save_sharded,
+                        sha256_file, tensor_aliases, verify_files, writing_artifact)
 from .device import resolve_device
 from .errors import ArtifactError, OffsiteError
 from .families import get_family, get_layers
@@ -76,7 +78,8 @@ def check_against_emulator(adapter, emulator, trusted_keys=None) -> None:
 
 
 def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto", overwrite: bool = False,
-         emulator=None, trusted_keys=None, sign_key=None, device="auto") -> Path:
+         emulator=None, trusted_keys=None, sign_key=None, device="auto",
+         max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Plug a fine-tuned adapter into the full model and write the result.
 
     Args:
@@ -96,6 +99,8 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
             CUDA when present; see :mod:`offsite.device`); the output is written from CPU copies and
             the device is recorded under ``run``, outside the identity (a full adapter's copy gives
             the same bytes on every device; a LoRA merge may differ in the last bits across devices).
+        max_shard_size: bytes per weight file of a merged output (int, or a string like ``"5GB"``);
+            each shard is copied to CPU only while it is written.
 
     Returns:
         The output folder.
@@ -103,6 +108,7 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
     if lora_mode not in LORA_MODES:
         raise OffsiteError(f"lora_mode {lora_mode!r} unknown; allowed: {', '.join(LORA_MODES)}")
     started = time.time()
+    parse_size(max_shard_size)  # a bad size is refused before any work
     where = resolve_device(device)  # an unavailable device is refused before any work
     inputs = [model, adapter, emulator]
     guard_output(Path(out), "peft" if lora_mode == "peft" else "plugged", overwrite, inputs)
@@ -139,10 +145,11 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
         plugged.config.save_pretrained(stage.path)
         if getattr(plugged, "generation_config", None) is not None:
             plugged.generation_config.save_pretrained(stage.path)
-        index = save_tensors(unique_state_dict(plugged), stage.path / "model.safetensors")
+        distinct, _ = tensor_aliases(plugged)
+        tables = save_sharded({name: t.detach() for name, t in distinct.items()}, stage.path, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)
-        stage.manifest["tensors"] = {"model.safetensors": index}
+        stage.manifest["tensors"] = tables
         _finish(stage, record, manifest, settings, started, where)
     return Path(out)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ArtifactError, OffsiteError
 from .manifest import KINDS, MANIFEST, SCHEMA_VERSION, artifact_id
+from .shards import check_layout
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -230,10 +231,12 @@ class _Staging:
 
 
 def verify_files(path, manifest: dict) -> None:
-    """Check that the folder holds exactly the manifest's files with the recorded sha256.
+    """Check that the folder holds exactly the manifest's files with the recorded sha256, and that a
+    sharded checkpoint's index agrees with the tensor table (:func:`~offsite.artifacts.shards.check_layout`).
 
     Raises:
-        ArtifactError: a file is missing, unlisted, a symlink, or its content changed.
+        ArtifactError: a file is missing, unlisted, a symlink, or its content changed; or the shard
+            index disagrees with the manifest.
     """
     root = Path(path)
     present = set(list_files(root))
@@ -247,3 +250,4 @@ def verify_files(path, manifest: dict) -> None:
         if actual != digest:
             raise ArtifactError(f"{root / rel}: sha256 {actual[:12]}… does not match the manifest ({digest[:12]}…); "
                                 "the file was modified or corrupted")
+    check_layout(root, manifest)

@@ -167,6 +167,7 @@ def _check_emulator_fields(manifest: dict, where) -> None:
     if sorted(roles.get("adapter", [])) != sorted(adapter) or set(roles.get("emulator", [])) & set(adapter):
         raise ArtifactError(f"{where}: plan.layers must hold each adapter layer {sorted(adapter)} once, as role "
                             "'adapter', and no adapter layer as an emulator layer")
+    _check_shared_positions(manifest["plan"].get("shared_positions", []), layers, where)
     params = manifest.get("parameters", {})
     if not isinstance(params, dict) or not all(_is(v, int) for v in params.values()):
         raise ArtifactError(f"{where}: parameters must be an object of name -> integer count")
@@ -174,6 +175,30 @@ def _check_emulator_fields(manifest: dict, where) -> None:
     fractions = disclosure.get("fractions") if isinstance(disclosure, dict) else None
     if not isinstance(fractions, dict) or not all(_is(v, float) or _is(v, int) for v in fractions.values()):
         raise ArtifactError(f"{where}: disclosure must be an object with 'fractions' of name -> number")
+
+
+def _check_shared_positions(groups, layers: list, where) -> None:
+    """``plan.shared_positions``: emulator positions that hold one set of parameters (CRaSh ``tie_shared``).
+
+    Each group lists two or more distinct positions in increasing order, all of role ``emulator``
+    with the same source; no position is in two groups. An adapter position is never tied: the data
+    owner trains those layers, and a tie would let training write into a frozen middle layer.
+    """
+    allowed = ("plan.shared_positions must be a list of groups of at least two increasing emulator positions "
+               f"in 0..{len(layers) - 1}, each group one source layer, no position twice")
+    if not isinstance(groups, list) or not all(isinstance(g, list) and len(g) >= 2 for g in groups):
+        raise ArtifactError(f"{where}: {allowed}")
+    seen = set()
+    for group in groups:
+        if not all(_is(p, int) and 0 <= p < len(layers) for p in group) or group != sorted(set(group)) \
+                or seen & set(group):
+            raise ArtifactError(f"{where}: {allowed}; got {group}")
+        seen |= set(group)
+        if any(layers[p]["role"] != "emulator" for p in group):
+            raise ArtifactError(f"{where}: plan.shared_positions ties {group}, which includes an adapter position; "
+                                "adapter layers are never shared")
+        if len({layers[p]["source"] for p in group}) != 1:
+            raise ArtifactError(f"{where}: plan.shared_positions ties {group}, whose layers have different sources")
 
 
 def _check_tensor_table(tensors: dict, files: dict, where) -> None:

@@ -14,6 +14,13 @@ def add_out(parser, help_text: str = "output folder") -> None:
                         help="sign the artifact with this Ed25519 private key (offsite keygen); default unsigned")
 
 
+def add_shard_size(parser) -> None:
+    """``--max-shard-size`` of a command that writes model weights."""
+    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest weight file (bytes, or e.g. 5GB / 500MiB); bigger weights are written shard by "
+                             "shard in Hugging Face's sharded layout (default 5GB)")
+
+
 def add_trust(parser, what: str = "the artifact") -> None:
     """``--trusted-key`` (repeatable) of a command that reads an artifact from the other party."""
     parser.add_argument("--trusted-key", action="append", default=None, metavar="PUB", dest="trusted_keys",

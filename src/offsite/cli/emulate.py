@@ -68,9 +68,10 @@ def add_parser(sub) -> None:
     for name, (help_text, owners) in sorted(method_settings().items()):
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None, metavar="V",
                            help=f"[{', '.join(owners)}] {help_text}".replace("%", "%%"))
-    from .common import add_out
+    from .common import add_out, add_shard_size
 
     add_out(p, "emulator package folder to write")
+    add_shard_size(p)
     p.set_defaults(func=run)
 
 
@@ -94,6 +95,6 @@ def run(args) -> int:
     out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
                   calibration=args.calibration, overwrite=args.overwrite,
                   allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, device=device,
-                  **settings)
+                  max_shard_size=args.max_shard_size, **settings)
     print(f"emulator package written to {out}")
     return 0

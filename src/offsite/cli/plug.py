@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from .common import add_out
+    from .common import add_out, add_shard_size
 
     p = sub.add_parser("plug", help="plug a fine-tuned adapter into the full model (model owner)")
     p.add_argument("--model", required=True, help="full base model: local folder or hub id")
@@ -19,6 +19,7 @@ def add_parser(sub) -> None:
                    help="the emulator package the adapter was trained on (recommended): its id and adapter layers "
                         "must match the adapter's, which a forged adapter manifest cannot fake")
     add_out(p, "output folder")
+    add_shard_size(p)
     from .common import add_trust
 
     add_trust(p, "the adapter (and --emulator)")
@@ -32,6 +33,6 @@ def run(args) -> int:
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     out = plug(args.model, args.adapter, args.out, lora_mode=args.lora_mode, dtype=args.dtype,
                overwrite=args.overwrite, emulator=args.emulator, trusted_keys=args.trusted_keys,
-               sign_key=args.sign_key, device=device)
+               sign_key=args.sign_key, device=device, max_shard_size=args.max_shard_size)
     print(f"plugged model written to {out}")
     return 0

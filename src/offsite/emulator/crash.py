@@ -19,15 +19,16 @@ private in real OT); only the middle layers are clustered because the adapter is
 split (the code picks adapters among the representatives); clusters are runs of consecutive
 *middle* layers, so with ``idx:`` splits a cluster may straddle an adapter layer.
 
-Storing shared layers: by default each position a representative fills holds a copy, so the
-package stays a stock Hugging Face checkpoint with the full depth, at the cost of storing a
-representative once per position. With ``tie_shared`` the positions that repeat one layer share
+Storing shared layers: by default (``tie_shared``, which applies with ``share``) the positions that
+repeat one layer share
 its parameters instead (the same ``nn.Parameter`` objects; each position keeps its own module, so
 its own ``layer_idx`` KV-cache slot): the package stores each distinct layer once, lists the tied
 positions in ``plan["shared_positions"]`` (groups of emulator positions, the first holding the
 weights), counts each parameter once in ``parameters.emulator``, and :meth:`Crash.restructure`
 re-ties the groups on load. Such a package loads only with ``offsite.package.load_emulator``
 (stock ``from_pretrained`` cannot tie decoder layers and would initialise the repeats randomly).
+``tie_shared=false`` stores a copy per position instead: a stock Hugging Face checkpoint of the full
+depth, at the cost of storing a representative once per position.
 Adapter layers are never repeated, so never tied: the data owner trains exactly the same tensors.
 """
 
@@ -144,9 +145,10 @@ class CrashConfig:
     """Clusters K = distinct middle layers kept; default 25% of the middle (uniform.DEFAULT_KEEP_FRACTION)."""
     share: bool = False
     """Repeat kept layers in the removed positions, restoring the original depth."""
-    tie_shared: bool = False
-    """With share: store each repeated layer once and tie its positions on load (smaller package;
-    loads with offsite's load_emulator only, not with stock from_pretrained)."""
+    tie_shared: bool = True
+    """With share: store each repeated layer once and tie its positions on load (the package costs its
+    distinct layers only; loads with offsite's load_emulator, not stock from_pretrained). False: a
+    copy per position, a stock HF checkpoint. Without share it has nothing to tie."""
     pooling: str = "mean_weighted"
     """Token pooling of layer outputs before CKA: mean_weighted, mean or last."""
     seq_len: int = 128
@@ -169,9 +171,6 @@ class CrashConfig:
             raise OffsiteError(f"share must be true or false, got {self.share!r}")
         if not isinstance(self.tie_shared, bool):
             raise OffsiteError(f"tie_shared must be true or false, got {self.tie_shared!r}")
-        if self.tie_shared and not self.share:
-            raise OffsiteError("tie_shared ties the positions that share=true repeats; set share=true as well, "
-                               "or leave tie_shared false")
 
 
 @register
