@@ -26,13 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--calibration", default=None)
     p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--stream", action="store_true", help="emulate --stream (layers read from disk one at a time)")
     args = p.parse_args(argv)
     started = time.time()
     out = emulate(args.model, args.out, method=args.method, calibration=args.calibration, overwrite=True,
-                  **parse_settings(args.settings))
+                  stream=args.stream, **parse_settings(args.settings))
     seconds = time.time() - started
     manifest = json.loads((Path(out) / "manifest.json").read_text())
-    record = {"method": args.method, "settings": parse_settings(args.settings), "seconds": round(seconds, 1),
+    record = {"method": args.method + ("+stream" if args.stream else ""), "settings": parse_settings(args.settings), "seconds": round(seconds, 1),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "parameters": manifest["parameters"]}
     try:

@@ -6,7 +6,8 @@ Usage (from the repository root):
 
 For each shape a random-weight model of the published config is written once (``bench/make_random_model.py``,
 under ``runs/scale/``), then each method builds an emulator in a fresh process (``bench/measure_build.py``),
-so its peak resident memory (``ru_maxrss``) is that build's alone. Phases come from the build's own
+so its peak resident memory (``ru_maxrss``) is that build's alone; ``METHOD+stream`` builds with
+``emulate --stream`` (decoder layers read from disk one at a time, :mod:`offsite.streaming`). Phases come from the build's own
 timings: ``load`` / ``build`` / ``write`` (the ``[offsite] ... done in`` lines) and, for GradOT, the
 calibration forward, the backward sweep (statistics, terms, SVD and compression, layer by layer) and
 their sum ``stats_seconds`` from the plan. ``import floor`` is the peak RSS of a process that only
@@ -47,9 +48,10 @@ def _model(shape: str, dtype: str) -> Path:
 
 
 def _build(folder: Path, method: str, windows: int) -> dict:
-    settings = {"uniform": [], "gradot": [f"num_sequences={windows}", "param_budget=0.4"]}[method]
-    cmd = [PY, str(ROOT / "bench" / "measure_build.py"), str(folder / "model"), method, str(folder / f"emu-{method}"),
-           "--calibration", str(folder / "public.txt"), "--set", *settings]
+    name, _, mode = method.partition("+")
+    settings = {"uniform": [], "gradot": [f"num_sequences={windows}", "param_budget=0.4"]}[name]
+    cmd = [PY, str(ROOT / "bench" / "measure_build.py"), str(folder / "model"), name, str(folder / f"emu-{method}"),
+           "--calibration", str(folder / "public.txt"), "--set", *settings] + (["--stream"] if mode == "stream" else [])
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     record = json.loads(run.stdout.strip().splitlines()[-1])
     record["phases"] = {name: float(sec) for name, sec in PHASE.findall(run.stderr)}
@@ -67,7 +69,8 @@ def _build(folder: Path, method: str, windows: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="opt-125m,llama-w512-12l,llama-w512-24l")
-    p.add_argument("--methods", default="uniform,gradot")
+    p.add_argument("--methods", default="uniform,uniform+stream,gradot,gradot+stream",
+                   help="methods; METHOD+stream builds with emulate --stream")
     p.add_argument("--windows", type=int, default=64, help="GradOT calibration windows (x 128 tokens)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench/results/scale")

@@ -31,6 +31,7 @@ setting whose positive value turns the compression on (ScaleOT: ``"beta"``); abs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 
@@ -71,10 +72,16 @@ def tensor_key(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), str(tensor.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def fingerprint_middle(model, family, split) -> list:
+def fingerprint_middle(model, family, split, stream=None, on_layer=None) -> list:
     """Fingerprints of every middle-layer parameter of the *unmodified* base model.
 
     Call before the builder runs: builders change the base model in place.
+
+    Args:
+        stream: a :class:`offsite.streaming.StreamedModel` (``model`` is its skeleton): each middle
+            layer is read, fingerprinted and released in turn.
+        on_layer: ``on_layer(layer)`` called while each middle layer holds its values (the workflow
+            checks them for NaN there, so a streamed layer is read once for both).
 
     Returns:
         A list of :class:`TensorPrint`, in layer order.
@@ -82,11 +89,14 @@ def fingerprint_middle(model, family, split) -> list:
     layers = get_layers(model, family)
     prints = []
     for i in split.middle:
-        role_of = {id(p): role for role, module in layer_linears(layers[i], family).items()
-                   for p in module.parameters()}
-        prefix = family.layer_param_prefix(i)
-        for name, p in named_layer_parameters(model, family, [i]).items():
-            prints.append(TensorPrint(i, name[len(prefix):], role_of.get(id(p)), tensor_key(p), p.numel()))
+        with stream.layer(i) if stream is not None else contextlib.nullcontext():
+            role_of = {id(p): role for role, module in layer_linears(layers[i], family).items()
+                       for p in module.parameters()}
+            prefix = family.layer_param_prefix(i)
+            for name, p in named_layer_parameters(model, family, [i]).items():
+                prints.append(TensorPrint(i, name[len(prefix):], role_of.get(id(p)), tensor_key(p), p.numel()))
+            if on_layer is not None:
+                on_layer(layers[i])
     return prints
 
 

@@ -10,10 +10,12 @@ from .artifacts import check_finite, guard_output, split_run_facts
 from .artifacts.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .device import resolve_device
 from .disclosure import disclose, fingerprint_middle, guard_middle
-from .emulator import get_builder
+from .emulator import available_methods, get_builder
+from .errors import OffsiteError
 from .families import count_parameters, describe, get_family
 from .identity import model_identity
-from .loading import load_model
+from .loading import load_model, load_tokenizer
+from .streaming import StreamedModel
 from .package import save_emulator
 from .progress import phase
 from .split import make_split
@@ -28,7 +30,7 @@ def settings_of(config) -> dict:
 def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtype: str = "auto",
             calibration=None, overwrite: bool = False, allow_verbatim_middle: bool = False, sign_key=None,
             device="auto", selection: dict | None = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
-            **method_settings) -> Path:
+            stream: bool = False, **method_settings) -> Path:
     """Build an emulator package from a base model.
 
     Args:
@@ -47,6 +49,9 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
             :mod:`offsite.device`). Not part of the package's identity; recorded under ``run``.
         max_shard_size: largest weight file (bytes, or e.g. ``"5GB"``); bigger emulators are written shard
             by shard in Hugging Face's sharded layout.
+        stream: read the base model's decoder layers from its safetensors files one at a time instead of
+            loading the model (:mod:`offsite.streaming`; methods with ``supports_stream``). The package
+            is the same bitwise; recorded under ``run``.
         selection: how these settings were chosen (``offsite frontier``'s sweep), stored in the manifest.
         **method_settings: the method's own settings (e.g. ``emulator_layers=8``).
 
@@ -60,17 +65,33 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     inputs = [model, calibration]
     guard_output(Path(out), "emulator", overwrite, inputs)  # refuse a bad --out before minutes of work
     parse_size(max_shard_size)  # and a bad shard size
-    with phase(f"load {model}"):
-        base, tokenizer = load_model(model, dtype=dtype, device=where)
+    if stream and not builder.supports_stream:
+        streams = [m for m in available_methods() if get_builder(m).supports_stream]
+        raise OffsiteError(f"--stream is not available for method '{method}' (it needs the model in memory); "
+                           f"methods that stream: {', '.join(streams)}")
+    source = None
+    with phase(f"load {model}" + (" (layers stay on disk)" if stream else "")):
+        if stream:
+            source = StreamedModel(model, dtype=dtype, device=where)
+            base, tokenizer = source.model, load_tokenizer(model)
+        else:
+            base, tokenizer = load_model(model, dtype=dtype, device=where)
     family = get_family(base)
     split = make_split(base.config.num_hidden_layers, adapter_layers)
-    check_finite(base.state_dict(), f"base model {model}")  # checked where it lies: no CPU copy of the model
+    if source is not None:  # the resident part now; each layer as it is read
+        source.check_finite()
+    else:
+        check_finite(base.state_dict(), f"base model {model}")  # checked where it lies: no CPU copy
     identity = model_identity(base, model)
     full_params = count_parameters(base)
 
-    before = fingerprint_middle(base, family, split)  # now: builders edit the base model in place
+    # now: builders edit the base model in place
+    before = fingerprint_middle(base, family, split, stream=source,
+                                on_layer=lambda layer: check_finite(layer.state_dict(), f"base model {model}"))
     with phase(f"build the {method} emulator"):
-        plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer)
+        extra = {"stream": source} if source is not None else {}
+        plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer,
+                                       **extra)
     disclosure = disclose(before, emulator, family, split, plan)
     disclosure["overridden"] = guard_middle(disclosure, builder, config, allow=allow_verbatim_middle)
     check_finite(emulator.state_dict(), f"the {method} emulator built from {model}")
@@ -94,4 +115,5 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         return save_emulator(out, emulator, tokenizer, record, settings, overwrite=overwrite, inputs=inputs,
                              sign_key=sign_key, max_shard_size=max_shard_size,
                              run={"seconds": round(time.time() - started, 2), "device": str(where),
+                                  **({"stream": True} if stream else {}),
                                                      **({"plan": plan_facts} if plan_facts else {})})

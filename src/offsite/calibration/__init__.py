@@ -8,6 +8,7 @@
 
 from .stats import (STATS_DTYPES, DampingWarning, LinearStats, damped_cholesky, damped_inverse,
                     gather_linear_stats)
+from .layerwise import capture_boundaries_layerwise
 from .stream import Boundaries, backward_sweep, capture_boundaries, frozen, peak_memory_mb
 from .text import (DEFAULT_CORPUS, CalibrationConfig, calibration_batches, default_calibration, read_text,
                    resolve_calibration, tokenize_text)
@@ -15,6 +16,7 @@ from .text import (DEFAULT_CORPUS, CalibrationConfig, calibration_batches, defau
 __all__ = [
     "CalibrationConfig", "calibration_batches", "default_calibration", "resolve_calibration", "read_text",
     "tokenize_text", "DEFAULT_CORPUS", "LinearStats", "gather_linear_stats", "damped_cholesky",
-    "damped_inverse", "DampingWarning", "STATS_DTYPES", "Boundaries", "capture_boundaries", "backward_sweep",
+    "damped_inverse", "DampingWarning", "STATS_DTYPES", "Boundaries", "capture_boundaries", "capture_boundaries_layerwise",
+    "backward_sweep",
     "frozen", "peak_memory_mb",
 ]

@@ -121,7 +121,7 @@ def capture_boundaries(model, family: Family, batches: list, with_grads: bool = 
 
 
 def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, stats_dtype=torch.float64,
-                   with_grad: bool = True):
+                   with_grad: bool = True, stream=None):
     """Recompute layers top-down, gathering linear statistics of the ``wanted`` layers.
 
     Args:
@@ -134,6 +134,8 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
             so statistics of only one layer are alive at a time.
         stats_dtype: accumulation dtype.
         with_grad: also gather each linear's mean weight gradient (see :class:`.stats.LinearStats`).
+        stream: a :class:`offsite.streaming.StreamedModel` whose layers are materialised (and kept) as
+            the sweep reaches them; None when the model is in memory.
     """
     layers = get_layers(model, family)
     wanted = set(wanted)
@@ -144,7 +146,7 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
     sweep = range(len(layers) - 1, min(wanted) - 1, -1)
     with frozen(model):
         for i in bar(sweep, "backward sweep", "layer"):
-            layer, new_grads = layers[i], []
+            layer, new_grads = (stream.materialize(i) if stream is not None else layers[i]), []
             linears = layer_linears(layer, family) if i in wanted else {}
             with gather_linear_stats(linears, stats_dtype, with_grad) as stats, torch.enable_grad():
                 for b, grad in enumerate(grads):

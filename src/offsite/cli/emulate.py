@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-verbatim-middle", action="store_true",
                    help="write the package even if middle layers leave unchanged (e.g. every middle layer kept); "
                         "only for packages that are never shipped")
+    p.add_argument("--stream", action="store_true",
+                   help="read the base model's decoder layers from its .safetensors files one at a time instead of "
+                        "loading the whole model (uniform, gradot): for models larger than memory; same package")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
     group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
     for name, (help_text, owners) in sorted(method_settings().items()):
@@ -95,6 +98,6 @@ def run(args) -> int:
     out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
                   calibration=args.calibration, overwrite=args.overwrite,
                   allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, device=device,
-                  max_shard_size=args.max_shard_size, **settings)
+                  max_shard_size=args.max_shard_size, stream=args.stream, **settings)
     print(f"emulator package written to {out}")
     return 0

@@ -24,6 +24,8 @@ class EmulatorBuilder:
     name: str = ""
     config_cls: type = None
     needs_calibration: bool = False
+    supports_stream: bool = False
+    """Whether ``build`` works on a streamed base model (``emulate --stream``)."""
     size_knob: str | None = None
     """The setting that sets the emulator's size (what ``offsite frontier`` sweeps), or None."""
 
@@ -64,7 +66,8 @@ class EmulatorBuilder:
         keep_layers(model, family, [entry["source"] for entry in plan["layers"]])
         return model
 
-    def build(self, model, family: Family, split: Split, config, calibration=None, tokenizer=None) -> tuple:
+    def build(self, model, family: Family, split: Split, config, calibration=None, tokenizer=None,
+              stream=None) -> tuple:
         """Plan, then apply: ``(plan, emulator)``. The emulate workflow calls this.
 
         Methods whose emulator weights come out of training (distillation, ScaleOT's harmonizers)
@@ -73,8 +76,12 @@ class EmulatorBuilder:
         Args:
             calibration: public calibration text (path) or ready batches, for methods that need it.
             tokenizer: the base model's tokenizer (to tokenise the calibration text), or None.
+            stream: a :class:`offsite.streaming.StreamedModel` (methods with ``supports_stream``):
+                ``model`` is its skeleton, and only the layers the plan keeps are ever read.
         """
         plan = self.plan(model, family, split, config, calibration=calibration)
+        for entry in plan["layers"] if stream is not None else ():
+            stream.materialize(entry["source"])
         return plan, self.apply(model, family, split, plan)
 
     def restructure(self, model, family: Family, plan: dict) -> None:

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 
 from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, calibration_batches, capture_boundaries,
+                           capture_boundaries_layerwise,
                            peak_memory_mb, resolve_calibration)
 from ..errors import OffsiteError
 from ..families import get_layers, layer_linears
@@ -171,6 +172,7 @@ def _batches(model, config: GradOTConfig, calibration, tokenizer):
 @register
 class GradOT(EmulatorBuilder):
     name = "gradot"
+    supports_stream = True
     size_knob = "param_budget"
 
     def size_points(self, middle: int) -> list:
@@ -181,11 +183,13 @@ class GradOT(EmulatorBuilder):
     compresses_kept_layers = True
     """Every middle layer stays, compressed: one leaving unchanged is refused (``offsite.disclosure``)."""
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+    def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
         """Plan and apply layer by layer: each middle layer is compressed as soon as its terms are known
         (selection is per matrix), with the SVD its terms were made from, which is then dropped. The
         plan and emulator equal :meth:`plan` + :meth:`apply`'s; peak memory holds one layer's
-        statistics and factors, and each matrix is decomposed once.
+        statistics and factors, and each matrix is decomposed once. With ``stream`` the base layers are
+        read from disk as the calibration forward and the sweep reach them (see
+        :mod:`offsite.calibration.layerwise`); the emulator's layers stay, the others are released.
         """
         started = time.time()
         layers = get_layers(model, family)
@@ -193,12 +197,16 @@ class GradOT(EmulatorBuilder):
 
         def on_terms(index, layer_terms, svds):
             lin, mlp = select(layer_terms, config)
+            layer = stream.materialize(index) if stream is not None else layers[index]
             with torch.no_grad():
-                compress_layer(layers[index], family, lin, mlp, svds)
+                compress_layer(layer, family, lin, mlp, svds)
             linears.extend(lin)
             mlps.extend(mlp)
 
-        _, record = self.terms(model, family, split, config, calibration, tokenizer, on_terms=on_terms)
+        _, record = self.terms(model, family, split, config, calibration, tokenizer, on_terms=on_terms,
+                               stream=stream)
+        for index in split.adapter if stream is not None else ():
+            stream.materialize(index)  # whole in the emulator; the sweep may not have reached them
         plan = self._plan(split, config, linears, mlps, record, started)
         keep_layers(model, family, [e["source"] for e in plan["layers"]])
         return plan, model
@@ -227,7 +235,8 @@ class GradOT(EmulatorBuilder):
         terms, record = self.terms(model, family, split, config, calibration, tokenizer)
         return self._plan(split, config, *select(terms, config), record, started)
 
-    def terms(self, model, family, split, config, calibration=None, tokenizer=None, on_terms=None) -> tuple:
+    def terms(self, model, family, split, config, calibration=None, tokenizer=None, on_terms=None,
+              stream=None) -> tuple:
         """Everything selection needs from the model, for every middle matrix (see :func:`select`).
 
         GCS runs the streamed calibration sweep (or reads a matching ``cache_dir``); the baselines
@@ -236,6 +245,7 @@ class GradOT(EmulatorBuilder):
         Args:
             on_terms: ``on_terms(index, layer_terms, svds)`` called once per middle layer as soon as
                 its terms are known (``svds``: the factors made for them, ``{"<layer>.<role>": svd}``).
+            stream: a streamed base model (see :meth:`build`); its middle layers stay materialised.
 
         Returns:
             ``(terms, calibration record)``.
@@ -244,6 +254,8 @@ class GradOT(EmulatorBuilder):
         terms = {"attn": {}, "mlp": {}}
 
         def layer_done(index, stats, need_stats):
+            if stream is not None:
+                stream.materialize(index)
             svds = {} if on_terms is not None else None
             attention = [(r, m) for r, m in layer_linears(layers[index], family).items() if r.startswith("attn.")]
             # One step per attention matrix (its SVD dominates) plus one for the MLP.
@@ -263,16 +275,20 @@ class GradOT(EmulatorBuilder):
             return terms, {"skipped": f"scoring={config.scoring} reads the weights only"}
         batches, source = _batches(model, config, calibration, tokenizer)
         with_grad = config.gcs_form == "paper" or config.first_order  # the only users of <g, δ>
-        key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype,
-                                                "with_grad": with_grad})
+        key = None
+        if config.cache_dir:  # the key hashes every weight: only when a cache asks for it
+            weights = None if stream is None else stream.weight_fingerprint()
+            key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype,
+                                                    "with_grad": with_grad}, fingerprint=weights)
         cached = load_terms(config.cache_dir, key) if config.cache_dir else None
         if cached is not None:
             for index in split.middle if on_terms is not None else ():
                 on_terms(index, layer_part(cached["terms"], index), {})
             return cached["terms"], {**source, **cached["record"], "cache_dir": str(config.cache_dir)}
-        bounds = capture_boundaries(model, family, batches)
+        bounds = (capture_boundaries(model, family, batches) if stream is None else
+                  capture_boundaries_layerwise(model, family, batches, stream, keep=set(split.adapter)))
         backward_sweep(model, family, bounds, split.middle, lambda i, stats: layer_done(i, stats, True),
-                       STATS_DTYPES[config.stats_dtype], with_grad)
+                       STATS_DTYPES[config.stats_dtype], with_grad, stream=stream)
         record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
         if config.cache_dir:
             save_terms(config.cache_dir, key, terms, record)

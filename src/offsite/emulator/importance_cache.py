@@ -30,13 +30,14 @@ SCORES = "importance.json"
 WEIGHTS = "harmonizers.safetensors"
 
 
-def cache_key(model, split, batches: list, settings: dict) -> str:
-    """Identity of a stage-1 run (see the module docstring)."""
+def cache_key(model, split, batches: list, settings: dict, fingerprint: str | None = None) -> str:
+    """Identity of a stage-1 run (see the module docstring); ``fingerprint`` of the weights when known
+    (a streamed model has no values to hash in memory)."""
     h = hashlib.sha256()
     for ids in batches:
         h.update(ids.to("cpu", torch.int64).contiguous().numpy().tobytes())
-    data = [config_hash(model.config), weight_fingerprint(unique_state_dict(model)), split.to_dict(), settings,
-            h.hexdigest()]
+    data = [config_hash(model.config), fingerprint or weight_fingerprint(unique_state_dict(model)), split.to_dict(),
+            settings, h.hexdigest()]
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 

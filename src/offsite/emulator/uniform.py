@@ -73,6 +73,7 @@ class UniformConfig:
 @register
 class UniformDrop(EmulatorBuilder):
     name = "uniform"
+    supports_stream = True  # the plan needs no weights: only the kept layers are ever read
     size_knob = "emulator_layers"
 
     def size_points(self, middle: int) -> list:

@@ -1,0 +1,184 @@
+"""A base model read from its safetensors files one decoder layer at a time (``emulate --stream``).
+
+Model-owner workflows otherwise start with ``from_pretrained``, so the largest model they can handle
+is the one that fits in memory next to the build's own working set. A :class:`StreamedModel` is the
+same Hugging Face module tree with every parameter on the ``meta`` device (accelerate's
+``init_empty_weights``, buffers such as rotary ``inv_freq`` computed for real); the parts outside
+the decoder stack (embeddings, final norm, head) are loaded and stay resident, and a decoder layer
+holds real tensors only between :meth:`StreamedModel.materialize` and :meth:`StreamedModel.release`.
+Tensors are read with safetensors' ``safe_open`` (memory-mapped, one tensor at a time) and *assigned*
+as the layer's parameters, so a layer exists in memory once.
+
+What streams: a checkpoint folder (or a cached hub snapshot) of ``.safetensors`` files, one file or
+sharded, whose tensor names are the model's state-dict names (what ``save_pretrained`` writes).
+Methods opt in with ``supports_stream``; the others need the model in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .errors import OffsiteError
+from .families import get_family, get_layers
+from .identity import weight_files
+from .loading import load_config, resolve_dtype
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _renames(config):
+    """``stored name -> model name``: the renames transformers applies when it loads this architecture
+    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); other conversions are not streamed."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4.x loads stored names as they are
+        return lambda name: name
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    transforms = (arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(
+        config.model_type) or []
+    pairs = []
+    for t in transforms:
+        if type(t) is not WeightRenaming:
+            raise OffsiteError(f"{config.model_type} checkpoints are converted on load ({type(t).__name__}); "
+                               "--stream reads stored tensors as they are: load without --stream")
+        pairs += list(zip(t.source_patterns, t.target_patterns))
+
+    def rename(name: str) -> str:
+        for source, target in pairs:
+            name = re.sub(source, target, name)
+        return name
+    return rename
+
+
+class StreamedModel:
+    """The base model as a meta skeleton plus an index of where each tensor lies on disk.
+
+    Attributes:
+        model: the HF causal LM; resident parts loaded, decoder layers on ``meta`` until materialised.
+        family: its architecture family.
+        name_or_path: what it was read from.
+    """
+
+    def __init__(self, name_or_path: str, dtype="auto", device="cpu"):
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        config = load_config(name_or_path)
+        self.family = get_family(config)
+        self.name_or_path = str(name_or_path)
+        files = weight_files(name_or_path)
+        if not files:
+            raise OffsiteError(f"--stream reads a checkpoint's .safetensors files; {name_or_path} has none "
+                               "(load it without --stream, or save it with save_pretrained first)")
+        rename = _renames(config)
+        self._where, self._stored = {}, {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                for stored in fh.keys():
+                    name = rename(stored)
+                    self._where[name], self._stored[name] = path, stored
+        wanted = resolve_dtype(dtype)
+        if wanted == "auto" or wanted is None:
+            wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            wanted = getattr(torch, wanted) if isinstance(wanted, str) else wanted
+        self.dtype, self.device = wanted, torch.device(device)
+        with init_empty_weights(include_buffers=False), _no_init():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=wanted)
+        self.model.eval()
+        self._prefix = self.family.layers + "."
+        resident = {name: p for name, p in self.model.state_dict(keep_vars=True).items()
+                    if not name.startswith(self._prefix)}
+        self._assign(self.model, self._read([n for n in resident if n in self._where]), strict=False)
+        self.model.tie_weights()
+        for buffer_owner in self.model.modules():  # computed buffers (rotary inv_freq) go where the weights go
+            for key, b in list(buffer_owner._buffers.items()):
+                if b is not None and not b.is_meta:
+                    buffer_owner._buffers[key] = b.to(self.device)
+        empty = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self._prefix)]
+        if empty:
+            raise OffsiteError(f"{name_or_path}: the weight files hold no '{empty[0]}' ({len(empty)} tensors "
+                               "outside the decoder layers missing); streaming needs save_pretrained's names")
+        self.live = set()
+
+    def _read(self, names: list) -> dict:
+        from safetensors import safe_open
+
+        out, by_file = {}, {}
+        for name in names:
+            by_file.setdefault(self._where[name], []).append(name)
+        for path, group in by_file.items():
+            with safe_open(str(path), framework="pt") as fh:
+                for name in group:
+                    t = fh.get_tensor(self._stored[name])
+                    out[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
+        return out
+
+    @staticmethod
+    def _assign(module: nn.Module, tensors: dict, strict: bool = True) -> None:
+        result = module.load_state_dict(tensors, strict=False, assign=True)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise OffsiteError(f"a streamed layer does not match its weight files: missing "
+                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+    def materialize(self, index: int) -> nn.Module:
+        """Give decoder layer ``index`` its real tensors (read from disk); returns the layer."""
+        layer = get_layers(self.model, self.family)[index]
+        if index in self.live:
+            return layer
+        prefix = self.family.layer_param_prefix(index)
+        names = [prefix + n for n in layer.state_dict().keys()]
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise OffsiteError(f"{self.name_or_path}: the weight files hold no '{missing[0]}'; streaming needs "
+                               "the names save_pretrained writes")
+        tensors = self._read(names)
+        self._assign(layer, {n[len(prefix):]: t for n, t in tensors.items()})
+        self.live.add(index)
+        return layer
+
+    def release(self, index: int) -> None:
+        """Put layer ``index``'s parameters back on ``meta`` (buffers stay: they are small and computed)."""
+        layer = get_layers(self.model, self.family)[index]
+        for module in layer.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and not p.is_meta:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                            requires_grad=p.requires_grad)
+        self.live.discard(index)
+
+    @contextlib.contextmanager
+    def layer(self, index: int, keep: bool = False):
+        """``with stream.layer(i) as layer:`` real tensors inside, released on exit unless ``keep``."""
+        was_live = index in self.live
+        layer = self.materialize(index)
+        try:
+            yield layer
+        finally:
+            if not keep and not was_live:
+                self.release(index)
+
+    def weight_fingerprint(self) -> str:
+        """The base weights' fingerprint, read from the files (cached per file state; see :mod:`offsite.identity`)."""
+        from .identity import cached_files_fingerprint
+
+        return cached_files_fingerprint(sorted(set(self._where.values())))
+
+    def check_finite(self) -> None:
+        """Refuse NaN/inf in the resident tensors (layers are checked as they are materialised)."""
+        for name, p in self.model.named_parameters():
+            if not p.is_meta and p.is_floating_point() and not torch.isfinite(p).all():
+                raise OffsiteError(f"base model {self.name_or_path}: tensor '{name}' has NaN or infinite values; "
+                                   "fix or re-export the checkpoint")

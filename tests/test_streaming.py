@@ -1,0 +1,81 @@
+"""Streamed base models: a meta skeleton whose decoder layers are read from disk one at a time, the
+layer-major calibration forward, and streamed emulator builds equal to in-memory ones bitwise."""
+
+import json
+
+import pytest
+import torch
+
+from offsite.calibration import backward_sweep, capture_boundaries, capture_boundaries_layerwise
+from offsite.emulate import emulate
+from offsite.errors import OffsiteError
+from offsite.families import get_family, get_layers
+from offsite.streaming import StreamedModel
+
+FAMILIES = ["llama", "gpt2", "opt", "falcon", "bloom", "gemma2", "phi3", "gpt_neox"]
+
+
+def _batches():
+    return [torch.randint(4, 120, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_layer_major_forward_and_sweep_equal_the_in_memory_ones(model_type, saved_model):
+    path, model = saved_model(model_type, 4)
+    model.eval()
+    family = get_family(model)
+    stream = StreamedModel(str(path))
+    layers = get_layers(stream.model, family)
+    assert all(p.is_meta for layer in layers for p in layer.parameters())
+    want = capture_boundaries(model, family, _batches())
+    got = capture_boundaries_layerwise(stream.model, family, _batches(), stream)
+    assert stream.live == set()  # every layer released again
+    assert got.tokens == want.tokens and got.loss == pytest.approx(want.loss, abs=1e-5)
+    for i in range(4):
+        for a, b in zip(got.hidden[i], want.hidden[i]):
+            assert torch.allclose(a, b, atol=1e-5), i
+    for a, b in zip(got.top_grads, want.top_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    stats = {}
+    backward_sweep(stream.model, family, got, [1, 2], lambda i, s: stats.setdefault(i, s), stream=stream)
+    ref = {}
+    backward_sweep(model, family, want, [1, 2], lambda i, s: ref.setdefault(i, s))
+    for i in (1, 2):
+        for role in ref[i]:
+            for key in ("A", "G", "grad"):
+                assert torch.allclose(stats[i][role][key], ref[i][role][key], rtol=1e-4, atol=1e-8), (i, role, key)
+
+
+@pytest.mark.parametrize("model_type,method,settings", [
+    ("llama", "uniform", {"emulator_layers": 2}), ("gpt2", "uniform", {"emulator_layers": 1}),
+    ("llama", "gradot", {"param_budget": 0.3}), ("opt", "gradot", {"param_budget": 0.3, "scoring": "magnitude"}),
+    ("gemma2", "gradot", {"param_budget": 0.3}), ("falcon", "gradot", {"param_budget": 0.3}),
+])
+def test_a_streamed_build_writes_the_same_package(model_type, method, settings, saved_model, text_file, tmp_path):
+    """emulate --stream reads one layer at a time and must write the very package the in-memory build
+    writes: the same artifact id (every file and the manifest, bar run facts)."""
+    path, _ = saved_model(model_type, 6)
+    common = dict(method=method, adapter_layers="1,1", calibration=text_file, **settings)
+    if method == "gradot":
+        common.update(seq_len=16, num_sequences=4, batch_size=2)
+    whole = emulate(str(path), tmp_path / "whole", **common)
+    streamed = emulate(str(path), tmp_path / "streamed", stream=True, **common)
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (whole, streamed))
+    assert b["run"]["stream"] is True and "stream" not in a["run"]
+    assert a["artifact_id"] == b["artifact_id"]
+
+
+def test_streaming_refusals(saved_model, text_file, tmp_path, capsys):
+    from offsite.cli import main
+
+    path, _ = saved_model("llama", 6)
+    with pytest.raises(OffsiteError, match="--stream is not available for method 'crash'.*gradot, uniform"):
+        emulate(str(path), tmp_path / "e", method="crash", calibration=text_file, stream=True)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(OffsiteError, match="--stream reads a checkpoint's .safetensors files"):
+        emulate(str(folder), tmp_path / "e", stream=True)
+    assert not (tmp_path / "e").exists()
+    assert main(["--quiet", "emulate", "--model", str(path), "--adapter-layers", "1,1", "--emulator-layers", "2",
+                 "--stream", "--out", str(tmp_path / "cli")]) == 0
