@@ -29,6 +29,7 @@ from .eval.protocol import full_package, gap, headline, score, score_with, slug,
 from .eval.run import parse_tasks
 from .finetune import finetune
 from .models import load_for_eval
+from .plotting import pyplot
 
 ROWS = ("full_zs", "full_ft", "emu_zs", "emu_ft", "plug_in")
 LABELS = {"full_zs": "Full ZS", "full_ft": "Full FT", "emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plug_in": "Plug-in",
@@ -173,12 +174,8 @@ def _fmt(value, is_acc: bool) -> str:
 
 def plot_report(report: dict, path) -> Path | None:
     """Bar chart of plug-in vs emulator FT per task for every method (PNG); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     methods = list(report["methods"])
     tasks = [t for t in report["tasks"] if report["methods"][methods[0]]["higher_is_better"].get(t)]

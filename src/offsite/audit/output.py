@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..eval.protocol import slug
+from ..plotting import pyplot
 
 REFERENCE_ROWS = (("full_zs", "Full ZS"), ("full_ft", "Full FT"), ("plug_in", "Plug-in (honest adapter)"),
                   ("emu_zs", "Emu ZS"))
@@ -54,12 +55,8 @@ def plot_audit(audit: dict, path) -> Path | None:
     Returns:
         The PNG's path, or None without matplotlib.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     tasks = list(audit["results"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(1.2 + 4.2 * len(tasks), 3.8), squeeze=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..eval.protocol import slug
+from ..plotting import pyplot
 
 
 def _fmt(value, higher: bool) -> str:
@@ -50,12 +51,8 @@ def plot_frontier(record: dict, path) -> Path | None:
     Returns:
         The PNG's path, or None without matplotlib.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     higher, knob = record["higher_is_better"], record["knob"]
     scale = 100 if higher else 1
