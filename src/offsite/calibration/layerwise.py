@@ -47,7 +47,8 @@ def _restore(layers, saved) -> None:
             layer.forward = forward
 
 
-def capture_boundaries_layerwise(model, family: Family, batches: list, stream, keep=()) -> Boundaries:
+def capture_boundaries_layerwise(model, family: Family, batches: list, stream, keep=(), with_grads: bool = True,
+                                 on_output=None, retain: bool = True) -> Boundaries | None:
     """Layer-major calibration forward over ``stream`` (see the module docstring).
 
     Args:
@@ -56,9 +57,13 @@ def capture_boundaries_layerwise(model, family: Family, batches: list, stream, k
         batches: ``LongTensor (batch, seq)`` list.
         stream: the :class:`~offsite.streaming.StreamedModel` whose layers are materialised in turn.
         keep: layer indices to leave materialised afterwards (the others are released).
+        with_grads: also run pass 3 (the head's loss and the top-boundary gradients).
+        on_output: ``on_output(index, batch, output (batch, seq, hidden))`` for every layer output.
+        retain: keep every boundary (what the backward sweep needs); False keeps only the current
+            layer's input and returns None (for methods that only look at layer outputs).
 
     Returns:
-        :class:`.stream.Boundaries` with ``top_grads``.
+        :class:`.stream.Boundaries` (with ``top_grads`` when ``with_grads``), or None without ``retain``.
     """
     layers = get_layers(model, family)
     n = len(layers)
@@ -103,7 +108,15 @@ def capture_boundaries_layerwise(model, family: Family, batches: list, stream, k
                 for b in range(len(batches)):
                     rest, kw = calls[i][b]
                     hidden[i + 1].append(_first(layer(hidden[i][b], *rest, **kw)).detach())
+                    if on_output is not None:
+                        on_output(i, b, hidden[i + 1][b])
+            if not retain:
+                hidden[i] = None  # only the next layer's input is needed
+    if not retain:
+        return None
     top = hidden.pop()
+    if not with_grads:
+        return Boundaries(hidden, calls, None, float("nan"), sum(ids[:, 1:].numel() for ids in batches))
     return _head_pass(model, family, batches, device, hidden, calls, top, shape["tuple"])
 
 

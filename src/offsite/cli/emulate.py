@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
                         "only for packages that are never shipped")
     p.add_argument("--stream", action="store_true",
                    help="read the base model's decoder layers from its .safetensors files one at a time instead of "
-                        "loading the whole model (uniform, gradot): for models larger than memory; same package")
+                        "loading the whole model (uniform, crash, gradot): for models larger than memory; same package")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
     group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
     for name, (help_text, owners) in sorted(method_settings().items()):

@@ -123,10 +123,24 @@ def nearest_kept(position: int, kept: list) -> int:
     return min(kept, key=lambda k: (abs(k - position), -k))
 
 
-def middle_representations(model, family, split, batches: list, pooling: str) -> list:
-    """Pooled output of every middle layer over the calibration batches: M tensors ``(N, hidden)``."""
+def middle_representations(model, family, split, batches: list, pooling: str, stream=None) -> list:
+    """Pooled output of every middle layer over the calibration batches: M tensors ``(N, hidden)``.
+
+    With ``stream`` (a streamed base model) the forward runs layer by layer and keeps only the
+    current boundary (:func:`offsite.calibration.capture_boundaries_layerwise`).
+    """
     middle = list(split.middle)
     pooled = {i: [] for i in middle}
+    if stream is not None:
+        from ..calibration import capture_boundaries_layerwise
+
+        def on_output(i, b, out):
+            if i in pooled:
+                pooled[i].append(pool_tokens(out.float(), pooling))
+
+        capture_boundaries_layerwise(model, family, batches, stream, with_grads=False, on_output=on_output,
+                                     retain=False)
+        return [torch.cat(pooled[i]) for i in middle]
     device = model_device(model)
     with torch.no_grad(), capture_hidden(model, family, outputs_of=middle) as store:
         for ids in bar(batches, "CRaSh forward", "batch"):
@@ -183,8 +197,9 @@ class Crash(EmulatorBuilder):
 
     config_cls = CrashConfig
     needs_calibration = True
+    supports_stream = True  # CKA needs layer outputs only: a layer-by-layer forward, then the kept layers
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+    def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
         middle = list(split.middle)
         k = default_emulator_layers(len(middle)) if config.emulator_layers is None else config.emulator_layers
         if not 1 <= k <= len(middle):  # refuse before reading any calibration text
@@ -194,7 +209,7 @@ class Crash(EmulatorBuilder):
                                    seed=config.seed)
         if sum(b.shape[0] for b in batches) < 2:
             raise OffsiteError("CRaSh compares layers over calibration windows and needs at least 2")
-        similarity = cka_matrix(middle_representations(model, family, split, batches, config.pooling))
+        similarity = cka_matrix(middle_representations(model, family, split, batches, config.pooling, stream))
         clusters = [[middle[p] for p in c] for c in cluster_adjacent(similarity, k)]
         reps = [c[len(c) // 2] for c in clusters]
         if config.share:
@@ -209,6 +224,8 @@ class Crash(EmulatorBuilder):
                 "cka": [[round(float(v), 5) for v in row] for row in similarity]}
         if config.tie_shared:
             plan["shared_positions"] = shared_positions(layers)
+        for index in sorted({e["source"] for e in layers}) if stream is not None else ():
+            stream.materialize(index)
         return plan, self.apply(model, family, split, plan)
 
     def apply(self, model, family, split, plan):
