@@ -29,6 +29,11 @@ SHAPES = {
     # facebook/opt-125m
     "opt-125m": dict(model_type="opt", hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
                      vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768),
+    # a 1.5 GB bf16 Llama (issue 13's memory target) and the same width at half the depth
+    "llama-1.5gb-24l": dict(model_type="llama", hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
+    "llama-1.5gb-12l": dict(model_type="llama", hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+                            num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
     # the depth pair of bench/scale.py: one width, two depths (how cost grows with depth alone)
     "llama-w512-12l": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=12,
                            num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),

@@ -56,14 +56,14 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, calibration_batches, capture_boundaries,
-                           capture_boundaries_layerwise,
-                           peak_memory_mb, resolve_calibration)
+from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, capture_boundaries,
+                           capture_boundaries_layerwise, peak_memory_mb, resolve_calibration)
 from ..errors import OffsiteError
 from ..families import get_layers, layer_linears
 from ..progress import bar
 from . import gcs
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
+from .calibrated import load_calibration
 from .gradot_select import attention_terms, compress_layer, layer_part, mlp_terms, select
 from .importance_cache import cache_key, load_terms, save_terms
 from .lowrank import restructure_linears
@@ -151,20 +151,18 @@ class GradOTConfig:
 
 
 def _batches(model, config: GradOTConfig, calibration, tokenizer):
-    """Calibration batches: given directly (list of LongTensors) or read from a file (None = default)."""
-    if isinstance(calibration, (list, tuple)):
-        if not calibration or not all(torch.is_tensor(b) and b.dtype == torch.long and b.ndim == 2
-                                      for b in calibration):
-            raise OffsiteError("gradot: calibration batches must be a non-empty list of 2-D LongTensors")
-        return list(calibration), {"path": None, "sequences": sum(len(b) for b in calibration)}
-    path = resolve_calibration(calibration, "gradot")
-    if tokenizer is None:  # plan() called directly on a model loaded from a folder
+    """Calibration batches (the loader every calibrated method shares) and the record of their source."""
+    given = isinstance(calibration, (list, tuple))
+    if tokenizer is None and not given:  # plan() called directly on a model loaded from a folder
         from ..loading import load_tokenizer
 
         tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
     c = config.calibration
-    batches = calibration_batches(path, tokenizer, seq_len=c.seq_len, num_sequences=c.num_sequences,
-                                  batch_size=c.batch_size, seed=c.seed)
+    batches = load_calibration(calibration, tokenizer, "gradot", seq_len=c.seq_len, num_sequences=c.num_sequences,
+                               batch_size=c.batch_size, seed=c.seed)
+    if given:
+        return batches, {"path": None, "sequences": sum(len(b) for b in batches)}
+    path = resolve_calibration(calibration, "gradot")
     return batches, {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                      "sequences": c.num_sequences, "seq_len": c.seq_len, "seed": c.seed}
 
