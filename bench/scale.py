@@ -10,7 +10,9 @@ so its peak resident memory (``ru_maxrss``) is that build's alone; ``METHOD+stre
 ``emulate --stream`` (decoder layers read from disk one at a time, :mod:`offsite.streaming`). Phases come from the build's own
 timings: ``load`` / ``build`` / ``write`` (the ``[offsite] ... done in`` lines) and, for GradOT, the
 calibration forward, the backward sweep (statistics, terms, SVD and compression, layer by layer) and
-their sum ``stats_seconds`` from the plan. ``import floor`` is the peak RSS of a process that only
+their sum ``stats_seconds`` from the plan; next to each GradOT build ``bench/gradot_floor.py`` times
+the method's physical floor (one forward+backward of the full model over the calibration tokens
+plus one SVD per middle attention matrix). ``import floor`` is the peak RSS of a process that only
 imports offsite, torch and transformers; the memory a build adds is ``peak - floor``.
 
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` (peak memory above the floor and wall time
@@ -74,6 +76,8 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=64, help="GradOT calibration windows (x 128 tokens)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench/results/scale")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip bench/gradot_floor.py (one forward+backward + one SVD per matrix) next to GradOT builds")
     args = p.parse_args()
     started = time.time()
     floor = _floor()
@@ -86,6 +90,12 @@ def main() -> int:
             row["model_bytes"] = params * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
             row["added_mb"] = round(row["peak_rss_mb"] - floor, 1)
             row["added_over_model"] = round(row["added_mb"] * 2**20 / row["model_bytes"], 2)
+            if args.floor and method.startswith("gradot"):
+                floor_cmd = [PY, str(ROOT / "bench" / "gradot_floor.py"), str(folder / "model"), "--calibration",
+                             str(folder / "public.txt"), "--windows", str(args.windows)]
+                run = subprocess.run(floor_cmd, capture_output=True, text=True, check=True)
+                row["floor"] = json.loads(run.stdout.strip().splitlines()[-1])
+                row["over_floor"] = round(row["seconds"] / max(row["floor"]["floor_s"], 1e-9), 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
     record = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "import_floor_mb": round(floor, 1),
@@ -103,13 +113,16 @@ def render(r: dict) -> str:
     lines = ["# Emulator build cost by model size (CPU, 2 cores)", "",
              f"Produced by `{r['command']}` in {r['seconds']:.0f} s. Import floor {r['import_floor_mb']:.0f} MiB; "
              f"GradOT: {r['windows']} calibration windows x 128 tokens, budget 0.4.", "",
-             "| shape | method | params | model MiB | wall s | phases (s) | peak RSS MiB | above floor / model |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | method | params | model MiB | wall s | phases (s) | peak RSS MiB | above floor / model | "
+             "GradOT floor s (fwd+bwd, SVD) | wall / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         phases = ", ".join(f"{k} {v:g}" for k, v in row["phases"].items())
         lines.append(f"| {row['shape']} | {row['method']} | {row['parameters']['full']:,} | "
                      f"{row['model_bytes'] / 2**20:.0f} | {row['seconds']} | {phases} | {row['peak_rss_mb']:.0f} | "
-                     f"{row['added_over_model']:.2f} |")
+                     f"{row['added_over_model']:.2f} | "
+                     + (f"{row['floor']['floor_s']} ({row['floor']['forward_backward_s']}, {row['floor']['svd_s']}) | "
+                        f"{row['over_floor']} |" if "floor" in row else "– | – |"))
     return "\n".join(lines) + "\n"
 
 
