@@ -64,8 +64,12 @@ def plot_frontier(record: dict, path) -> Path | None:
     if record["audit"]:
         ax.scatter([scale * r["emulator_side"] for r in rows], ys, color="tab:red", marker="x",
                    label="strongest attack", zorder=3)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(_label(r["settings"], knob), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+        if record["audit"]:  # how far the worst case moves each point towards the model
+            ax.plot([x, scale * r["emulator_side"]], [y, y], color="0.7", linewidth=0.8, zorder=2)
+        # points often coincide: alternate the labels above and below
+        ax.annotate(f"{i}: {_label(r['settings'], knob)}", (x, y), fontsize=6, xytext=(3, 4 if i % 2 else -9),
+                    textcoords="offset points")
     if record.get("chosen") is not None:
         best = rows[record["chosen"]]
         ax.scatter([scale * best["emulator_side"]], [scale * best["plug_in"]], s=180, facecolors="none",
