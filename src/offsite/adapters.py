@@ -63,11 +63,13 @@ def adapter_record(emulator) -> dict:
                          "dtype": dtypes[0] if len(dtypes) == 1 else None}}
 
 
-def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False, inputs=(), sign_key=None) -> Path:
+def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False, inputs=(), sign_key=None,
+                      dp: dict | None = None) -> Path:
     """Write the (trained) adapter layers of ``emulator.model`` as an ``adapter`` artifact.
 
     ``inputs`` are the paths the run read (the output may not be, contain or lie in one);
-    ``sign_key`` an Ed25519 private key file to sign it with.
+    ``sign_key`` an Ed25519 private key file to sign it with; ``dp`` the DP-SGD guarantee of the
+    run (:meth:`offsite.finetune.dp.DPSGD.record`), written as the manifest's ``dp``.
     """
     to_full = dict(zip(emulator.adapter_positions, emulator.split.adapter))
     params = named_layer_parameters(emulator.model, emulator.family, emulator.adapter_positions)
@@ -80,12 +82,14 @@ def save_full_adapter(out, emulator, settings: dict, log: dict, overwrite=False,
         _write_sidecars(stage, settings, log)
         stage.manifest.update(adapter_record(emulator))
         stage.manifest["tensors"] = {ADAPTER_WEIGHTS: index}
+        _record_dp(stage, dp)
     return Path(out)
 
 
 def save_lora_adapter(out, emulator, peft_model, settings: dict, log: dict, overwrite=False, inputs=(),
-                      sign_key=None) -> Path:
-    """Write a PEFT LoRA trained on the emulator as a ``lora`` artifact in full-model numbering."""
+                      sign_key=None, dp: dict | None = None) -> Path:
+    """Write a PEFT LoRA trained on the emulator as a ``lora`` artifact in full-model numbering (``dp``: as
+    :func:`save_full_adapter`)."""
     from peft import get_peft_model_state_dict
 
     config = peft_model.peft_config["default"]
@@ -106,7 +110,14 @@ def save_lora_adapter(out, emulator, peft_model, settings: dict, log: dict, over
         stage.manifest.update(adapter_record(emulator))
         stage.manifest["tensors"] = {LORA_WEIGHTS: index}
         stage.manifest["lora"] = {"r": config.r, "alpha": config.lora_alpha, "targets": data["target_modules"]}
+        _record_dp(stage, dp)
     return Path(out)
+
+
+def _record_dp(stage, dp: dict | None) -> None:
+    """The DP-SGD guarantee in the manifest, inside the identity (a run without it adds nothing)."""
+    if dp is not None:
+        stage.manifest["dp"] = dp
 
 
 def _jsonable(value):

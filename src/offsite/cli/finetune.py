@@ -39,6 +39,21 @@ def add_parser(sub) -> None:
                    help="where the emulator trains: auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    dp = p.add_argument_group(
+        "differential privacy", "DP-SGD with Opacus (needs the dp extra: pip install 'offsite[dp]'): Poisson batches "
+        "at rate batch-size x grad-accum / examples (for --format text an example is one block), per-example clipping, "
+        "Gaussian noise; the manifest records the accountant's epsilon, the adapter keeps its last weights and its "
+        "training log carries no losses")
+    dp.add_argument("--dp-epsilon", type=float, default=None,
+                    help="train with DP-SGD to this target epsilon (the noise is chosen to reach it)")
+    dp.add_argument("--dp-noise-multiplier", type=float, default=None,
+                    help="train with DP-SGD at this noise multiplier instead; the epsilon reached is reported")
+    dp.add_argument("--dp-delta", type=float, default=None,
+                    help="delta of the (epsilon, delta) guarantee; required with DP-SGD, < 1/training examples")
+    dp.add_argument("--dp-max-grad-norm", type=float, default=None,
+                    help="per-example clipping bound C (default --max-grad-norm)")
+    dp.add_argument("--dp-accountant", default=None, choices=["rdp", "prv"],
+                    help="Opacus accountant bounding epsilon (default rdp)")
     add_out(p, "adapter artifact folder to write")
     from .common import add_trust
 
@@ -51,7 +66,8 @@ def run(args) -> int:
 
     keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "max_steps", "epochs", "lr", "batch_size",
             "grad_accum", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
-            "gradient_checkpointing", "eval_every", "save_every", "resume", "device", "seed", "progress"]
+            "gradient_checkpointing", "eval_every", "save_every", "resume", "device", "seed", "progress",
+            "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant"]
     out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, sign_key=args.sign_key,
                    trusted_keys=args.trusted_keys, **{k: getattr(args, k) for k in keys})
     print(f"adapter written to {out}")

@@ -40,6 +40,10 @@ def run(args) -> int:
         rows.append(("middle leaves", format_fractions(m["disclosure"]["fractions"])))
     if "emulator" in m:
         rows.append(("trained on emulator", m["emulator"].get("artifact_id", "")[:16]))
+    if "dp" in m:
+        from ..finetune.dp import summary
+
+        rows.append(("differential privacy", summary(m["dp"])))
     rows.append(("files", f"{len(m['files'])}"))
     rows.append(("artifact id", m["artifact_id"][:16]))
     rows.append(("signature", signature))

@@ -8,6 +8,8 @@ Offsite-Tuning does), checkpoint for resumption (see :mod:`.checkpoint`), stop w
 soon as the loss, gradients or weights stop being finite, and write the adapter artifact (in the
 base dtype) in full-model layer numbers bound to the emulator's fingerprint. The loop itself is
 :mod:`.loop`, shared with the attacks of ``offsite audit`` so that they run the same training.
+With ``dp_epsilon`` or ``dp_noise_multiplier`` the steps are DP-SGD (:mod:`.dp`, Opacus) and the
+manifest's ``dp`` entry records the accountant's epsilon.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ..precision import base_dtype
 from ..precision import policy as precision_policy
 from .checkpoint import (checkpoint_dir, guard_checkpoint, load_checkpoint, recover_checkpoint, remove_checkpoint,
                          run_key, save_checkpoint)
-from .config import FinetuneConfig
+from .config import FinetuneConfig, recorded
 from .loop import State, check_finite, prepare, select
 from .loop import train as train_loop
 
@@ -53,6 +55,10 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
         The artifact folder (kind ``adapter``, or ``lora`` with ``lora=True``).
     """
     cfg = make_config(settings)
+    if cfg.dp:
+        from . import dp
+
+        dp.require_opacus()  # a missing extra is refused before any work or output
     device = resolve_device(cfg.device)  # an unavailable device is refused before any work or output
     inputs = [emulator, data, cfg.val_data]
     guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before any work
@@ -63,24 +69,34 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     precision = precision_policy(cfg.precision, base_dtype(model), device)
     params, peft_model, trained = select(emu, cfg, precision, "adapter")
     run = prepare(emu, data, cfg)
+    private = None
+    if cfg.dp:  # every DP-SGD refusal that needs the data, before any training
+        rate, expected = dp.check_run(cfg, len(run.train), precision)
+        private = dp.DPSGD(model, params, run.train, cfg, run.pad, device, dp.noise_for(cfg, rate, run.total),
+                           rate, expected)
 
     ckpt = checkpoint_dir(out)
-    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg)), cfg)
+    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg)), cfg, private)
     recover_checkpoint(ckpt)
-    state = train_loop(model, params, precision, run, cfg, device, checkpoints)
+    try:
+        state = train_loop(model, params, precision, run, cfg, device, checkpoints, private=private)
+    finally:
+        if private is not None:
+            private.close()
     trained.release()  # the fp32 masters stay; the artifact writers cast them to the base dtype
     model.eval()  # stays on its device: the artifact is written from CPU copies at save time
-    resolved = {"command": "finetune", "emulator": str(emulator), "data": str(data), **dataclasses.asdict(cfg),
+    resolved = {"command": "finetune", "emulator": str(emulator), "data": str(data), **recorded(cfg),
                 "device": str(device), "total_steps": run.total, "eval_every": run.eval_every,
                 "checkpoint_seconds": None if cfg.save_every else CHECKPOINT_SECONDS,
                 "mixed_precision": {"frozen": _name(precision.frozen), "trained": "float32",
                                     "autocast": _name(precision.compute), "loss_scaling": bool(precision.scaler)}}
+    log, record = (state.log, None) if private is None else (dp.public_log(state.log), private.record())
     if cfg.lora:
-        path = save_lora_adapter(out, emu, peft_model, resolved, state.log, overwrite=overwrite, inputs=inputs,
-                                 sign_key=sign_key)
+        path = save_lora_adapter(out, emu, peft_model, resolved, log, overwrite=overwrite, inputs=inputs,
+                                 sign_key=sign_key, dp=record)
     else:
-        path = save_full_adapter(out, emu, resolved, state.log, overwrite=overwrite, inputs=inputs,
-                                 sign_key=sign_key)
+        path = save_full_adapter(out, emu, resolved, log, overwrite=overwrite, inputs=inputs, sign_key=sign_key,
+                                 dp=record)
     if not cfg.keep_checkpoint:
         remove_checkpoint(ckpt)
     return path
@@ -99,8 +115,10 @@ def _resumable(cfg: FinetuneConfig) -> dict:
     """Settings that must match for a checkpoint to be resumed (not cosmetic ones)."""
     # save_every only says when checkpoints are written (the RNG state travels with them), and
     # val_data's path is left out: the run key holds the sha256 of its content instead.
+    # DP-SGD's settings enter only when it is on: a run without it keeps the key it always had, and a
+    # DP-SGD run never resumes a checkpoint whose steps were not private (or were private otherwise).
     skip = {"resume", "keep_checkpoint", "progress", "device", "save_every", "val_data"}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    return {k: v for k, v in recorded(cfg).items() if k not in skip}
 
 
 def _name(dtype) -> str | None:
@@ -113,10 +131,11 @@ class _Checkpoints:
     Attributes:
         folder: the checkpoint folder.
         saved: step of the last good checkpoint of this run on disk (named if training diverges).
+        private: the run's :class:`.dp.DPSGD` or None; its secret and accountant travel with each checkpoint.
     """
 
-    def __init__(self, folder: Path, key: dict, cfg: FinetuneConfig):
-        self.folder, self.key, self.cfg = folder, key, cfg
+    def __init__(self, folder: Path, key: dict, cfg: FinetuneConfig, private=None):
+        self.folder, self.key, self.cfg, self.private = folder, key, cfg, private
         self.saved = None
         # The best tensors the last checkpoint holds: while they are still the best, it is linked, not rewritten.
         self._on_disk = None
@@ -128,6 +147,8 @@ class _Checkpoints:
             return None
         saved, best = load_checkpoint(self.folder, self.key, params, optimizer)
         precision.load_state(saved.get("scaler"))
+        if self.private is not None:
+            self.private.load_state(saved.get("dp"))
         scheduler.last_epoch = self.saved = saved["step"]
         self._on_disk = best
         print(f"resuming from {self.folder} at step {saved['step']}/{total}")
@@ -143,6 +164,7 @@ class _Checkpoints:
         unchanged = state.best is not None and state.best is self._on_disk
         save_checkpoint(self.folder, params, state.best, optimizer,
                         {"step": state.step, "best_val_loss": state.best_loss, "log": state.log,
-                         "resume_key": self.key, "scaler": precision.state()},
+                         "resume_key": self.key, "scaler": precision.state(),
+                         **({} if self.private is None else {"dp": self.private.state()})},
                         unchanged)  # positional: best_unchanged (test doubles take *args)
         self.saved, self._last, self._on_disk = state.step, time.time(), state.best

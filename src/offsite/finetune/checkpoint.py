@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable tensors, the best-so-far trainable tensors, the optimizer state
 with the RNG state, and ``state.json`` (step, best validation loss, the log, the run's resume key,
-and the sha256 of every tensor file). It is assembled in a fresh hidden sibling folder and then
+the sha256 of every tensor file, and for DP-SGD the secret seed of its batches and noise with the
+accountant's history: a checkpoint is as private as the data). It is assembled in a fresh hidden sibling folder and then
 swapped into place (old renamed away, new renamed in, old deleted), so a killed run leaves either
 the previous checkpoint or the new one, never a mix; :func:`recover_checkpoint` finishes or undoes
 a swap that was cut short. ``best.safetensors`` is only written when the best tensors changed
@@ -244,6 +245,14 @@ def _mismatch(saved, key: dict) -> list:
             reasons.append(f"the {label} changed since (file content sha256 {_short(saved.get(part))} then, "
                            f"{_short(key[part])} now)")
     old, new = saved.get("settings") or {}, key["settings"]
+    # DP-SGD's settings are in a key only when it was on (finetune._resumable), so one side lacking them
+    # all is a private run meeting a non-private one: said once, not as five settings that changed.
+    was, now = ("dp_delta" in old), ("dp_delta" in new)
+    if was != now:
+        reasons.append("it was written by a DP-SGD run, and this run is not one" if was else
+                       "it was written by a run without DP-SGD, whose steps no privacy accountant covers")
+        old = {k: v for k, v in old.items() if not k.startswith("dp_")}
+        new = {k: v for k, v in new.items() if not k.startswith("dp_")}
     changed = [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in sorted(set(old) | set(new))
                if k not in old or k not in new or canonical_json(old[k]) != canonical_json(new[k])]
     if changed:

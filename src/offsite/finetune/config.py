@@ -7,6 +7,7 @@ import dataclasses
 from ..errors import OffsiteError
 from ..precision import PRECISIONS
 from ..settings_types import check_types
+from .dp import ACCOUNTANTS
 from .schedule import SCHEDULES
 
 
@@ -60,6 +61,22 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    dp_epsilon: float | None = None
+    """DP-SGD (offsite.finetune.dp) to this target epsilon: the noise multiplier is chosen so that the
+    run ends at an epsilon within 0.01 below it (at dp_delta). Excludes dp_noise_multiplier."""
+    dp_delta: float | None = None
+    """The delta of the (epsilon, delta) guarantee; required with DP-SGD, < 1 / training examples."""
+    dp_noise_multiplier: float | None = None
+    """DP-SGD with this noise multiplier sigma (noise std sigma * C); the epsilon it gives is reported."""
+    dp_max_grad_norm: float | None = None
+    """DP-SGD's per-example clipping bound C (default max_grad_norm); replaces the batch clipping."""
+    dp_accountant: str | None = None
+    """Opacus accountant bounding epsilon: rdp (default) or prv."""
+
+    @property
+    def dp(self) -> bool:
+        """Whether the run is DP-SGD (a target epsilon or a noise multiplier is given)."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
 
     def __post_init__(self):
         # Types first: the range checks below would crash on a string or pass a float step count.
@@ -94,3 +111,44 @@ class FinetuneConfig:
         targets = self.lora_targets
         if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
             raise OffsiteError(f"lora_targets must be a non-empty list of module names (strings), got {targets!r}")
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        """Refuse DP-SGD settings Opacus cannot honour, one error each (the data-dependent ones: dp.check_run)."""
+        given = [name for name in DP_FIELDS if getattr(self, name) is not None]
+        if self.dp_epsilon is not None and self.dp_noise_multiplier is not None:
+            raise OffsiteError("give dp_epsilon (--dp-epsilon: the noise is chosen to reach it) or dp_noise_multiplier "
+                               "(--dp-noise-multiplier: the epsilon it gives is reported), not both")
+        if not self.dp:
+            if given:
+                raise OffsiteError(f"{', '.join(given)} given without dp_epsilon or dp_noise_multiplier; DP-SGD runs "
+                                   "only with one of them (--dp-epsilon or --dp-noise-multiplier)")
+            return
+        if self.dp_delta is None:
+            raise OffsiteError("DP-SGD needs dp_delta (--dp-delta), the delta of the (epsilon, delta) guarantee; "
+                               "pick it well below 1 / number of training examples, e.g. 1e-5")
+        for name in ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise OffsiteError(f"{name} must be > 0, got {value}")
+        if not 0 < self.dp_delta < 1:
+            raise OffsiteError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_accountant is not None and self.dp_accountant not in ACCOUNTANTS:
+            raise OffsiteError(f"dp_accountant {self.dp_accountant!r} unknown; allowed: {', '.join(ACCOUNTANTS)}")
+        if self.gradient_checkpointing:
+            raise OffsiteError("DP-SGD cannot use gradient checkpointing: it reruns each layer's forward inside "
+                               "backward, and Opacus' per-example hooks would record every layer twice; drop "
+                               "--gradient-checkpointing (or lower --batch-size)")
+        if self.precision == "fp16":
+            raise OffsiteError("DP-SGD cannot run with --precision fp16: its loss scaling would multiply the "
+                               "per-example gradients that clipping bounds; use fp32, bf16 or auto")
+
+
+DP_FIELDS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant")
+"""Settings of DP-SGD; left out of recorded settings and resume keys of a run without it (so those stay as before)."""
+
+
+def recorded(cfg: FinetuneConfig) -> dict:
+    """``dataclasses.asdict(cfg)``, without the DP-SGD fields when DP-SGD is off."""
+    settings = dataclasses.asdict(cfg)
+    return settings if cfg.dp else {k: v for k, v in settings.items() if k not in DP_FIELDS}

@@ -11,6 +11,8 @@ memory and pass no hook.
 Pieces, in the order a run uses them: :func:`select` (freeze everything, unfreeze what trains,
 held in fp32), :func:`prepare` (tokenised train/validation examples and the step count),
 :func:`train` (AdamW + warmup/decay + accumulation + clipping, validation, best weights restored).
+``finetune`` with DP-SGD hands :func:`train` a ``private`` step (:mod:`.dp`) that replaces the
+micro-batches and the batch clipping by Opacus' Poisson batches, per-example clipping and noise.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def prepare(emu, data, cfg) -> Prepared:
 
 
 def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoints=None,
-          desc: str = "finetune") -> State:
+          desc: str = "finetune", private=None) -> State:
     """Train ``params`` of ``model`` for ``run.total`` optimizer steps; the best validated weights win.
 
     Each step: ``grad_accum`` micro-batches of ``batch_size`` examples (token ids ``(batch, seq)``),
@@ -156,6 +158,10 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             returning a :class:`State` or None, and ``after_step(state, params, optimizer,
             precision, total)``; ``finetune`` passes its resumable checkpoints.
         desc: label of the progress bar.
+        private: ``None``, or a :class:`offsite.finetune.dp.DPSGD` (``finetune`` with DP-SGD): each
+            step's batch is then its Poisson sample, clipped per example and noised by Opacus in
+            place of the micro-batches and the batch clipping, and the last weights are kept
+            (choosing the best by the loss on private validation data is outside the guarantee).
 
     Returns:
         The final :class:`State`; ``params`` hold the best validated weights (the last ones
@@ -166,6 +172,8 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if private is not None:
+        private.attach(optimizer)  # the schedule and checkpoints keep working on the AdamW underneath
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, run.total))
     state = State()
     if checkpoints is not None:
@@ -176,16 +184,21 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
     model.train()
     with _progress(run.total, state.step, cfg.progress, desc) as bar:
         while state.step < run.total:
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                with autocast:
-                    loss = model(**batches(state.step * cfg.grad_accum + micro)).loss / cfg.grad_accum
-                value = loss.item()
-                if not math.isfinite(value):  # before backward: a NaN must never reach the weights
-                    raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
-                precision.backward(loss)
-                loss_sum += value
-            norm = precision.clip(optimizer, params.values(), cfg.max_grad_norm)
+            if private is None:
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    with autocast:
+                        loss = model(**batches(state.step * cfg.grad_accum + micro)).loss / cfg.grad_accum
+                    value = loss.item()
+                    if not math.isfinite(value):  # before backward: a NaN must never reach the weights
+                        raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
+                    precision.backward(loss)
+                    loss_sum += value
+                norm = precision.clip(optimizer, params.values(), cfg.max_grad_norm)
+            else:
+                loss_sum = private.backward(state.step, autocast,
+                                            lambda what: _diverged(state.step + 1, what, checkpoints, cfg))
+                norm = private.privatize(state.step)  # clipped, summed, noised, averaged into .grad
             # Clipping cannot rescue inf/NaN gradients; only fp16 overflow is skipped (by the loss scaler).
             if not math.isfinite(norm) and not precision.overflow_skips():
                 raise _diverged(state.step + 1, f"gradient norm is {norm}", checkpoints, cfg)
@@ -198,7 +211,7 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             if run.val and (state.step % run.eval_every == 0 or state.step == run.total):
                 val_loss = validate(model, run.val, cfg.batch_size, run.pad, device, autocast)
                 state.log["val"].append({"step": state.step, "loss": val_loss})
-                if val_loss < state.best_loss:
+                if val_loss < state.best_loss and private is None:
                     state.best_loss, state.best = val_loss, {k: p.detach().clone() for k, p in params.items()}
                 model.train()
             if checkpoints is not None:
