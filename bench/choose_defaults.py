@@ -13,6 +13,10 @@ least ``--min-delta`` points (the stated privacy margin); with none, the one wit
 Judge: on worlds of ``--judge-seeds`` (never used for choosing), the chosen point of every method is
 scored on the *test* people, and ``offsite audit`` (same budget, every attack) gives its worst-case
 margin; uniform drop at the size of GradOT's choice is scored too (the GradOT target compares them).
+The audit's recovery attack pre-trains on the *world's own corpus* (the biographies the base model
+was pretrained on), a stronger attacker than the threat model's public text: it holds the model
+owner's training text. (``bench/audit_demo.sh`` audits with War and Peace, which knows nothing of the
+world.) ``--stage summary`` rewrites summary.md from the stored JSON without running anything.
 
 Writes ``choose.json`` / ``judge.json`` and ``summary.md`` under ``--out``.
 """
@@ -140,7 +144,8 @@ def judge(args, out: Path, chosen: dict) -> dict:
 def summary(args, chosen: dict, judged: dict | None) -> str:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = ["# Defaults chosen by measurement on demo worlds", "",
-             f"Command: `.venv/bin/python bench/choose_defaults.py {' '.join(sys.argv[1:])}`. Choice: demo worlds "
+             "Commands: `.venv/bin/python bench/choose_defaults.py --stage choose`, then `--stage judge` (or both in one "
+             "run without `--stage`; `--stage summary` rewrites this file from the JSON). Choice: demo worlds "
              f"{args.choose_seeds}, validation people; rule: best mean plug-in with mean Δ ≥ {args.min_delta} points. "
              f"Judgement: worlds {args.judge_seeds} (never used to choose), test people, plus `offsite audit` "
              "(same budget, every attack). Accuracies in %, 10 choices per question.", "",
@@ -165,12 +170,20 @@ def summary(args, chosen: dict, judged: dict | None) -> str:
             margin = ms("audit_margin") if "audit_margin" in mine[0] else "–"
             lines.append(f"| {name} | `{json.dumps(mine[0]['settings'])}` | {ms('emu_ft')} | {ms('plug_in')} | "
                          f"{ms('delta')} | {attack} | {margin} |")
+        audited = [r for r in judged["rows"] if "audit_margin" in r]
+        worst = min(audited, key=lambda r: r["audit_margin"])
+        low = [f"{r['name']} on world {r['seed']} ({100 * r['audit_margin']:+.1f}: {r['best_attack']} reaches "
+               f"{100 * r['attack_score']:.1f})" for r in audited if r["audit_margin"] < 0.2]
+        lines += ["", "The audit's recovery attack pre-trains on the world's own corpus (the model owner's pretraining "
+                  "text): a stronger attacker than the threat model's public text. Worst single world: "
+                  f"{worst['name']} on world {worst['seed']}, margin {100 * worst['audit_margin']:+.1f}. Margins below 20 "
+                  "points: " + ("; ".join(low) if low else "none") + "."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stage", choices=("choose", "judge", "both"), default="both")
+    p.add_argument("--stage", choices=("choose", "judge", "both", "summary"), default="both")
     p.add_argument("--choose-seeds", default="0,1,2")
     p.add_argument("--judge-seeds", default="3,4,5")
     p.add_argument("--min-delta", type=float, default=40.0)
@@ -185,10 +198,19 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    record = choose(args, out) if args.stage != "judge" else json.loads((out / "choose.json").read_text())
+    stored = args.stage in ("judge", "summary")
+    record = json.loads((out / "choose.json").read_text()) if stored else choose(args, out)
     record["chosen"] = pick(record["rows"], args.min_delta)  # the rule of this run, on the stored points
-    judged = judge(args, out, record["chosen"]) if args.stage != "choose" else None
-    text = summary(args, record["chosen"], judged) + f"\nWall time of this run: {time.time() - started:.0f} s.\n"
+    if args.stage == "summary":
+        judged = json.loads((out / "judge.json").read_text()) if (out / "judge.json").is_file() else None
+    else:
+        judged = judge(args, out, record["chosen"]) if args.stage != "choose" else None
+    text = summary(args, record["chosen"], judged)
+    if args.stage != "summary":
+        text += f"\nWall time of this run: {time.time() - started:.0f} s.\n"
+    else:
+        previous = (out / "summary.md").read_text() if (out / "summary.md").is_file() else ""
+        text += "".join(line + "\n" for line in previous.splitlines() if line.startswith("Wall time"))
     (out / "summary.md").write_text(text)
     print(text)
     return 0
