@@ -10,9 +10,14 @@ Placement rule the workflows follow: the model is loaded onto the resolved devic
 tensor a step makes (calibration batches, statistics, scores, optimiser state) is made where the
 model's parameters are; only what leaves the run (artifact tensors at save time, JSON numbers,
 hashes) is copied to the CPU.
+
+A process of a multi-process run (``torchrun --nproc_per_node N -m offsite.cli finetune ...``)
+resolves its device with :func:`process_device` instead: its own GPU ``cuda:LOCAL_RANK``, or the CPU.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -85,3 +90,34 @@ def resolve_device(name="auto") -> torch.device:
         if device.index is not None and device.index >= count:
             raise _refuse(name, f"is not available here (this machine has {count} CUDA device(s))")
     return device
+
+
+def process_device(name, local_rank: int, world: int) -> torch.device:
+    """The device of one process of a multi-process run (``torchrun``, ``accelerate launch``).
+
+    Each process of a node takes its own GPU, ``cuda:LOCAL_RANK``; on CPU they share the CPU.
+
+    Args:
+        name: the ``--device`` value: ``"auto"`` (CUDA when present, unless ``accelerate launch
+            --cpu`` set ``ACCELERATE_USE_CPU``), ``"cuda"`` or ``"cpu"``.
+        local_rank: the process's index on its node (the launcher's ``LOCAL_RANK``).
+        world: number of processes of the run (for the messages).
+
+    Raises:
+        OffsiteError: what :func:`resolve_device` refuses, ``cuda:N`` or ``mps`` (one device for
+            every process), or more processes on this node than it has GPUs.
+    """
+    text = name.strip().lower() if isinstance(name, str) else name
+    if text in (None, "auto") and os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes"):
+        text = "cpu"  # accelerate launch --cpu: the user asked for the CPU although a GPU may be present
+    device = resolve_device(text)
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda" or device.index is not None:
+        raise _refuse(name, f"would be shared by all {world} processes of this multi-process run (each takes its "
+                            "own GPU, cuda:LOCAL_RANK); pass --device cuda (or auto) or cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise OffsiteError(f"process with LOCAL_RANK {local_rank} has no GPU of its own: this machine has {count}; "
+                           f"launch at most {count} processes per node, or pass --device cpu")
+    return torch.device("cuda", local_rank)

@@ -1,4 +1,9 @@
-"""``offsite finetune``: emulator package + data -> adapter artifact."""
+"""``offsite finetune``: emulator package + data -> adapter artifact.
+
+Data parallel over several processes: the same command under ``torchrun --nproc_per_node N -m
+offsite.cli finetune ...`` (``--batch-size`` is then the global batch; see
+:mod:`offsite.finetune.distributed`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ def add_parser(sub) -> None:
     from ..data import FORMATS
     from .common import add_out
 
-    p = sub.add_parser("finetune", help="fine-tune the adapter against the frozen emulator (data owner)")
+    p = sub.add_parser("finetune", help="fine-tune the adapter against the frozen emulator (data owner)",
+                       epilog="several processes (data parallel): torchrun --nproc_per_node N -m offsite.cli "
+                              "finetune ... (--batch-size is the global batch, divisible by N; rank 0 writes)")
     p.add_argument("--emulator", required=True, help="emulator package folder")
     p.add_argument("--data", required=True, help="training data file")
     p.add_argument("--format", default="text", choices=FORMATS, help="data format (default text)")
@@ -19,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per micro-batch; under N processes the global one, split N ways")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
@@ -70,5 +78,8 @@ def run(args) -> int:
             "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant"]
     out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, sign_key=args.sign_key,
                    trusted_keys=args.trusted_keys, **{k: getattr(args, k) for k in keys})
-    print(f"adapter written to {out}")
+    from ..finetune.distributed import writes
+
+    if writes():
+        print(f"adapter written to {out}")  # once per run, by the process that wrote it
     return 0

@@ -10,11 +10,19 @@ base dtype) in full-model layer numbers bound to the emulator's fingerprint. The
 :mod:`.loop`, shared with the attacks of ``offsite audit`` so that they run the same training.
 With ``dp_epsilon`` or ``dp_noise_multiplier`` the steps are DP-SGD (:mod:`.dp`, Opacus) and the
 manifest's ``dp`` entry records the accountant's epsilon.
+
+Several processes (data parallel, :mod:`.distributed`): launch the same command with
+``torchrun --nproc_per_node N -m offsite.cli finetune ...`` (or ``accelerate launch`` with one
+GPU per process). ``batch_size`` is then the global batch, split across the processes; gradients
+are summed before clipping, so every process holds the same weights and only rank 0 writes the
+checkpoints and the artifact (the same as one process's up to floating-point summation order).
+Not launched that way, nothing of it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +35,7 @@ from ..errors import OffsiteError
 from ..package import load_emulator
 from ..precision import base_dtype
 from ..precision import policy as precision_policy
+from . import distributed
 from .checkpoint import (checkpoint_dir, guard_checkpoint, load_checkpoint, recover_checkpoint, remove_checkpoint,
                          run_key, save_checkpoint)
 from .config import FinetuneConfig, recorded
@@ -55,20 +64,36 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
         The artifact folder (kind ``adapter``, or ``lora`` with ``lora=True``).
     """
     cfg = make_config(settings)
+    world = distributed.world_size()  # from the launcher's environment: refusals below come before any work
+    if world > 1:
+        distributed.check(cfg, world)
     if cfg.dp:
         from . import dp
 
         dp.require_opacus()  # a missing extra is refused before any work or output
-    device = resolve_device(cfg.device)  # an unavailable device is refused before any work or output
     inputs = [emulator, data, cfg.val_data]
-    guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before any work
-    guard_checkpoint(checkpoint_dir(out), inputs)
+    if world > 1:
+        guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before joining the group
+        guard_checkpoint(checkpoint_dir(out), inputs)
+        group, device = distributed.join(cfg.device, world)
+    else:
+        group = None
+        note = distributed.lone_process_note()
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+        device = resolve_device(cfg.device)  # an unavailable device is refused before any work or output
+        guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before any work
+        guard_checkpoint(checkpoint_dir(out), inputs)
+    main = group is None or group.main
     torch.manual_seed(cfg.seed)
     emu = load_emulator(emulator, device=device, trusted_keys=trusted_keys)
     model = emu.model
     precision = precision_policy(cfg.precision, base_dtype(model), device)
     params, peft_model, trained = select(emu, cfg, precision, "adapter")
     run = prepare(emu, data, cfg)
+    if group is not None and len(run.train) < world:
+        raise OffsiteError(f"{len(run.train)} training example(s) cannot be shared by {world} processes: every "
+                           "process needs at least one of each micro-batch; add data or launch fewer processes")
     private = None
     if cfg.dp:  # every DP-SGD refusal that needs the data, before any training
         rate, expected = dp.check_run(cfg, len(run.train), precision)
@@ -76,10 +101,16 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
                            rate, expected)
 
     ckpt = checkpoint_dir(out)
-    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg)), cfg, private)
-    recover_checkpoint(ckpt)
+    # Under several processes rank 0 alone writes; the key leaves the process count out, so a checkpoint
+    # resumes under any number of them (the global batch makes the steps the same).
+    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg)), cfg, private,
+                               writer=main)
+    if main:
+        recover_checkpoint(ckpt)
+    if group is not None:
+        group.barrier()  # nobody reads the checkpoint before rank 0 finished or undid an interrupted swap
     try:
-        state = train_loop(model, params, precision, run, cfg, device, checkpoints, private=private)
+        state = train_loop(model, params, precision, run, cfg, device, checkpoints, private=private, group=group)
     finally:
         if private is not None:
             private.close()
@@ -90,6 +121,11 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
                 "checkpoint_seconds": None if cfg.save_every else CHECKPOINT_SECONDS,
                 "mixed_precision": {"frozen": _name(precision.frozen), "trained": "float32",
                                     "autocast": _name(precision.compute), "loss_scaling": bool(precision.scaler)}}
+    if group is not None:  # only then: a single-process manifest stays as it always was
+        resolved["processes"] = world
+    if not main:
+        group.barrier()  # rank 0 writes the artifact and removes the checkpoint; wait until it is there
+        return Path(out)
     log, record = (state.log, None) if private is None else (dp.public_log(state.log), private.record())
     if cfg.lora:
         path = save_lora_adapter(out, emu, peft_model, resolved, log, overwrite=overwrite, inputs=inputs,
@@ -99,6 +135,8 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
                                  dp=record)
     if not cfg.keep_checkpoint:
         remove_checkpoint(ckpt)
+    if group is not None:
+        group.barrier()
     return path
 
 
@@ -132,10 +170,12 @@ class _Checkpoints:
         folder: the checkpoint folder.
         saved: step of the last good checkpoint of this run on disk (named if training diverges).
         private: the run's :class:`.dp.DPSGD` or None; its secret and accountant travel with each checkpoint.
+        writer: whether this process writes checkpoints (only rank 0 of a multi-process run does;
+            every process resumes from them).
     """
 
-    def __init__(self, folder: Path, key: dict, cfg: FinetuneConfig, private=None):
-        self.folder, self.key, self.cfg, self.private = folder, key, cfg, private
+    def __init__(self, folder: Path, key: dict, cfg: FinetuneConfig, private=None, writer: bool = True):
+        self.folder, self.key, self.cfg, self.private, self.writer = folder, key, cfg, private, writer
         self.saved = None
         # The best tensors the last checkpoint holds: while they are still the best, it is linked, not rewritten.
         self._on_disk = None
@@ -151,14 +191,15 @@ class _Checkpoints:
             self.private.load_state(saved.get("dp"))
         scheduler.last_epoch = self.saved = saved["step"]
         self._on_disk = best
-        print(f"resuming from {self.folder} at step {saved['step']}/{total}")
+        if self.writer:
+            print(f"resuming from {self.folder} at step {saved['step']}/{total}")
         return State(saved["step"], saved["best_val_loss"], best, saved["log"])
 
     def after_step(self, state: State, params: dict, optimizer, precision, total: int) -> None:
         """Write a checkpoint when one is due (every ``save_every`` steps, else every 10 minutes)."""
         cfg = self.cfg
         due = state.step % cfg.save_every == 0 if cfg.save_every else time.time() - self._last >= CHECKPOINT_SECONDS
-        if state.step >= total or not due:
+        if state.step >= total or not due or not self.writer:
             return
         check_finite({**params, **{f"best {k}": t for k, t in (state.best or {}).items()}}, state.step, self, cfg)
         unchanged = state.best is not None and state.best is self._on_disk

@@ -13,6 +13,9 @@ held in fp32), :func:`prepare` (tokenised train/validation examples and the step
 :func:`train` (AdamW + warmup/decay + accumulation + clipping, validation, best weights restored).
 ``finetune`` with DP-SGD hands :func:`train` a ``private`` step (:mod:`.dp`) that replaces the
 micro-batches and the batch clipping by Opacus' Poisson batches, per-example clipping and noise.
+Launched over several processes (``torchrun --nproc_per_node N -m offsite.cli finetune ...``),
+``finetune`` hands it a ``group`` (:mod:`.distributed`): each process takes its shard of every
+micro-batch and the trained gradients are summed over processes before clipping.
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ def prepare(emu, data, cfg) -> Prepared:
 
 
 def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoints=None,
-          desc: str = "finetune", private=None) -> State:
+          desc: str = "finetune", private=None, group=None) -> State:
     """Train ``params`` of ``model`` for ``run.total`` optimizer steps; the best validated weights win.
 
     Each step: ``grad_accum`` micro-batches of ``batch_size`` examples (token ids ``(batch, seq)``),
@@ -162,6 +165,11 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             step's batch is then its Poisson sample, clipped per example and noised by Opacus in
             place of the micro-batches and the batch clipping, and the last weights are kept
             (choosing the best by the loss on private validation data is outside the guarantee).
+        group: ``None``, or the :class:`offsite.finetune.distributed.Group` of a multi-process
+            run: this process trains on its shard of every micro-batch (``batch_size`` is the
+            global one), losses are weighted to the whole micro-batch's token mean, gradients
+            summed over processes before clipping, validation sharded and summed; ``checkpoints``
+            should then write on rank 0 only.
 
     Returns:
         The final :class:`State`; ``params`` hold the best validated weights (the last ones
@@ -178,22 +186,33 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
     state = State()
     if checkpoints is not None:
         state = checkpoints.resume(params, optimizer, precision, scheduler, run.total) or state
+    if group is not None:
+        group.agree(params.values(), state.step)
     autocast = precision.autocast()
-    batches = Batcher(run.train, cfg.batch_size, cfg.seed, run.pad, device)
+    batches = Batcher(run.train, cfg.batch_size, cfg.seed, run.pad, device, group)
+    val_size = cfg.batch_size if group is None else cfg.batch_size // group.world
     started = time.time()
     model.train()
-    with _progress(run.total, state.step, cfg.progress, desc) as bar:
+    with _progress(run.total, state.step, cfg.progress and (group is None or group.main), desc) as bar:
         while state.step < run.total:
             if private is None:
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
+                    batch = batches(state.step * cfg.grad_accum + micro)
                     with autocast:
-                        loss = model(**batches(state.step * cfg.grad_accum + micro)).loss / cfg.grad_accum
-                    value = loss.item()
+                        out = model(**batch)
+                        loss = out.loss / cfg.grad_accum
+                    if group is None:
+                        value = loss.item()
+                    else:  # every process gets the same value, so all of them stop together on a NaN
+                        loss, value = group.weigh(loss, batch["labels"], out.logits)
+                    del out  # the logits are not needed past here: free them before backward
                     if not math.isfinite(value):  # before backward: a NaN must never reach the weights
                         raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
                     precision.backward(loss)
                     loss_sum += value
+                if group is not None:
+                    group.sum_grads(params.values())  # before clipping: every process clips the same gradients
                 norm = precision.clip(optimizer, params.values(), cfg.max_grad_norm)
             else:
                 loss_sum = private.backward(state.step, autocast,
@@ -209,7 +228,7 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             state.log["train"].append({"step": state.step, "loss": round(loss_sum, 5),
                                        "lr": scheduler.get_last_lr()[0]})
             if run.val and (state.step % run.eval_every == 0 or state.step == run.total):
-                val_loss = validate(model, run.val, cfg.batch_size, run.pad, device, autocast)
+                val_loss = validate(model, run.val, val_size, run.pad, device, autocast, group)
                 state.log["val"].append({"step": state.step, "loss": val_loss})
                 if val_loss < state.best_loss and private is None:
                     state.best_loss, state.best = val_loss, {k: p.detach().clone() for k, p in params.items()}
@@ -247,10 +266,14 @@ class Batcher:
 
     The shuffled order of the current epoch is cached: indices arrive in sequence, so one entry
     turns the O(N) reshuffle per micro-batch into one per epoch, with the very same order.
+
+    With a ``group`` (multi-process run) each call returns this process's shard of the micro-batch
+    the single-process run would draw at that index.
     """
 
-    def __init__(self, examples: list, size: int, seed: int, pad: int, device):
+    def __init__(self, examples: list, size: int, seed: int, pad: int, device, group=None):
         self.examples, self.size, self.seed, self.pad, self.device = examples, size, seed, pad, device
+        self.group = group
         self.per_epoch = max(1, len(examples) // size)
         self._epoch, self._order = None, []
 
@@ -268,14 +291,22 @@ class Batcher:
         order = self.order(epoch)
         chosen = [self.examples[i] for i in order[offset * self.size:(offset + 1) * self.size]]
         chosen = chosen or [self.examples[order[0]]]
+        if self.group is not None:
+            chosen = self.group.shard(chosen)
         return {k: v.to(self.device) for k, v in collate(chosen, self.pad).items()}
 
 
 @torch.no_grad()
-def validate(model, examples, size: int, pad: int, device, autocast) -> float:
-    """Token-weighted mean loss over the validation examples (logits ``(batch, seq, vocab)``)."""
+def validate(model, examples, size: int, pad: int, device, autocast, group=None) -> float:
+    """Token-weighted mean loss over the validation examples (logits ``(batch, seq, vocab)``).
+
+    With a ``group`` each process scores its shard and the sums are added over processes, so every
+    process returns the same loss.
+    """
     model.eval()
     total, count = 0.0, 0
+    if group is not None:
+        examples = group.shard(examples)
     for start in range(0, len(examples), size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + size], pad).items()}
         with autocast:
@@ -285,6 +316,8 @@ def validate(model, examples, size: int, pad: int, device, autocast) -> float:
                                                    ignore_index=-100, reduction="sum")
         total += losses.item()
         count += int((labels != -100).sum())
+    if group is not None:
+        total, count = group.sum([total, count])
     return total / max(1, count)
 
 
