@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     record = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "import_floor_mb": round(floor, 1),
+              "threads": os.environ.get("OMP_NUM_THREADS"),
               "windows": args.windows, "rows": rows, "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,8 @@ def main() -> int:
 
 
 def render(r: dict) -> str:
-    lines = ["# Emulator build cost by model size (CPU, 2 cores)", "",
+    threads = r.get("threads") or "unset"
+    lines = [f"# Emulator build cost by model size (CPU, OMP_NUM_THREADS {threads}, 2 cores shared with other jobs)", "",
              f"Produced by `{r['command']}` in {r['seconds']:.0f} s. Import floor {r['import_floor_mb']:.0f} MiB; "
              f"GradOT: {r['windows']} calibration windows x 128 tokens, budget 0.4.", "",
              "| shape | method | params | model MiB | wall s | phases (s) | peak RSS MiB | above floor / model | "
