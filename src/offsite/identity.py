@@ -19,7 +19,6 @@ mtime, ctime of every file): rewriting a file changes its ctime, which user code
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -85,25 +84,31 @@ def weight_files(name_or_path: str) -> list:
 
 
 def files_fingerprint(files) -> str:
-    """:func:`weight_fingerprint` of the tensors stored in ``files``, read one tensor at a time."""
+    """:func:`weight_fingerprint` of the tensors stored in ``files``, read one tensor at a time.
+
+    Each tensor is read through a handle opened for it alone: a handle maps its whole file, and every
+    page read through a long-lived one stays resident until it closes, so hashing a checkpoint larger
+    than memory would otherwise hold all of it.
+    """
     from safetensors import safe_open
 
     from .errors import OffsiteError
 
-    with contextlib.ExitStack() as stack:
-        where = {}
-        for path in files:
-            try:
-                handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            except Exception as exc:  # safetensors raises its own types for broken files
-                raise OffsiteError(f"{path}: not a readable safetensors file ({exc})") from None
-            for name in handle.keys():
-                if name in where:
-                    raise OffsiteError(f"tensor '{name}' is stored twice ({where[name][1].name}, {path.name})")
-                where[name] = (handle, path)
-        h = hashlib.sha256(FINGERPRINT_VERSION.encode())
-        for name in sorted(where):
-            _entry(h, name, where[name][0].get_tensor(name))
+    where = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+        except Exception as exc:  # safetensors raises its own types for broken files
+            raise OffsiteError(f"{path}: not a readable safetensors file ({exc})") from None
+        for name in names:
+            if name in where:
+                raise OffsiteError(f"tensor '{name}' is stored twice ({where[name].name}, {path.name})")
+            where[name] = path
+    h = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    for name in sorted(where):
+        with safe_open(str(where[name]), framework="pt") as handle:
+            _entry(h, name, handle.get_tensor(name))
     return h.hexdigest()
 
 
