@@ -297,3 +297,21 @@ def test_random_scoring_keeps_the_floor_and_sizes_and_is_seeded(saved_model, tex
     assert plans["r0"]["linears"] != plans["r1"]["linears"] or plans["r0"]["mlp"] != plans["r1"]["mlp"]
     for entry in plans["r0"]["linears"]:  # the 5% floor: the top singular components always stay
         assert entry["components"][0] == 0
+
+
+def test_one_cache_dir_serves_every_question_and_reuses_each_answer(saved_model, text_file, tmp_path, monkeypatch):
+    import offsite.emulator.gradot as gradot
+
+    path, _ = saved_model("llama", 5)
+    calls = []
+    real = gradot.capture_boundaries
+    monkeypatch.setattr(gradot, "capture_boundaries", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "cache"
+    ids = []
+    for i, extra in enumerate(({}, {"first_order": True}, {}, {"gcs_form": "paper"}, {"first_order": True})):
+        out = emulate(str(path), tmp_path / f"emu{i}", method="gradot", adapter_layers="1,1", calibration=text_file,
+                      param_budget=0.3, cache_dir=str(cache), **SMALL, **extra)
+        ids.append(load_emulator(out).manifest["plan"]["linears"])
+    # without and with the gradient terms: two questions, two sweeps; the other three builds reuse them
+    assert len(calls) == 2 and len(list(cache.iterdir())) == 2
+    assert ids[0] == ids[2]

@@ -278,7 +278,10 @@ class GradOT(EmulatorBuilder):
             weights = None if stream is None else stream.weight_fingerprint()
             key = cache_key(model, split, batches, {"terms": TERMS_VERSION, "stats_dtype": config.stats_dtype,
                                                     "with_grad": with_grad}, fingerprint=weights)
-        cached = load_terms(config.cache_dir, key) if config.cache_dir else None
+        # one sub-folder per question (model, split, text, dtype, with/without the gradient): a frontier
+        # over forms, or first_order on and off, shares one cache_dir
+        folder = Path(config.cache_dir) / f"gcs-terms-{key[:16]}" if config.cache_dir else None
+        cached = load_terms(folder, key) if folder else None
         if cached is not None:
             for index in split.middle if on_terms is not None else ():
                 on_terms(index, layer_part(cached["terms"], index), {})
@@ -289,7 +292,7 @@ class GradOT(EmulatorBuilder):
                        STATS_DTYPES[config.stats_dtype], with_grad, stream=stream)
         record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
         if config.cache_dir:
-            save_terms(config.cache_dir, key, terms, record)
+            save_terms(folder, key, terms, record)
             record = {**record, "cache_dir": str(config.cache_dir)}
         return terms, {**source, **record}
 
