@@ -116,7 +116,7 @@ def main() -> int:
     half = len(calib) // 2
     halves = []
     for part in (calib[:half], calib[half:]):
-        config = builder.make_config(param_budget=args.budget)
+        config = builder.make_config(param_budget=args.budget, first_order=True)  # with the gradient terms too
         halves.append(builder.terms(full, family, split, config, calibration=part)[0])
     stability = {"attn": {}, "mlp": {}}
     overlap = {}
