@@ -80,3 +80,14 @@ def test_streaming_refusals(saved_model, text_file, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
     assert main(["--quiet", "emulate", "--model", str(path), "--adapter-layers", "1,1", "--emulator-layers", "2",
                  "--stream", "--out", str(tmp_path / "cli")]) == 0
+
+
+def test_a_streamed_build_refuses_a_base_model_with_nan_in_a_middle_layer(saved_model, tmp_path):
+    path, model = saved_model("llama", 6)
+    with torch.no_grad():
+        get_layers(model, get_family(model))[3].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    for stream in (False, True):
+        with pytest.raises(OffsiteError, match="NaN"):
+            emulate(str(path), tmp_path / "e", adapter_layers="1,1", emulator_layers=1, stream=stream)
+    assert not (tmp_path / "e").exists()

@@ -86,8 +86,8 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     full_params = count_parameters(base)
 
     # now: builders edit the base model in place
-    before = fingerprint_middle(base, family, split, stream=source,
-                                on_layer=lambda layer: check_finite(layer.state_dict(), f"base model {model}"))
+    layer_check = (lambda layer: check_finite(layer.state_dict(), f"base model {model}")) if source else None
+    before = fingerprint_middle(base, family, split, stream=source, on_layer=layer_check)
     with phase(f"build the {method} emulator"):
         extra = {"stream": source} if source is not None else {}
         plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer,

@@ -27,6 +27,16 @@ def resolve_dtype(name):
     return DTYPES[name]
 
 
+def no_init_weights():
+    """transformers' context that turns every weight initialiser into a no-op (it moved in v5): for
+    skeletons whose weights are assigned from files right after (package loading, streaming)."""
+    try:
+        from transformers.initialization import no_init_weights as context
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights as context
+    return context()
+
+
 def load_config(name_or_path: str):
     """Read a model config, with one clear error when the folder or hub id cannot be resolved."""
     from transformers import AutoConfig

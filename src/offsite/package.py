@@ -33,6 +33,7 @@ from .artifacts import (DEFAULT_MAX_SHARD_SIZE, WEIGHTS, check_table, check_trus
 from .emulator import get_builder
 from .errors import ArtifactError
 from .families import Family, get_family
+from .loading import no_init_weights
 from .split import Split
 
 
@@ -106,15 +107,6 @@ def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite
     return Path(out)
 
 
-def _no_init():
-    """transformers' context that turns every weight initialiser into a no-op (moved in v5)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 def build_skeleton(config, method: str, family: Family, plan: dict):
     """The emulator's module structure with every parameter on the ``meta`` device, no values.
 
@@ -136,7 +128,7 @@ def build_skeleton(config, method: str, family: Family, plan: dict):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False), _no_init():
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
         get_builder(method).restructure(model, family, plan)
     model.tie_weights()  # outside: accelerate re-wraps every parameter set inside, which would undo a tie

@@ -24,15 +24,7 @@ from torch import nn
 from .errors import OffsiteError
 from .families import get_family, get_layers
 from .identity import weight_files
-from .loading import load_config, resolve_dtype
-
-
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+from .loading import load_config, no_init_weights, resolve_dtype
 
 
 def _renames(config):
@@ -95,7 +87,7 @@ class StreamedModel:
             wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
             wanted = getattr(torch, wanted) if isinstance(wanted, str) else wanted
         self.dtype, self.device = wanted, torch.device(device)
-        with init_empty_weights(include_buffers=False), _no_init():
+        with init_empty_weights(include_buffers=False), no_init_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=wanted)
         self.model.eval()
         self._prefix = self.family.layers + "."

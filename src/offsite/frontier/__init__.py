@@ -24,6 +24,7 @@ and ScaleOT's importance scores and harmonizers are kept in ``workdir/cache`` (`
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -46,8 +47,6 @@ from .output import format_frontier, plot_frontier
 __all__ = ["run_frontier", "sweep_points", "format_frontier", "plot_frontier"]
 
 DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64}
-CACHED = {"gradot", "scaleot"}
-"""Methods with a ``cache_dir`` that makes later points skip the calibration work."""
 
 
 def sweep_points(method: str, middle: int, values=None, lambdas=None, fixed: dict | None = None) -> list:
@@ -134,7 +133,9 @@ def run_frontier(model: str, method: str, task: str, data_dir, workdir, out, val
     workdir = check_workdir(workdir, inputs + [out])
     workdir.mkdir(parents=True, exist_ok=True)
     data, fmt = train = train_file(task, data_dir, workdir, train_limit)
-    extra = {"cache_dir": str(workdir / "cache")} if method in CACHED and "cache_dir" not in (fixed or {}) else {}
+    # methods with a cache_dir (GradOT's terms, ScaleOT's scores) let later points skip calibration work
+    cached = "cache_dir" in {f.name for f in dataclasses.fields(get_builder(method).config_cls)}
+    extra = {"cache_dir": str(workdir / "cache")} if cached and "cache_dir" not in (fixed or {}) else {}
     measure = dict(data_dir=data_dir, split=split, limit=limit, batch_size=batch_size)
     started = time.time()
     full = score_with(model, None, task, device=where, **measure)
