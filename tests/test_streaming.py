@@ -91,3 +91,55 @@ def test_a_streamed_build_refuses_a_base_model_with_nan_in_a_middle_layer(saved_
         with pytest.raises(OffsiteError, match="NaN"):
             emulate(str(path), tmp_path / "e", adapter_layers="1,1", emulator_layers=1, stream=stream)
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("method,settings", [("uniform", {"emulator_layers": 2}),
+                                             ("gradot", {"param_budget": 0.3, "seq_len": 16, "num_sequences": 4,
+                                                         "batch_size": 2}),
+                                             ("crash", {"emulator_layers": 2, "share": True, "seq_len": 16,
+                                                        "num_sequences": 4, "batch_size": 2})])
+def test_a_streamed_build_holds_one_layer_and_spills_to_a_scratch_folder(method, settings, saved_model, text_file,
+                                                                         tmp_path, monkeypatch):
+    """With every activation spilled and small shards, a streamed build still writes the in-memory package,
+    never holds more than one decoder layer with real values, and leaves no scratch folder behind."""
+    from offsite.calibration import layerwise
+
+    path, _ = saved_model("llama", 6)
+    common = dict(method=method, adapter_layers="1,1", calibration=text_file, max_shard_size="40KB", **settings)
+    whole = emulate(str(path), tmp_path / "out" / "whole", **common)
+    most, spilled, materialize = [0], [], StreamedModel.materialize
+
+    def counting(self, index):
+        layer = materialize(self, index)
+        most[0] = max(most[0], len(self.live))
+        return layer
+
+    spill = layerwise.SpilledBoundary.__init__
+
+    def recording(self, tensors, where, device):
+        spilled.append(where.name)
+        spill(self, tensors, where, device)
+
+    monkeypatch.setattr(StreamedModel, "materialize", counting)
+    monkeypatch.setattr(layerwise.SpilledBoundary, "__init__", recording)
+    streamed = emulate(str(path), tmp_path / "out" / "streamed", stream=True, spill_above=0, **common)
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (whole, streamed))
+    assert len(a["tensors"]) >= 3  # several shards: each is read back on its own
+    assert a["artifact_id"] == b["artifact_id"]
+    assert most[0] == 1
+    assert bool(spilled) == (method == "gradot")  # CRaSh keeps only the current boundary anyway
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["streamed", "whole"]  # scratch removed
+
+
+def test_a_streamed_build_checks_the_layers_it_copies_and_the_spill_setting(saved_model, tmp_path):
+    path, model = saved_model("llama", 6)
+    with pytest.raises(OffsiteError, match="spill_above .* applies to streamed builds only"):
+        emulate(str(path), tmp_path / "e", adapter_layers="1,1", spill_above="1GB")
+    with pytest.raises(OffsiteError, match="spill_above must be a number of bytes"):
+        emulate(str(path), tmp_path / "e", adapter_layers="1,1", stream=True, spill_above=-1.5)
+    with torch.no_grad():  # an adapter layer: read for the first time while the package is written
+        get_layers(model, get_family(model))[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(path)
+    with pytest.raises(OffsiteError, match="infinite"):
+        emulate(str(path), tmp_path / "e", adapter_layers="1,1", emulator_layers=1, stream=True)
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".offsite-stream-*"))

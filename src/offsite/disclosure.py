@@ -100,15 +100,19 @@ def fingerprint_middle(model, family, split, stream=None, on_layer=None) -> list
     return prints
 
 
-def _shipped_keys(emulator, prints: list) -> set:
-    """Keys of the emulator's parameters that could match a base middle tensor (same shape and dtype)."""
+def _shipped_keys(emulator, prints: list, read=None) -> set:
+    """Keys of the emulator's parameters that could match a base middle tensor (same shape and dtype).
+
+    ``read(names) -> {name: tensor}`` supplies the values of parameters on ``meta`` (a streamed build),
+    one tensor at a time.
+    """
     wanted = {pr.key[:2] for pr in prints}
     seen, keys = set(), set()
-    for p in emulator.parameters():
+    for name, p in emulator.named_parameters():
         if id(p) in seen or (tuple(p.shape), str(p.dtype)) not in wanted:
             continue
         seen.add(id(p))
-        keys.add(tensor_key(p))
+        keys.add(tensor_key(read([name])[name] if p.is_meta else p))
     return keys
 
 
@@ -138,13 +142,14 @@ def _layer_disposition(counts: dict) -> str:
     return "+".join(present) if present else "not_shipped"
 
 
-def disclose(prints: list, emulator, family, split, plan: dict) -> dict:
+def disclose(prints: list, emulator, family, split, plan: dict, read=None) -> dict:
     """How the base middle leaves in ``emulator``.
 
     Args:
         prints: :func:`fingerprint_middle` of the base model, taken before the build.
         emulator: the built emulator model.
         plan: the builder's plan; ``plan["layers"][pos]["source"]`` is the full index at position pos.
+        read: for a streamed build, ``read(names) -> {name: tensor}`` for the parameters on ``meta``.
 
     Returns:
         ``{"middle_parameters": N, "parameters": {kind: count}, "fractions": {kind: count / N},
@@ -161,7 +166,7 @@ def disclose(prints: list, emulator, family, split, plan: dict) -> dict:
         if entry.get("module") != "harmonizer" and not is_harmonizer(emu_layers[pos]):
             positions.setdefault(entry["source"], []).append(pos)
     compressed = {(e["layer"], e["role"]) for e in plan.get("linears", []) + plan.get("src", [])}
-    shipped = _shipped_keys(emulator, prints)
+    shipped = _shipped_keys(emulator, prints, read)
     per_layer = {i: dict.fromkeys(KINDS, 0) for i in split.middle}
     for pr in prints:
         carrier = emu_layers[positions[pr.layer][0]] if pr.layer in positions else None

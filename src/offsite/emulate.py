@@ -21,6 +21,10 @@ from .progress import phase
 from .split import make_split
 
 
+DEFAULT_SPILL = "2GB"
+"""``emulate --stream``: calibration activations held in memory before the rest go to disk."""
+
+
 def settings_of(config) -> dict:
     """A method config's settings (its dataclass fields only, not derived attributes such as GradOT's
     ``CalibrationConfig``, whose repr would otherwise land in the manifest)."""
@@ -30,7 +34,7 @@ def settings_of(config) -> dict:
 def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtype: str = "auto",
             calibration=None, overwrite: bool = False, allow_verbatim_middle: bool = False, sign_key=None,
             device="auto", selection: dict | None = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
-            stream: bool = False, **method_settings) -> Path:
+            stream: bool = False, spill_above=DEFAULT_SPILL, **method_settings) -> Path:
     """Build an emulator package from a base model.
 
     Args:
@@ -51,7 +55,11 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
             by shard in Hugging Face's sharded layout.
         stream: read the base model's decoder layers from its safetensors files one at a time instead of
             loading the model (:mod:`offsite.streaming`; methods with ``supports_stream``). The package
-            is the same bitwise; recorded under ``run``.
+            is the same bitwise; recorded under ``run``. No emulator layer is held either: changed
+            layers are parked in a scratch folder beside ``out`` (removed at the end), kept ones stay
+            on disk, and each shard's tensors are read back only while it is written.
+        spill_above: with ``stream``, calibration activations beyond this many bytes (or e.g.
+            ``"2GB"``; None: never) go to that scratch folder too, so memory does not grow with depth.
         selection: how these settings were chosen (``offsite frontier``'s sweep), stored in the manifest.
         **method_settings: the method's own settings (e.g. ``emulator_layers=8``).
 
@@ -65,6 +73,9 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     inputs = [model, calibration]
     guard_output(Path(out), "emulator", overwrite, inputs)  # refuse a bad --out before minutes of work
     parse_size(max_shard_size)  # and a bad shard size
+    spill = None if spill_above is None else parse_size(spill_above, "spill_above", minimum=0)
+    if not stream and spill_above != DEFAULT_SPILL:
+        raise OffsiteError("spill_above (--spill-above) applies to streamed builds only; add --stream")
     if stream and not builder.supports_stream:
         streams = [m for m in available_methods() if get_builder(m).supports_stream]
         raise OffsiteError(f"--stream is not available for method '{method}' (it needs the model in memory); "
@@ -72,10 +83,24 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     source = None
     with phase(f"load {model}" + (" (layers stay on disk)" if stream else "")):
         if stream:
-            source = StreamedModel(model, dtype=dtype, device=where)
+            source = StreamedModel(model, dtype=dtype, device=where, scratch_parent=Path(out).absolute().parent,
+                                   spill_bytes=spill)
             base, tokenizer = source.model, load_tokenizer(model)
         else:
             base, tokenizer = load_model(model, dtype=dtype, device=where)
+    try:
+        return _build_and_write(base, tokenizer, source, model, out, method, builder, config, adapter_layers,
+                                dtype, calibration, overwrite, allow_verbatim_middle, sign_key, where, selection,
+                                max_shard_size, inputs, started)
+    finally:
+        if source is not None:
+            source.close()  # parked layers and spilled activations
+
+
+def _build_and_write(base, tokenizer, source, model, out, method, builder, config, adapter_layers, dtype,
+                     calibration, overwrite, allow_verbatim_middle, sign_key, where, selection, max_shard_size,
+                     inputs, started) -> Path:
+    """:func:`emulate` once the base model is loaded (in memory, or as ``source``, a streamed one)."""
     family = get_family(base)
     split = make_split(base.config.num_hidden_layers, adapter_layers)
     if source is not None:  # the resident part now; each layer as it is read
@@ -92,9 +117,18 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         extra = {"stream": source} if source is not None else {}
         plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer,
                                        **extra)
-    disclosure = disclose(before, emulator, family, split, plan)
+    read = None
+    if source is not None:  # the emulator's layers are on meta: read each tensor back when it is needed
+        reader = source.emulator_reader([e["source"] for e in plan["layers"]])
+
+        def read(names):
+            values = reader(names)
+            check_finite(values, f"the {method} emulator built from {model}")
+            return values
+    disclosure = disclose(before, emulator, family, split, plan, read=read)
     disclosure["overridden"] = guard_middle(disclosure, builder, config, allow=allow_verbatim_middle)
-    check_finite(emulator.state_dict(), f"the {method} emulator built from {model}")
+    if source is None:
+        check_finite(emulator.state_dict(), f"the {method} emulator built from {model}")
 
     stored_plan, plan_facts = split_run_facts(plan)  # build timings stay out of the identity
     record = {
@@ -113,7 +147,7 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
                 "allow_verbatim_middle": allow_verbatim_middle, **settings_of(config)}
     with phase("write the package"):
         return save_emulator(out, emulator, tokenizer, record, settings, overwrite=overwrite, inputs=inputs,
-                             sign_key=sign_key, max_shard_size=max_shard_size,
+                             sign_key=sign_key, max_shard_size=max_shard_size, read=read,
                              run={"seconds": round(time.time() - started, 2), "device": str(where),
-                                  **({"stream": True} if stream else {}),
-                                                     **({"plan": plan_facts} if plan_facts else {})})
+                                  **({"stream": True} if source is not None else {}),
+                                  **({"plan": plan_facts} if plan_facts else {})})

@@ -73,7 +73,7 @@ class Emulator:
 
 
 def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite: bool = False, inputs=(),
-                  sign_key=None, run: dict | None = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+                  sign_key=None, run: dict | None = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, read=None) -> Path:
     """Write an emulator package atomically.
 
     Args:
@@ -89,6 +89,8 @@ def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite
         max_shard_size: bytes per weight file (int, or a string like ``"5GB"``); weights that fit
             stay one ``model.safetensors``, larger ones are written shard by shard (see
             :mod:`offsite.artifacts.shards`). Tied tensors are written once.
+        read: for a streamed build, whose emulator layers are on ``meta``: ``read(names) -> {name:
+            tensor}`` (:meth:`offsite.streaming.StreamedModel.emulator_reader`), called shard by shard.
     """
     parse_size(max_shard_size)  # refused before anything is staged
     with writing_artifact(out, "emulator", overwrite=overwrite, inputs=inputs, sign_key=sign_key) as stage:
@@ -98,7 +100,8 @@ def save_emulator(out, model, tokenizer, record: dict, settings: dict, overwrite
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(stage.path)
         distinct, _ = tensor_aliases(model)
-        tensors = save_sharded({name: t.detach() for name, t in distinct.items()}, stage.path, max_shard_size)
+        tensors = save_sharded({name: t.detach() for name, t in distinct.items()}, stage.path, max_shard_size,
+                               read=read)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)
         (stage.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")

@@ -12,11 +12,22 @@ as the layer's parameters, so a layer exists in memory once.
 What streams: a checkpoint folder (or a cached hub snapshot) of ``.safetensors`` files, one file or
 sharded, whose tensor names are the model's state-dict names (what ``save_pretrained`` writes).
 Methods opt in with ``supports_stream``; the others need the model in memory.
+
+Nothing of the emulator has to be resident either. A layer a method changed (GradOT's compressed
+layers) is *parked*: its tensors go to a safetensors file in a scratch folder and the layer returns
+to ``meta``; a layer kept as it is stays on disk where it was. The package writer then reads each
+emulator tensor back (:meth:`StreamedModel.emulator_reader`) only while its shard is written, so an
+emulate run holds the resident parts, one layer, and at most one shard. Calibration activations
+beyond ``spill_bytes`` go to the same scratch folder (:mod:`offsite.calibration.layerwise`), which
+is removed by :meth:`StreamedModel.close`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,9 +72,12 @@ class StreamedModel:
         model: the HF causal LM; resident parts loaded, decoder layers on ``meta`` until materialised.
         family: its architecture family.
         name_or_path: what it was read from.
+        spill_bytes: calibration activations kept in memory up to this many bytes; the rest go to
+            the scratch folder (None: never spilled).
     """
 
-    def __init__(self, name_or_path: str, dtype="auto", device="cpu"):
+    def __init__(self, name_or_path: str, dtype="auto", device="cpu", scratch_parent=None,
+                 spill_bytes: int | None = None):
         from accelerate import init_empty_weights
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
@@ -104,6 +118,29 @@ class StreamedModel:
             raise OffsiteError(f"{name_or_path}: the weight files hold no '{empty[0]}' ({len(empty)} tensors "
                                "outside the decoder layers missing); streaming needs save_pretrained's names")
         self.live = set()
+        # The layer modules by full-model index: a builder may reorder or drop them in the module tree
+        # (keep_layers), and the package writer still asks for layer i by its index in the files.
+        self._layers = list(get_layers(self.model, self.family))
+        self._parked = {}
+        self._scratch_parent, self._scratch = scratch_parent, None
+        self.spill_bytes = spill_bytes
+
+    @property
+    def scratch(self) -> Path:
+        """The run's scratch folder (created on first use, beside ``scratch_parent`` or in the temp dir)."""
+        if self._scratch is None:
+            parent = self._scratch_parent
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            self._scratch = Path(tempfile.mkdtemp(prefix=".offsite-stream-", dir=parent))
+        return self._scratch
+
+    def close(self) -> None:
+        """Remove the scratch folder (parked layers, spilled activations)."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        self._parked.clear()
 
     def _read(self, names: list) -> dict:
         from safetensors import safe_open
@@ -127,8 +164,14 @@ class StreamedModel:
 
     def materialize(self, index: int) -> nn.Module:
         """Give decoder layer ``index`` its real tensors (read from disk); returns the layer."""
-        layer = get_layers(self.model, self.family)[index]
+        layer = self._layers[index]
         if index in self.live:
+            return layer
+        if index in self._parked:
+            from safetensors.torch import load_file
+
+            self._assign(layer, {n: t.to(self.device) for n, t in load_file(str(self._parked.pop(index))).items()})
+            self.live.add(index)
             return layer
         prefix = self.family.layer_param_prefix(index)
         names = [prefix + n for n in layer.state_dict().keys()]
@@ -143,13 +186,71 @@ class StreamedModel:
 
     def release(self, index: int) -> None:
         """Put layer ``index``'s parameters back on ``meta`` (buffers stay: they are small and computed)."""
-        layer = get_layers(self.model, self.family)[index]
+        layer = self._layers[index]
         for module in layer.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None and not p.is_meta:
                     module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
                                                             requires_grad=p.requires_grad)
         self.live.discard(index)
+
+    def park(self, index: int) -> None:
+        """Move layer ``index``, changed by a builder, to a file in the scratch folder and release it.
+
+        Its values are checked first (a NaN from a broken build stops here, not in the package).
+        """
+        from safetensors.torch import save_file
+
+        from .artifacts import check_finite
+
+        layer = self._layers[index]
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
+        check_finite(tensors, f"emulator layer {index}")
+        path = self.scratch / f"layer-{index:05d}.safetensors"
+        save_file(tensors, str(path))
+        self._parked[index] = path
+        self.release(index)
+
+    def read_layer(self, index: int, names: list) -> dict:
+        """``{local name: tensor}`` of layer ``index`` as the emulator holds it: parked, live or on disk."""
+        if index in self.live:
+            state = self._layers[index].state_dict()
+            return {n: state[n] for n in names}
+        if index in self._parked:
+            from safetensors import safe_open
+
+            with safe_open(str(self._parked[index]), framework="pt") as fh:
+                return {n: fh.get_tensor(n).to(self.device) for n in names}
+        prefix = self.family.layer_param_prefix(index)
+        return {n[len(prefix):]: t for n, t in self._read([prefix + n for n in names]).items()}
+
+    def emulator_reader(self, sources: list):
+        """A function reading emulator tensors by name, for the package writer.
+
+        Args:
+            sources: full-model layer index of each emulator layer position (the plan's table).
+
+        Returns:
+            ``read(names) -> {name: tensor}`` for state-dict names of the emulator; names outside
+            the decoder layers are the resident tensors.
+        """
+        layer_prefix = self.family.layers + "."
+
+        def read(names: list) -> dict:
+            out, by_layer = {}, {}
+            state = None
+            for name in names:
+                if name.startswith(layer_prefix):
+                    pos, local = name[len(layer_prefix):].split(".", 1)
+                    by_layer.setdefault(int(pos), []).append((name, local))
+                else:
+                    state = state if state is not None else self.model.state_dict()
+                    out[name] = state[name]
+            for pos, pairs in by_layer.items():
+                got = self.read_layer(sources[pos], [local for _, local in pairs])
+                out.update({name: got[local] for name, local in pairs})
+            return out
+        return read
 
     @contextlib.contextmanager
     def layer(self, index: int, keep: bool = False):

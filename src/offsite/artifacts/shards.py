@@ -40,26 +40,31 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
 
 
-def parse_size(value) -> int:
-    """Bytes in a shard-size setting: a positive int, or a string such as ``"5GB"``, ``"500MiB"``.
+def parse_size(value, what: str = "max_shard_size", minimum: int = 1) -> int:
+    """Bytes in a size setting: a whole number, or a string such as ``"5GB"``, ``"500MiB"``.
 
     Units follow Hugging Face: ``KB``/``MB``/``GB``/``TB`` are powers of 1000, ``KiB``... of 1024.
 
+    Args:
+        value: the setting's value.
+        what: its name, for the error.
+        minimum: the smallest allowed size (1 for shards; 0 where nothing is a meaningful amount).
+
     Raises:
-        OffsiteError: not a positive whole number of bytes in one of those forms.
+        OffsiteError: not a whole number of bytes >= ``minimum`` in one of those forms.
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise OffsiteError(f"max_shard_size must be a number of bytes or a string like '5GB', got {value!r}")
+        raise OffsiteError(f"{what} must be a number of bytes or a string like '5GB', got {value!r}")
     if isinstance(value, int):
         size = value
     else:
         match = _SIZE.fullmatch(value)
         if not match:
-            raise OffsiteError(f"max_shard_size {value!r} is not a size; give bytes (e.g. 2000000000) or a number "
+            raise OffsiteError(f"{what} {value!r} is not a size; give bytes (e.g. 2000000000) or a number "
                                "with a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (1024)")
         size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
-    if size < 1:
-        raise OffsiteError(f"max_shard_size must be at least 1 byte, got {value!r}")
+    if size < minimum:
+        raise OffsiteError(f"{what} must be at least {minimum} byte{'s' if minimum != 1 else ''}, got {value!r}")
     return size
 
 
@@ -93,14 +98,18 @@ def shard_name(number: int, count: int) -> str:
     return WEIGHTS if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
 
 
-def save_sharded(tensors: dict, folder, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> dict:
+def save_sharded(tensors: dict, folder, max_shard_size=DEFAULT_MAX_SHARD_SIZE, read=None) -> dict:
     """Write ``tensors`` into ``folder`` as one or more safetensors shards (plus the index when several).
 
     Args:
         tensors: ``{name: tensor}`` without aliases (see :func:`~offsite.artifacts.tensors.tensor_aliases`),
-            on any device; each shard is copied to CPU only while it is written.
+            on any device; each shard is copied to CPU only while it is written. Tensors on ``meta``
+            are placeholders (their shape and dtype plan the shards) whose values ``read`` supplies.
         folder: the (staging) folder to write into.
         max_shard_size: bytes per shard, an int or a string like ``"5GB"`` (see :func:`parse_size`).
+        read: ``read(names) -> {name: tensor}`` for the meta placeholders, called once per shard with
+            the placeholders it holds (a streamed build reads them from disk: one shard's worth of
+            values is in memory at a time). The files are the same as with real tensors.
 
     Returns:
         The manifest's tensor table: ``{file: {name: [dtype, shape]}}``, one entry per shard.
@@ -110,7 +119,19 @@ def save_sharded(tensors: dict, folder, max_shard_size=DEFAULT_MAX_SHARD_SIZE) -
     table, weight_map = {}, {}
     for number, names in enumerate(groups, start=1):
         file = shard_name(number, len(groups))
-        table[file] = save_tensors({name: tensors[name] for name in names}, Path(folder) / file)
+        part = {name: tensors[name] for name in names}
+        placeholders = [name for name, t in part.items() if t.is_meta]
+        if placeholders:
+            if read is None:
+                raise OffsiteError(f"tensor '{placeholders[0]}' has no values (it is on the meta device)")
+            values = read(placeholders)
+            for name in placeholders:
+                if values[name].shape != part[name].shape or values[name].dtype != part[name].dtype:
+                    raise OffsiteError(f"tensor '{name}' was read as {values[name].dtype} "
+                                       f"{list(values[name].shape)}, expected {part[name].dtype} {list(part[name].shape)}")
+            part.update(values)
+        table[file] = save_tensors(part, Path(folder) / file)
+        del part  # this shard's values are on disk: the next shard reads its own
         weight_map.update(dict.fromkeys(names, file))
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(nbytes(t) for t in tensors.values())},

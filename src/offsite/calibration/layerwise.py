@@ -15,6 +15,12 @@ head and its loss) is still the stock model's, through three cheap passes with t
 
 The result is the same :class:`.stream.Boundaries` that :func:`.stream.capture_boundaries` gives, to
 floating-point rounding (the same operations, grouped differently).
+
+The boundaries are ``(layers + 1) x (tokens, hidden)`` activations, the one cost of a streamed build
+that grows with depth. Past the stream's ``spill_bytes``, a boundary the forward has consumed goes
+to a safetensors file in the stream's scratch folder (:class:`SpilledBoundary`) and the backward
+sweep reads it back once, when it reaches that layer: held in memory are then at most
+``spill_bytes`` plus two boundaries, whatever the depth.
 """
 
 from __future__ import annotations
@@ -25,6 +31,34 @@ import torch.nn.functional as F
 from ..families import Family, get_layers
 from ..progress import bar
 from .stream import Boundaries, _first, _split_hidden, frozen
+
+
+class SpilledBoundary:
+    """One layer's stored inputs, ``(batch, seq, hidden)`` per calibration batch, in a file on disk.
+
+    Indexing reads that batch's tensor back (safetensors, memory-mapped); nothing stays resident.
+    """
+
+    def __init__(self, tensors: list, path, device):
+        from safetensors.torch import save_file
+
+        save_file({str(b): t.detach().to("cpu").contiguous() for b, t in enumerate(tensors)}, str(path))
+        self.path, self.device, self._count = path, device, len(tensors)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, b: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if not 0 <= b < self._count:
+            raise IndexError(b)
+        with safe_open(str(self.path), framework="pt") as fh:
+            return fh.get_tensor(str(b)).to(self.device)
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _Stop(Exception):
@@ -103,6 +137,7 @@ def capture_boundaries_layerwise(model, family: Family, batches: list, stream, k
                 _run(model, ids.to(device))
         finally:
             _restore(layers, saved)
+        limit, held = getattr(stream, "spill_bytes", None), 0
         for i in bar(range(n), "calibration forward (layer by layer)", "layer"):
             with stream.layer(i, keep=i in keep) as layer:
                 for b in range(len(batches)):
@@ -112,6 +147,12 @@ def capture_boundaries_layerwise(model, family: Family, batches: list, stream, k
                         on_output(i, b, hidden[i + 1][b])
             if not retain:
                 hidden[i] = None  # only the next layer's input is needed
+            elif limit is not None:
+                size = _bytes(hidden[i])
+                if held + size > limit:  # consumed by the forward: only the backward sweep reads it again
+                    hidden[i] = SpilledBoundary(hidden[i], stream.scratch / f"boundary-{i:05d}.safetensors", device)
+                else:
+                    held += size
     if not retain:
         return None
     top = hidden.pop()

@@ -134,8 +134,9 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
             so statistics of only one layer are alive at a time.
         stats_dtype: accumulation dtype.
         with_grad: also gather each linear's mean weight gradient (see :class:`.stats.LinearStats`).
-        stream: a :class:`offsite.streaming.StreamedModel` whose layers are materialised (and kept) as
-            the sweep reaches them; None when the model is in memory.
+        stream: a :class:`offsite.streaming.StreamedModel` whose layers are materialised as the sweep
+            reaches them and released after ``on_layer`` (which may park a changed one first); None
+            when the model is in memory.
     """
     layers = get_layers(model, family)
     wanted = set(wanted)
@@ -160,6 +161,8 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
                 bounds.hidden[i + 1] = None  # release what the sweep no longer needs
             if i in wanted:
                 on_layer(i, {role: s.finalize() for role, s in stats.items()})
+            if stream is not None:
+                stream.release(i)  # a no-op for a layer on_layer parked
 
 
 def peak_memory_mb() -> dict:

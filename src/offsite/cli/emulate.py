@@ -66,6 +66,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action="store_true",
                    help="read the base model's decoder layers from its .safetensors files one at a time instead of "
                         "loading the whole model (uniform, crash, gradot): for models larger than memory; same package")
+    p.add_argument("--spill-above", default=None, metavar="SIZE",
+                   help="with --stream: calibration activations beyond SIZE (e.g. 2GB, 0 = all) go to a scratch "
+                        "folder beside --out, so memory does not grow with depth (default 2GB)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
     group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
     for name, (help_text, owners) in sorted(method_settings().items()):
@@ -98,6 +101,7 @@ def run(args) -> int:
     out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
                   calibration=args.calibration, overwrite=args.overwrite,
                   allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, device=device,
-                  max_shard_size=args.max_shard_size, stream=args.stream, **settings)
+                  max_shard_size=args.max_shard_size, stream=args.stream,
+                  **({"spill_above": args.spill_above} if args.spill_above is not None else {}), **settings)
     print(f"emulator package written to {out}")
     return 0

@@ -77,11 +77,11 @@ class EmulatorBuilder:
             calibration: public calibration text (path) or ready batches, for methods that need it.
             tokenizer: the base model's tokenizer (to tokenise the calibration text), or None.
             stream: a :class:`offsite.streaming.StreamedModel` (methods with ``supports_stream``):
-                ``model`` is its skeleton, and only the layers the plan keeps are ever read.
+                ``model`` is its skeleton. The emulator returned may then keep layers on ``meta``:
+                a layer the method changed must be parked (:meth:`~offsite.streaming.StreamedModel.park`),
+                one it keeps as it is stays on disk, and the package writer reads both back.
         """
         plan = self.plan(model, family, split, config, calibration=calibration)
-        for entry in plan["layers"] if stream is not None else ():
-            stream.materialize(entry["source"])
         return plan, self.apply(model, family, split, plan)
 
     def restructure(self, model, family: Family, plan: dict) -> None:

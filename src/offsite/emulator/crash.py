@@ -197,7 +197,7 @@ class Crash(EmulatorBuilder):
 
     config_cls = CrashConfig
     needs_calibration = True
-    supports_stream = True  # CKA needs layer outputs only: a layer-by-layer forward, then the kept layers
+    supports_stream = True  # CKA needs layer outputs only: a layer-by-layer forward; kept layers stay on disk
 
     def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
         middle = list(split.middle)
@@ -224,9 +224,7 @@ class Crash(EmulatorBuilder):
                 "cka": [[round(float(v), 5) for v in row] for row in similarity]}
         if config.tie_shared:
             plan["shared_positions"] = shared_positions(layers)
-        for index in sorted({e["source"] for e in layers}) if stream is not None else ():
-            stream.materialize(index)
-        return plan, self.apply(model, family, split, plan)
+        return plan, self.apply(model, family, split, plan)  # streamed: the kept layers stay on disk
 
     def apply(self, model, family, split, plan):
         """Keep the plan's sources; a source used again (sharing) is an independent copy, or, when the

@@ -187,7 +187,8 @@ class GradOT(EmulatorBuilder):
         plan and emulator equal :meth:`plan` + :meth:`apply`'s; peak memory holds one layer's
         statistics and factors, and each matrix is decomposed once. With ``stream`` the base layers are
         read from disk as the calibration forward and the sweep reach them (see
-        :mod:`offsite.calibration.layerwise`); the emulator's layers stay, the others are released.
+        :mod:`offsite.calibration.layerwise`), each compressed layer is parked in the stream's scratch
+        folder, and the adapter layers stay on disk: no layer of the emulator is held.
         """
         started = time.time()
         layers = get_layers(model, family)
@@ -198,13 +199,13 @@ class GradOT(EmulatorBuilder):
             layer = stream.materialize(index) if stream is not None else layers[index]
             with torch.no_grad():
                 compress_layer(layer, family, lin, mlp, svds)
+            if stream is not None:
+                stream.park(index)  # to the scratch folder: the package writer reads it back
             linears.extend(lin)
             mlps.extend(mlp)
 
         _, record = self.terms(model, family, split, config, calibration, tokenizer, on_terms=on_terms,
                                stream=stream)
-        for index in split.adapter if stream is not None else ():
-            stream.materialize(index)  # whole in the emulator; the sweep may not have reached them
         plan = self._plan(split, config, linears, mlps, record, started)
         keep_layers(model, family, [e["source"] for e in plan["layers"]])
         return plan, model
@@ -243,7 +244,8 @@ class GradOT(EmulatorBuilder):
         Args:
             on_terms: ``on_terms(index, layer_terms, svds)`` called once per middle layer as soon as
                 its terms are known (``svds``: the factors made for them, ``{"<layer>.<role>": svd}``).
-            stream: a streamed base model (see :meth:`build`); its middle layers stay materialised.
+            stream: a streamed base model (see :meth:`build`); each middle layer is materialised
+                while its terms are made (``on_terms`` parks it, or the sweep releases it).
 
         Returns:
             ``(terms, calibration record)``.
@@ -287,7 +289,7 @@ class GradOT(EmulatorBuilder):
                 on_terms(index, layer_part(cached["terms"], index), {})
             return cached["terms"], {**source, **cached["record"], "cache_dir": str(config.cache_dir)}
         bounds = (capture_boundaries(model, family, batches) if stream is None else
-                  capture_boundaries_layerwise(model, family, batches, stream, keep=set(split.adapter)))
+                  capture_boundaries_layerwise(model, family, batches, stream))
         backward_sweep(model, family, bounds, split.middle, lambda i, stats: layer_done(i, stats, True),
                        STATS_DTYPES[config.stats_dtype], with_grad, stream=stream)
         record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
