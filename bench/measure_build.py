@@ -27,10 +27,14 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", default=None)
     p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--stream", action="store_true", help="emulate --stream (layers read from disk one at a time)")
+    p.add_argument("--max-shard-size", default=None, help="emulate --max-shard-size (default: emulate's)")
+    p.add_argument("--spill-above", default=None, help="emulate --spill-above, with --stream (default: emulate's)")
     args = p.parse_args(argv)
     started = time.time()
     out = emulate(args.model, args.out, method=args.method, calibration=args.calibration, overwrite=True,
-                  stream=args.stream, **parse_settings(args.settings))
+                  stream=args.stream, **parse_settings(args.settings),
+                  **{k: v for k, v in (("max_shard_size", args.max_shard_size), ("spill_above", args.spill_above))
+                     if v is not None})
     seconds = time.time() - started
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     record = {"method": args.method + ("+stream" if args.stream else ""), "settings": parse_settings(args.settings), "seconds": round(seconds, 1),

@@ -12,8 +12,10 @@ timings: ``load`` / ``build`` / ``write`` (the ``[offsite] ... done in`` lines) 
 calibration forward, the backward sweep (statistics, terms, SVD and compression, layer by layer) and
 their sum ``stats_seconds`` from the plan; next to each GradOT build ``bench/gradot_floor.py`` times
 the method's physical floor (one forward+backward of the full model over the calibration tokens
-plus one SVD per middle attention matrix). ``import floor`` is the peak RSS of a process that only
-imports offsite, torch and transformers; the memory a build adds is ``peak - floor``.
+plus one SVD per middle attention matrix). ``import floor`` is the peak RSS of a process that imports
+offsite and builds the shape's module tree on ``meta`` (no weights: what any run pays first); the
+memory a build adds is ``peak - floor``. ``--max-shard-size`` / ``--spill-above`` pass through to
+``emulate`` (a streamed build holds about two shards while it writes one).
 
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` (peak memory above the floor and wall time
 against the model's bytes) under ``--out``.
@@ -36,10 +38,15 @@ PHASE = re.compile(r"\[offsite\] (load|build|write)\b.*?done in ([0-9.]+)s")
 BAR = re.compile(r"(calibration forward|backward sweep): 100%\|[^|]*\| \d+/\d+ \[(\d+):(\d+)")
 
 
-def _floor() -> float:
-    code = ("import resource, offsite, torch, transformers, offsite.emulate; "
+def _floor(model: Path) -> float:
+    """Peak RSS (MiB) of a process that imports offsite and builds ``model``'s module tree on ``meta``:
+    everything an emulate run pays before it holds a single weight (the architecture's modeling code
+    alone is over 100 MiB for Llama)."""
+    code = ("import resource, sys, offsite.emulate, accelerate, transformers as t; "
+            "c = t.AutoConfig.from_pretrained(sys.argv[1]); ctx = accelerate.init_empty_weights(); ctx.__enter__(); "
+            "t.AutoModelForCausalLM.from_config(c); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    return float(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return float(subprocess.run([PY, "-c", code, str(model)], capture_output=True, text=True, check=True).stdout)
 
 
 def _model(shape: str, dtype: str) -> Path:
@@ -50,11 +57,12 @@ def _model(shape: str, dtype: str) -> Path:
     return folder
 
 
-def _build(folder: Path, method: str, windows: int) -> dict:
+def _build(folder: Path, method: str, windows: int, extra: list, stats_dtype=None) -> dict:
     name, _, mode = method.partition("+")
     settings = {"uniform": [], "gradot": [f"num_sequences={windows}", "param_budget=0.4"]}[name]
+    settings += [f"stats_dtype={stats_dtype}"] if stats_dtype and name == "gradot" else []
     cmd = [PY, str(ROOT / "bench" / "measure_build.py"), str(folder / "model"), name, str(folder / f"emu-{method}"),
-           "--calibration", str(folder / "public.txt"), "--set", *settings] + (["--stream"] if mode == "stream" else [])
+           "--calibration", str(folder / "public.txt"), "--set", *settings] + (["--stream"] if mode == "stream" else []) + extra
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     record = json.loads(run.stdout.strip().splitlines()[-1])
     record["phases"] = {name: float(sec) for name, sec in PHASE.findall(run.stderr)}
@@ -76,19 +84,25 @@ def main() -> int:
                    help="methods; METHOD+stream builds with emulate --stream")
     p.add_argument("--windows", type=int, default=64, help="GradOT calibration windows (x 128 tokens)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-shard-size", default=None, help="emulate --max-shard-size (default emulate's, 5GB)")
+    p.add_argument("--spill-above", default=None, help="emulate --spill-above for +stream builds (default 2GB)")
+    p.add_argument("--stats-dtype", default=None, help="GradOT stats_dtype (default the method's, float64)")
     p.add_argument("--out", default="bench/results/scale")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip bench/gradot_floor.py (one forward+backward + one SVD per matrix) next to GradOT builds")
     args = p.parse_args()
     started = time.time()
-    floor = _floor()
-    rows = []
+    rows, floors = [], {}
     for shape in args.shapes.split(","):
         folder = _model(shape, args.dtype)
+        floor = floors[shape] = _floor(folder / "model")
         for method in args.methods.split(","):
-            row = {"shape": shape, "dtype": args.dtype, **_build(folder, method, args.windows)}
+            extra = (["--max-shard-size", args.max_shard_size] if args.max_shard_size else []) + \
+                (["--spill-above", args.spill_above] if args.spill_above and method.endswith("+stream") else [])
+            row = {"shape": shape, "dtype": args.dtype, **_build(folder, method, args.windows, extra, args.stats_dtype)}
             params = row["parameters"]["full"]
             row["model_bytes"] = params * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+            row["import_floor_mb"] = round(floor, 1)
             row["added_mb"] = round(row["peak_rss_mb"] - floor, 1)
             row["added_over_model"] = round(row["added_mb"] * 2**20 / row["model_bytes"], 2)
             if args.floor and method.startswith("gradot"):
@@ -99,7 +113,7 @@ def main() -> int:
                 row["over_floor"] = round(row["seconds"] / max(row["floor"]["floor_s"], 1e-9), 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    record = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "import_floor_mb": round(floor, 1),
+    record = {"command": "python bench/scale.py " + " ".join(sys.argv[1:]), "import_floor_mb": floors,
               "threads": os.environ.get("OMP_NUM_THREADS"),
               "windows": args.windows, "rows": rows, "seconds": round(time.time() - started, 1)}
     out = Path(args.out)
@@ -114,7 +128,8 @@ def main() -> int:
 def render(r: dict) -> str:
     threads = r.get("threads") or "unset"
     lines = [f"# Emulator build cost by model size (CPU, OMP_NUM_THREADS {threads}, 2 cores shared with other jobs)", "",
-             f"Produced by `{r['command']}` in {r['seconds']:.0f} s. Import floor {r['import_floor_mb']:.0f} MiB; "
+             f"Produced by `{r['command']}` in {r['seconds']:.0f} s. Import floor (imports + the model's meta "
+             f"skeleton, per shape): {', '.join(f'{k} {v:.0f}' for k, v in r['import_floor_mb'].items())} MiB; "
              f"GradOT: {r['windows']} calibration windows x 128 tokens, budget 0.4.", "",
              "| shape | method | params | model MiB | wall s | phases (s) | peak RSS MiB | above floor / model | "
              "GradOT floor s (fwd+bwd, SVD) | wall / floor |",

@@ -65,6 +65,27 @@ def _renames(config):
     return rename
 
 
+def _return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the OS at once (no-op elsewhere).
+
+    A streamed build frees a layer's tensors and allocates the next layer's of the same sizes. glibc
+    raises its mmap threshold each time such a block is freed (up to 32 MB), so later layers come from
+    the heap, which it keeps: measured on a 1.5 GB bf16 Llama, peak RSS 1383 MiB instead of 859 MiB.
+    Fixing the threshold at 1 MiB keeps every tensor above it in its own mapping, unmapped when freed.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h); fixing it switches the dynamic raise off
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        pass
+
+
 class StreamedModel:
     """The base model as a meta skeleton plus an index of where each tensor lies on disk.
 
@@ -82,6 +103,7 @@ class StreamedModel:
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
+        _return_freed_memory()
         config = load_config(name_or_path)
         self.family = get_family(config)
         self.name_or_path = str(name_or_path)
@@ -145,14 +167,13 @@ class StreamedModel:
     def _read(self, names: list) -> dict:
         from safetensors import safe_open
 
-        out, by_file = {}, {}
+        out = {}
         for name in names:
-            by_file.setdefault(self._where[name], []).append(name)
-        for path, group in by_file.items():
-            with safe_open(str(path), framework="pt") as fh:
-                for name in group:
-                    t = fh.get_tensor(self._stored[name])
-                    out[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
+            # A handle per tensor: every page read through an open handle stays mapped (and counted as
+            # resident) until it closes, so one handle for a group would hold the group twice.
+            with safe_open(str(self._where[name]), framework="pt") as fh:
+                t = fh.get_tensor(self._stored[name])
+            out[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
         return out
 
     @staticmethod
@@ -271,7 +292,9 @@ class StreamedModel:
 
     def check_finite(self) -> None:
         """Refuse NaN/inf in the resident tensors (layers are checked as they are materialised)."""
+        from .artifacts.tensors import all_finite
+
         for name, p in self.model.named_parameters():
-            if not p.is_meta and p.is_floating_point() and not torch.isfinite(p).all():
+            if not p.is_meta and not all_finite(p):
                 raise OffsiteError(f"base model {self.name_or_path}: tensor '{name}' has NaN or infinite values; "
                                    "fix or re-export the checkpoint")

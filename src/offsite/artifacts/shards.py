@@ -116,7 +116,7 @@ def save_sharded(tensors: dict, folder, max_shard_size=DEFAULT_MAX_SHARD_SIZE, r
     """
     limit = parse_size(max_shard_size)
     groups = plan_shards({name: nbytes(t) for name, t in tensors.items()}, limit)
-    table, weight_map = {}, {}
+    table, weight_map, values = {}, {}, None
     for number, names in enumerate(groups, start=1):
         file = shard_name(number, len(groups))
         part = {name: tensors[name] for name in names}
@@ -131,7 +131,7 @@ def save_sharded(tensors: dict, folder, max_shard_size=DEFAULT_MAX_SHARD_SIZE, r
                                        f"{list(values[name].shape)}, expected {part[name].dtype} {list(part[name].shape)}")
             part.update(values)
         table[file] = save_tensors(part, Path(folder) / file)
-        del part  # this shard's values are on disk: the next shard reads its own
+        part = values = None  # this shard's values are on disk: the next shard reads its own
         weight_map.update(dict.fromkeys(names, file))
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(nbytes(t) for t in tensors.values())},
