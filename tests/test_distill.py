@@ -10,10 +10,11 @@ from offsite.cli import main
 from offsite.emulate import emulate
 from offsite.emulator import get_builder
 from offsite.emulator.calibrated import normalised_mse
-from offsite.emulator.distill import distill_gap, kd_points
+from offsite.emulator.distill import distill_gap, kd_points, teacher_targets
 from offsite.errors import OffsiteError
-from offsite.families import get_family, get_layers
+from offsite.families import capture_hidden, get_family, get_layers
 from offsite.package import load_emulator
+from offsite.precision import policy
 from offsite.split import make_split
 
 SMALL = dict(seq_len=16, num_sequences=16, batch_size=4)
@@ -48,8 +49,13 @@ def test_distillation_lowers_the_student_teacher_gap_and_trains_only_the_middle(
     batches = [torch.randint(4, 120, (4, 16), generator=g) for _ in range(2)]
     uniform = load_emulator(emulate(str(path), tmp_path / "uni", emulator_layers=1))
     points, student_points = [("in", 4)], [("in", 3)]
-    gap_uniform = distill_gap(uniform.model, model, family, batches, student_points, points)
-    gap_distilled = distill_gap(emu.model, model, family, batches, student_points, points)
+    targets = teacher_targets(model.eval(), family, batches, points, policy("fp32", torch.float32, "cpu"))
+    # the targets are the teacher's own input to layer 4, taken here by hand
+    with torch.no_grad(), capture_hidden(model, family, inputs_of=[4]) as store:
+        model(input_ids=batches[1], use_cache=False)
+    assert torch.equal(targets[1][0], store[("in", 4)])
+    gap_uniform = distill_gap(uniform.model, family, batches, targets, student_points)
+    gap_distilled = distill_gap(emu.model, family, batches, targets, student_points)
     assert gap_distilled < 0.7 * gap_uniform
 
     # adapters, embeddings, norms and head are the base model's, bit for bit; the middle layer moved

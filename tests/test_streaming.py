@@ -51,13 +51,14 @@ def test_layer_major_forward_and_sweep_equal_the_in_memory_ones(model_type, save
     ("llama", "gradot", {"param_budget": 0.3}), ("opt", "gradot", {"param_budget": 0.3, "scoring": "magnitude"}),
     ("gemma2", "gradot", {"param_budget": 0.3}), ("falcon", "gradot", {"param_budget": 0.3}),
     ("llama", "crash", {"emulator_layers": 2}), ("gpt2", "crash", {"emulator_layers": 2, "share": True}),
+    ("llama", "distill", {"emulator_layers": 2, "steps": 3}), ("gpt_neox", "distill", {"emulator_layers": 1, "steps": 3}),
 ])
 def test_a_streamed_build_writes_the_same_package(model_type, method, settings, saved_model, text_file, tmp_path):
     """emulate --stream reads one layer at a time and must write the very package the in-memory build
     writes: the same artifact id (every file and the manifest, bar run facts)."""
     path, _ = saved_model(model_type, 6)
     common = dict(method=method, adapter_layers="1,1", calibration=text_file, **settings)
-    if method in ("gradot", "crash"):
+    if method in ("gradot", "crash", "distill"):
         common.update(seq_len=16, num_sequences=4, batch_size=2)
     whole = emulate(str(path), tmp_path / "whole", **common)
     streamed = emulate(str(path), tmp_path / "streamed", stream=True, **common)
@@ -70,7 +71,7 @@ def test_streaming_refusals(saved_model, text_file, tmp_path, capsys):
     from offsite.cli import main
 
     path, _ = saved_model("llama", 6)
-    with pytest.raises(OffsiteError, match="--stream is not available for method 'scaleot'.*crash, gradot, uniform"):
+    with pytest.raises(OffsiteError, match="--stream is not available for method 'scaleot'.*crash, distill, gradot, uniform"):
         emulate(str(path), tmp_path / "e", method="scaleot", calibration=text_file, stream=True)
     folder = tmp_path / "bin"
     folder.mkdir()

@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
                         "only for packages that are never shipped")
     p.add_argument("--stream", action="store_true",
                    help="read the base model's decoder layers from its .safetensors files one at a time instead of "
-                        "loading the whole model (uniform, crash, gradot): for models larger than memory; same package")
+                        "loading the whole model (uniform, crash, distill, gradot): for models larger than memory; same package")
     p.add_argument("--spill-above", default=None, metavar="SIZE",
                    help="with --stream: calibration activations beyond SIZE (e.g. 2GB, 0 = all) go to a scratch "
                         "folder beside --out, so memory does not grow with depth (default 2GB)")

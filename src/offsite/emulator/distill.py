@@ -16,14 +16,20 @@ short warmup and cosine decay, as OT, but over far fewer steps; dropout is off d
 (short budgets gain nothing from the noise). With adapter layers inside the stack (``idx:``
 splits) the middle has several segments: the KD term averages over the hidden state entering each
 adapter layer that follows middle layers (and the stack's output if it ends with middle layers);
-with the OT split ``a,b`` this is exactly OT's single middle output. The whole base model is the
-teacher, so memory is about twice the model's.
+with the OT split ``a,b`` this is exactly OT's single middle output.
+
+How the teacher runs: its middle outputs are computed once per calibration batch before training
+(the teacher is frozen and in eval mode, so they are the very values OT's per-step teacher forward
+gives) and the student is the base model cut down in place. Memory is the model plus the targets,
+``windows x seq x hidden`` per KD point, instead of two models; and with ``emulate --stream`` the
+targets come from the layer-by-layer forward (:mod:`offsite.calibration.layerwise`), so only the
+student's layers are ever in memory.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import itertools
 import math
 import time
 
@@ -35,8 +41,7 @@ from ..precision import base_dtype
 from ..precision import policy as precision_policy
 from ..progress import bar
 from .base import EmulatorBuilder, keep_layers, layer_count_points, layer_entries, register
-from .calibrated import (check_fraction, check_positive, cycle, load_calibration, model_device,
-                         normalised_mse)
+from .calibrated import check_fraction, check_positive, load_calibration, model_device, normalised_mse
 from .uniform import uniform_middle
 
 
@@ -96,24 +101,63 @@ def kd_points(sources: list, split) -> list:
     return points
 
 
-def distill_gap(student, teacher, family, batches: list, student_points: list, teacher_points: list) -> float:
-    """Mean normalised MSE between student and teacher middle outputs over ``batches`` (no grad)."""
+def teacher_targets(model, family, batches: list, points: list, precision, stream=None) -> list:
+    """The teacher's hidden states at the KD ``points`` for every calibration batch, computed once.
+
+    Args:
+        model: the base model (frozen, eval mode); with ``stream`` its streamed skeleton.
+        batches: ``LongTensor (batch, seq)`` list.
+        points: ``(kind, full_index)`` from :func:`kd_points`.
+        precision: the run's policy; targets are computed under its autocast, as the student trains.
+        stream: a :class:`offsite.streaming.StreamedModel`, or None for a model in memory.
+
+    Returns:
+        ``targets[b][k]``: ``(batch, seq, hidden)`` at point k for batch b, on the model's device.
+    """
+    # the hidden state entering adapter layer j is the one leaving layer j-1
+    leaving = [i - 1 if kind == "in" else i for kind, i in points]
+    targets = [[None] * len(points) for _ in batches]
+    with torch.no_grad(), precision.autocast():
+        if stream is not None:
+            from ..calibration import capture_boundaries_layerwise
+
+            def on_output(i, b, out):
+                for k, where in enumerate(leaving):
+                    if where == i:
+                        targets[b][k] = out
+
+            capture_boundaries_layerwise(model, family, batches, stream, with_grads=False, on_output=on_output,
+                                         retain=False)
+            return targets
+        device = model_device(model)
+        with capture_hidden(model, family, **_hooks(points)) as store:
+            for b, ids in enumerate(batches):
+                _body(model)(input_ids=ids.to(device), use_cache=False)
+                targets[b] = [store[p].detach() for p in points]
+    return targets
+
+
+def _body(model):
+    """The decoder stack without the LM head (its logits are not needed for targets)."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+def distill_gap(student, family, batches: list, targets: list, student_points: list) -> float:
+    """Mean normalised MSE between student middle outputs and the teacher's ``targets`` (no grad)."""
     total = 0.0
     with torch.no_grad():
-        for ids in batches:
-            total += _kd_loss(student, teacher, family, ids, student_points, teacher_points).item()
+        for ids, target in zip(batches, targets):
+            total += _kd_loss(student, family, ids, target, student_points).item()
     return total / len(batches)
 
 
-def _kd_loss(student, teacher, family, ids, student_points, teacher_points, lm_out: list | None = None):
-    """KD term for one batch; when ``lm_out`` is a list, the student's LM loss is appended to it."""
-    with torch.no_grad(), capture_hidden(teacher, family, **_hooks(teacher_points)) as t_store:
-        teacher(input_ids=ids, use_cache=False)
+def _kd_loss(student, family, ids, target: list, student_points, lm_out: list | None = None):
+    """KD term for one batch against its teacher ``target``; with ``lm_out`` a list, the LM loss is appended."""
     with capture_hidden(student, family, **_hooks(student_points)) as s_store:
         out = student(input_ids=ids, labels=ids if lm_out is not None else None, use_cache=False)
     if lm_out is not None:
         lm_out.append(out.loss)
-    terms = [normalised_mse(s_store[s], t_store[t]) for s, t in zip(student_points, teacher_points)]
+    terms = [normalised_mse(s_store[s], t) for s, t in zip(student_points, target)]
     return torch.stack(terms).mean()
 
 
@@ -131,56 +175,66 @@ class Distill(EmulatorBuilder):
 
     config_cls = DistillConfig
     needs_calibration = True
+    supports_stream = True  # the teacher's targets come from a layer-by-layer forward; the student is in memory
 
     def plan(self, model, family, split, config, calibration=None) -> dict:
         """The student's structure (uniform drop); the distillation record is added by :meth:`build`."""
         kept = uniform_middle(split, config.emulator_layers)
         return {"layers": layer_entries(split, kept), "emulator_layers": len(kept)}
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+    def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
+        """Targets from the teacher, then the teacher cut down to the student in place and trained.
+
+        With ``stream`` the targets come from the layer-by-layer forward and only the student's
+        layers are read into memory (where they train, and stay until the package is written).
+        """
         batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
                                    num_sequences=config.num_sequences, batch_size=config.batch_size,
                                    seed=config.seed)
         plan = self.plan(model, family, split, config)
         sources = [e["source"] for e in plan["layers"]]
-        teacher = model.eval()
-        teacher.requires_grad_(False)
-        student = copy.deepcopy(teacher)
-        keep_layers(student, family, sources)
+        model.eval()
+        model.requires_grad_(False)
         points = kd_points(sources, split)
         position = {src: pos for pos, src in enumerate(sources)}
         s_points = [(k, position[i]) if k == "in" else (k, len(sources) - 1) for k, i in points]
-        trainable = [p for pos, e in enumerate(plan["layers"]) if e["role"] == "emulator"
-                     for p in get_layers(student, family)[pos].parameters()]
+        middle_kept = [src for src, e in zip(sources, plan["layers"]) if e["role"] == "emulator"]
         record = {"steps": 0, "kd_weight": config.kd_weight, "lm_weight": config.lm_weight,
                   "points": [f"{k}:{i}" for k, i in points]}
-        if not trainable or not points:
-            record["skipped"] = "no middle layer to train" if not trainable else "no middle output to match"
+        if not middle_kept or not points:
+            record["skipped"] = "no middle layer to train" if not middle_kept else "no middle output to match"
             plan["distill"] = record
-            return plan, student.eval()
+            return plan, self.apply(model, family, split, plan).eval()
 
+        precision = precision_policy("auto", base_dtype(model), model_device(model))
+        targets = teacher_targets(model, family, batches, points, precision, stream)
+        for src in sources if stream is not None else ():
+            stream.materialize(src)  # the student trains in memory
+        student = self.apply(model, family, split, plan)
+        trainable = [p for pos, e in enumerate(plan["layers"]) if e["role"] == "emulator"
+                     for p in get_layers(student, family)[pos].parameters()]
         # moved once: calibration batches are CPU token ids and the probe runs before and after training
         probe = [b.to(model_device(student)) for b in batches[: min(2, len(batches))]]
-        record["gap_before"] = distill_gap(student, teacher, family, probe, s_points, points)
+        record["gap_before"] = distill_gap(student, family, probe, targets, s_points)
         from ..finetune.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
 
         for p in trainable:
             p.requires_grad_(True)
-        # The middle layers train as fp32 masters beside the teacher and frozen parts in the checkpoint
-        # dtype (offsite.precision); cast before AdamW is built so its state is fp32 too.
-        precision = precision_policy("auto", base_dtype(student), model_device(student))
+        # The middle layers train as fp32 masters beside the frozen parts in the checkpoint dtype
+        # (offsite.precision); cast before AdamW is built so its state is fp32 too.
         trained = precision.train(modules=[get_layers(student, family)[pos] for pos, e in enumerate(plan["layers"])
                                            if e["role"] == "emulator"])
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", config.warmup_steps,
                                                                           config.steps))
-        data = cycle(batches, model_device(student))
+        data = itertools.cycle([(ids.to(model_device(student)), target) for ids, target in zip(batches, targets)])
         started, history = time.time(), []
         steps_bar = bar(range(config.steps), "distill", "step")
         for _ in steps_bar:
             lm = []
+            ids, target = next(data)
             with precision.autocast():
-                kd = _kd_loss(student, teacher, family, next(data), s_points, points, lm_out=lm)
+                kd = _kd_loss(student, family, ids, target, s_points, lm_out=lm)
                 loss = config.lm_weight * lm[0] + config.kd_weight * kd
             precision.backward(loss)
             precision.clip(optimizer, trainable, config.max_grad_norm)
@@ -195,6 +249,6 @@ class Distill(EmulatorBuilder):
         record.update(steps=config.steps, seconds=round(time.time() - started, 2),
                       lm_first=history[0][0], kd_first=history[0][1],
                       lm_final=sum(h[0] for h in tail) / len(tail), kd_final=sum(h[1] for h in tail) / len(tail),
-                      gap_after=distill_gap(student, teacher, family, probe, s_points, points))
+                      gap_after=distill_gap(student, family, probe, targets, s_points))
         plan["distill"] = record
         return plan, student.eval()
