@@ -57,10 +57,11 @@ def _model(shape: str, dtype: str) -> Path:
     return folder
 
 
-def _build(folder: Path, method: str, windows: int, extra: list, stats_dtype=None) -> dict:
+def _build(folder: Path, method: str, windows: int, extra: list, stats_dtype=None, batch=None) -> dict:
     name, _, mode = method.partition("+")
     settings = {"uniform": [], "gradot": [f"num_sequences={windows}", "param_budget=0.4"]}[name]
     settings += [f"stats_dtype={stats_dtype}"] if stats_dtype and name == "gradot" else []
+    settings += [f"batch_size={batch}"] if batch and name == "gradot" else []
     cmd = [PY, str(ROOT / "bench" / "measure_build.py"), str(folder / "model"), name, str(folder / f"emu-{method}"),
            "--calibration", str(folder / "public.txt"), "--set", *settings] + (["--stream"] if mode == "stream" else []) + extra
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -87,6 +88,8 @@ def main() -> int:
     p.add_argument("--max-shard-size", default=None, help="emulate --max-shard-size (default emulate's, 5GB)")
     p.add_argument("--spill-above", default=None, help="emulate --spill-above for +stream builds (default 2GB)")
     p.add_argument("--stats-dtype", default=None, help="GradOT stats_dtype (default the method's, float64)")
+    p.add_argument("--calibration-batch", type=int, default=None,
+                   help="GradOT calibration windows per forward/backward batch (default the method's, 8)")
     p.add_argument("--out", default="bench/results/scale")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip bench/gradot_floor.py (one forward+backward + one SVD per matrix) next to GradOT builds")
@@ -99,7 +102,8 @@ def main() -> int:
         for method in args.methods.split(","):
             extra = (["--max-shard-size", args.max_shard_size] if args.max_shard_size else []) + \
                 (["--spill-above", args.spill_above] if args.spill_above and method.endswith("+stream") else [])
-            row = {"shape": shape, "dtype": args.dtype, **_build(folder, method, args.windows, extra, args.stats_dtype)}
+            row = {"shape": shape, "dtype": args.dtype, **_build(folder, method, args.windows, extra, args.stats_dtype,
+                                                                 args.calibration_batch)}
             params = row["parameters"]["full"]
             row["model_bytes"] = params * {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
             row["import_floor_mb"] = round(floor, 1)

@@ -46,6 +46,21 @@ def test_layer_major_forward_and_sweep_equal_the_in_memory_ones(model_type, save
                 assert torch.allclose(stats[i][role][key], ref[i][role][key], rtol=1e-4, atol=1e-8), (i, role, key)
 
 
+def test_a_streamed_uniform_build_writes_the_same_package_for_every_family(saved_model, tmp_path):
+    from offsite.families.catalog import FAMILIES
+
+    for model_type in FAMILIES:
+        path, _ = saved_model(model_type, 5)
+        whole = emulate(str(path), tmp_path / model_type / "whole", adapter_layers="1,1", emulator_layers=2)
+        streamed = emulate(str(path), tmp_path / model_type / "streamed", adapter_layers="1,1", emulator_layers=2,
+                           stream=True, max_shard_size="30KB")
+        whole_sharded = emulate(str(path), tmp_path / model_type / "sharded", adapter_layers="1,1",
+                                emulator_layers=2, max_shard_size="30KB")
+        a, b, c = (json.loads((p / "manifest.json").read_text()) for p in (whole, streamed, whole_sharded))
+        assert a["artifact_id"] != c["artifact_id"] and len(c["tensors"]) > 1, model_type
+        assert b["artifact_id"] == c["artifact_id"], model_type
+
+
 @pytest.mark.parametrize("model_type,method,settings", [
     ("llama", "uniform", {"emulator_layers": 2}), ("gpt2", "uniform", {"emulator_layers": 1}),
     ("llama", "gradot", {"param_budget": 0.3}), ("opt", "gradot", {"param_budget": 0.3, "scoring": "magnitude"}),
@@ -71,7 +86,8 @@ def test_streaming_refusals(saved_model, text_file, tmp_path, capsys):
     from offsite.cli import main
 
     path, _ = saved_model("llama", 6)
-    with pytest.raises(OffsiteError, match="--stream is not available for method 'scaleot'.*crash, distill, gradot, uniform"):
+    with pytest.raises(OffsiteError, match="--stream is not available for method 'scaleot' \\(its layer-importance "
+                                           "stage runs the whole model.*crash, distill, gradot, uniform"):
         emulate(str(path), tmp_path / "e", method="scaleot", calibration=text_file, stream=True)
     folder = tmp_path / "bin"
     folder.mkdir()

@@ -78,7 +78,8 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
         raise OffsiteError("spill_above (--spill-above) applies to streamed builds only; add --stream")
     if stream and not builder.supports_stream:
         streams = [m for m in available_methods() if get_builder(m).supports_stream]
-        raise OffsiteError(f"--stream is not available for method '{method}' (it needs the model in memory); "
+        why = getattr(builder, "stream_refusal", None) or "it needs the model in memory"
+        raise OffsiteError(f"--stream is not available for method '{method}' ({why}); "
                            f"methods that stream: {', '.join(streams)}")
     source = None
     with phase(f"load {model}" + (" (layers stay on disk)" if stream else "")):

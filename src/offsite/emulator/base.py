@@ -26,6 +26,8 @@ class EmulatorBuilder:
     needs_calibration: bool = False
     supports_stream: bool = False
     """Whether ``build`` works on a streamed base model (``emulate --stream``)."""
+    stream_refusal: str | None = None
+    """Why a method without ``supports_stream`` cannot stream (said when ``--stream`` is refused)."""
     size_knob: str | None = None
     """The setting that sets the emulator's size (what ``offsite frontier`` sweeps), or None."""
 

@@ -135,6 +135,8 @@ class ScaleOT(EmulatorBuilder):
 
     config_cls = ScaleOTConfig
     needs_calibration = True
+    stream_refusal = ("its layer-importance stage runs the whole model, with sampled layers replaced by "
+                      "harmonizers, at every training step: streamed, every step would read every layer from disk")
     compresses_kept_layers = "beta"
     """With beta > 0, SRC compresses every attention projection of every kept middle layer, so a kept
     layer leaving unchanged is refused (``offsite.disclosure``); beta = 0 promises no compression."""
