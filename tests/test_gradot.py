@@ -315,3 +315,33 @@ def test_one_cache_dir_serves_every_question_and_reuses_each_answer(saved_model,
     # without and with the gradient terms: two questions, two sweeps; the other three builds reuse them
     assert len(calls) == 2 and len(list(cache.iterdir())) == 2
     assert ids[0] == ids[2]
+
+
+def test_float32_statistics_give_the_float64_terms_and_selection(saved_model, text_file):
+    """stats_dtype=float32 halves the statistics' memory; its terms must agree with the fp64 ones to fp32
+    rounding of sums over the calibration tokens, and the selection must not change."""
+    from offsite.calibration import calibration_batches
+    from offsite.emulator.gradot_select import select
+    from offsite.loading import load_model
+
+    path, _ = saved_model("llama", 5)
+    model, tok = load_model(str(path))
+    family, split = get_family(model), make_split(5, "1,1")
+    batches = calibration_batches(text_file, tok, seq_len=16, num_sequences=8, batch_size=4)
+    builder = get_builder("gradot")
+    got = {}
+    for dtype in ("float64", "float32"):
+        config = builder.make_config(param_budget=0.3, stats_dtype=dtype)
+        got[dtype] = (builder.terms(model, family, split, config, batches)[0], config)
+    (t64, c64), (t32, c32) = got["float64"], got["float32"]
+    compared = 0
+    for group in ("attn", "mlp"):
+        for key, terms in t64[group].items():
+            for name, value in terms.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    other = t32[group][key][name].double()
+                    scale = value.abs().max().clamp_min(1e-30)
+                    assert ((other - value).abs().max() / scale).item() < 1e-4, (group, key, name)
+                    compared += 1
+    assert compared >= 10
+    assert select(t64, c64) == select(t32, c32)
