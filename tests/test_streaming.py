@@ -160,3 +160,35 @@ def test_a_streamed_build_checks_the_layers_it_copies_and_the_spill_setting(save
     with pytest.raises(OffsiteError, match="infinite"):
         emulate(str(path), tmp_path / "e", adapter_layers="1,1", emulator_layers=1, stream=True)
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".offsite-stream-*"))
+
+
+@pytest.mark.parametrize("model_type,lora", [("llama", False), ("gpt2", False), ("llama", True), ("opt", True)])
+def test_a_streamed_plug_writes_the_same_plugged_model(model_type, lora, saved_model, text_file, tmp_path,
+                                                      monkeypatch):
+    """plug --stream reads only the adapter layers into memory and copies the rest file to file: the
+    output must be the in-memory plug's, bitwise (sharded or not), for full adapters and LoRA merges."""
+    from offsite.finetune import finetune
+    from offsite.plug import plug
+
+    path, _ = saved_model(model_type, 6)
+    package = emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)
+    adapter = finetune(package, text_file, tmp_path / "adapter", max_steps=2, batch_size=2, block_size=16, lr=1e-2,
+                       lora=lora, progress=False)
+    most, materialize = [0], StreamedModel.materialize
+
+    def counting(self, index):
+        layer = materialize(self, index)
+        most[0] = max(most[0], len(self.live))
+        return layer
+
+    monkeypatch.setattr(StreamedModel, "materialize", counting)
+    for size in ("5GB", "30KB"):
+        whole = plug(str(path), adapter, tmp_path / f"whole-{size}", max_shard_size=size)
+        streamed = plug(str(path), adapter, tmp_path / f"streamed-{size}", max_shard_size=size, stream=True)
+        a, b = (json.loads((p / "manifest.json").read_text()) for p in (whole, streamed))
+        assert b["run"]["stream"] is True
+        assert a["artifact_id"] == b["artifact_id"], size
+    assert most[0] == 2  # the two adapter layers, nothing else
+    if lora:
+        exported = plug(str(path), adapter, tmp_path / "peft", lora_mode="peft", stream=True)
+        assert (exported / "adapter_model.safetensors").is_file()

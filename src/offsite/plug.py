@@ -79,7 +79,7 @@ def check_against_emulator(adapter, emulator, trusted_keys=None) -> None:
 
 def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto", overwrite: bool = False,
          emulator=None, trusted_keys=None, sign_key=None, device="auto",
-         max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> Path:
+         max_shard_size=DEFAULT_MAX_SHARD_SIZE, stream: bool = False) -> Path:
     """Plug a fine-tuned adapter into the full model and write the result.
 
     Args:
@@ -101,6 +101,10 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
             the same bytes on every device; a LoRA merge may differ in the last bits across devices).
         max_shard_size: bytes per weight file of a merged output (int, or a string like ``"5GB"``);
             each shard is copied to CPU only while it is written.
+        stream: never load the full model (:mod:`offsite.streaming`): only the adapter layers are
+            read into memory and plugged, every other tensor is copied from the base checkpoint's
+            files shard by shard, so memory is the embeddings, the adapter layers and about two
+            shards. The output is the same bitwise; recorded under ``run``.
 
     Returns:
         The output folder.
@@ -114,8 +118,22 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
     guard_output(Path(out), "peft" if lora_mode == "peft" else "plugged", overwrite, inputs)
     if emulator is not None:
         check_against_emulator(adapter, emulator, trusted_keys)
-    with phase(f"load {model}"):
-        full, tokenizer = load_model(model, dtype=dtype, device=where)
+    source = None
+    with phase(f"load {model}" + (" (layers stay on disk)" if stream else "")):
+        if stream:
+            from .loading import load_tokenizer
+            from .streaming import StreamedModel
+
+            source = StreamedModel(model, dtype=dtype, device=where)
+            full, tokenizer = source.model, load_tokenizer(model)
+            # The layers the adapter replaces or merges into; its manifest is verified by plug_into below
+            # (this read only decides what to bring into memory, and a bad index is refused there).
+            count = full.config.num_hidden_layers
+            for index in read_manifest(adapter, ("adapter", "lora"))["split"]["adapter"]:
+                if isinstance(index, int) and 0 <= index < count:
+                    source.materialize(index)
+        else:
+            full, tokenizer = load_model(model, dtype=dtype, device=where)
     identity = model_identity(full, model)
     settings = {"command": "plug", "model": model, "adapter": str(adapter), "lora_mode": lora_mode, "dtype": dtype,
                 "emulator": str(emulator) if emulator else None}
@@ -135,28 +153,32 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
                 if sha256_file(stage.path / name) != manifest["files"][name]:
                     raise ArtifactError(f"{adapter}/{name} changed while it was being exported; run plug again")
             stage.manifest["tensors"] = {LORA_WEIGHTS: manifest["tensors"][LORA_WEIGHTS]}
-            _finish(stage, record, manifest, settings, started, where)
+            _finish(stage, record, manifest, settings, started, where, streamed=source is not None)
         return Path(out)
 
     with phase("plug the adapter in"):
         plugged, manifest = plug_into(full, model, adapter, trusted_keys=trusted_keys, identity=identity)
+    family = get_family(plugged)
     with phase("write the plugged model"), writing_artifact(out, "plugged", **write) as stage:
         plugged.config.architectures = [type(plugged).__name__]
         plugged.config.save_pretrained(stage.path)
         if getattr(plugged, "generation_config", None) is not None:
             plugged.generation_config.save_pretrained(stage.path)
         distinct, _ = tensor_aliases(plugged)
-        tables = save_sharded({name: t.detach() for name, t in distinct.items()}, stage.path, max_shard_size)
+        read = None if source is None else source.emulator_reader(list(range(len(get_layers(plugged, family)))))
+        tables = save_sharded({name: t.detach() for name, t in distinct.items()}, stage.path, max_shard_size,
+                              read=read)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)
         stage.manifest["tensors"] = tables
-        _finish(stage, record, manifest, settings, started, where)
+        _finish(stage, record, manifest, settings, started, where, streamed=source is not None)
     return Path(out)
 
 
-def _finish(stage, record: dict, adapter_manifest: dict, settings: dict, started: float, device) -> None:
+def _finish(stage, record: dict, adapter_manifest: dict, settings: dict, started: float, device,
+            streamed: bool = False) -> None:
     stage.manifest.update(record)
     stage.manifest["adapter"] = {"artifact_id": adapter_manifest["artifact_id"], "kind": adapter_manifest["kind"],
                                  "emulator": adapter_manifest["emulator"]}
-    stage.run.update(seconds=round(time.time() - started, 2), device=str(device))
+    stage.run.update(seconds=round(time.time() - started, 2), device=str(device), **({"stream": True} if streamed else {}))
     (stage.path / "settings.json").write_text(json.dumps(settings, indent=2, default=str) + "\n")

@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--emulator", default=None,
                    help="the emulator package the adapter was trained on (recommended): its id and adapter layers "
                         "must match the adapter's, which a forged adapter manifest cannot fake")
+    p.add_argument("--stream", action="store_true",
+                   help="never load the full model: plug into the adapter layers alone and copy every other tensor "
+                        "from the checkpoint's .safetensors files shard by shard (same output)")
     add_out(p, "output folder")
     add_shard_size(p)
     from .common import add_trust
@@ -33,6 +36,6 @@ def run(args) -> int:
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     out = plug(args.model, args.adapter, args.out, lora_mode=args.lora_mode, dtype=args.dtype,
                overwrite=args.overwrite, emulator=args.emulator, trusted_keys=args.trusted_keys,
-               sign_key=args.sign_key, device=device, max_shard_size=args.max_shard_size)
+               sign_key=args.sign_key, device=device, max_shard_size=args.max_shard_size, stream=args.stream)
     print(f"plugged model written to {out}")
     return 0
