@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv with the CPU build of torch; never pulls the CUDA wheels.
-# EXTRAS selects the optional dependencies (default: test,lora,plot,eval,dp).
+# EXTRAS selects the optional dependencies (default: test,lora,plot,eval,dp,fl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-test,lora,plot,eval,dp}"
+EXTRAS="${EXTRAS:-test,lora,plot,eval,dp,fl}"
 FIND_LINKS="${PIP_FIND_LINKS:-$("$PY" -m pip config get global.find-links 2>/dev/null || true)}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if [ -z "${NO_UV:-}" ] && .venv/bin/python -m pip install -q uv 2>/dev/null; then

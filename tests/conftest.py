@@ -110,3 +110,22 @@ def mc_task(tmp_path):
 
 def state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def small_emulator(saved_model, tmp_path):
+    """A 6-layer tiny Llama's emulator package: 1 + 1 adapter layers, 2 of 4 middle layers kept."""
+    from offsite.emulate import emulate
+
+    path, _ = saved_model("llama", 6)
+    return emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)
+
+
+def artifact_tensors(folder) -> dict:
+    """Every tensor of an artifact's single ``.safetensors`` file."""
+    import os
+
+    from safetensors.torch import load_file
+
+    (name,) = [p for p in os.listdir(folder) if p.endswith(".safetensors")]
+    return load_file(str(folder / name))

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from conftest import artifact_tensors
 from offsite.cli import main
 from offsite.device import process_device
-from offsite.emulate import emulate
 from offsite.errors import OffsiteError
 from offsite.finetune import finetune
 
@@ -25,16 +25,11 @@ gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distri
 
 
 @pytest.fixture
-def emu(saved_model, tmp_path):
-    path, _ = saved_model("llama", 6)
-    return emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)
+def emu(small_emulator):
+    return small_emulator
 
 
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    (name,) = [p for p in os.listdir(folder) if p.endswith(".safetensors")]
-    return load_file(str(folder / name))
+_tensors = artifact_tensors
 
 
 WORKER = """

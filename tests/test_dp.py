@@ -24,9 +24,8 @@ DP = dict(dp_delta=1e-5, block_size=16, batch_size=4, lr=1e-3, progress=False)
 
 
 @pytest.fixture
-def emu(saved_model, tmp_path):
-    path, _ = saved_model("llama", 6)
-    return emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)
+def emu(small_emulator):
+    return small_emulator
 
 
 def _nothing_written(out) -> bool:

@@ -118,14 +118,7 @@ def _build_and_write(base, tokenizer, source, model, out, method, builder, confi
         extra = {"stream": source} if source is not None else {}
         plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer,
                                        **extra)
-    read = None
-    if source is not None:  # the emulator's layers are on meta: read each tensor back when it is needed
-        reader = source.emulator_reader([e["source"] for e in plan["layers"]])
-
-        def read(names):
-            values = reader(names)
-            check_finite(values, f"the {method} emulator built from {model}")
-            return values
+    read = None if source is None else _checked_reader(source, plan, f"the {method} emulator built from {model}")
     disclosure = disclose(before, emulator, family, split, plan, read=read)
     disclosure["overridden"] = guard_middle(disclosure, builder, config, allow=allow_verbatim_middle)
     if source is None:
@@ -152,3 +145,14 @@ def _build_and_write(base, tokenizer, source, model, out, method, builder, confi
                              run={"seconds": round(time.time() - started, 2), "device": str(where),
                                   **({"stream": True} if source is not None else {}),
                                   **({"plan": plan_facts} if plan_facts else {})})
+
+
+def _checked_reader(source, plan: dict, what: str):
+    """Read emulator tensors back from a streamed build (its layers are on meta), refusing NaN/inf."""
+    reader = source.emulator_reader([e["source"] for e in plan["layers"]])
+
+    def read(names):
+        values = reader(names)
+        check_finite(values, what)
+        return values
+    return read

@@ -40,7 +40,7 @@ from ..families import capture_hidden, get_layers
 from ..precision import base_dtype
 from ..precision import policy as precision_policy
 from ..progress import bar
-from .base import EmulatorBuilder, keep_layers, layer_count_points, layer_entries, register
+from .base import EmulatorBuilder, layer_count_points, layer_entries, register
 from .calibrated import check_fraction, check_positive, load_calibration, model_device, normalised_mse
 from .uniform import uniform_middle
 

@@ -141,7 +141,7 @@ def prepare(emu, data, cfg) -> Prepared:
 
 
 def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoints=None,
-          desc: str = "finetune", private=None, group=None) -> State:
+          desc: str = "finetune", private=None, group=None, penalty=None) -> State:
     """Train ``params`` of ``model`` for ``run.total`` optimizer steps; the best validated weights win.
 
     Each step: ``grad_accum`` micro-batches of ``batch_size`` examples (token ids ``(batch, seq)``),
@@ -170,6 +170,8 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             global one), losses are weighted to the whole micro-batch's token mean, gradients
             summed over processes before clipping, validation sharded and summed; ``checkpoints``
             should then write on rank 0 only.
+        penalty: ``None``, or a callable returning a scalar tensor of ``params`` added to every
+            step's loss (FedProx's proximal term, :mod:`offsite.federate`); not with ``private`` or ``group``.
 
     Returns:
         The final :class:`State`; ``params`` hold the best validated weights (the last ones
@@ -179,6 +181,8 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if penalty is not None and (private is not None or group is not None):
+        raise OffsiteError("a loss penalty cannot be combined with DP-SGD or several processes")
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if private is not None:
         private.attach(optimizer)  # the schedule and checkpoints keep working on the AdamW underneath
@@ -202,6 +206,8 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
                     with autocast:
                         out = model(**batch)
                         loss = out.loss / cfg.grad_accum
+                    if penalty is not None:  # in fp32, outside autocast; split over the micro-batches like the loss
+                        loss = loss + penalty() / cfg.grad_accum
                     if group is None:
                         value = loss.item()
                     else:  # every process gets the same value, so all of them stop together on a NaN
