@@ -267,6 +267,8 @@ def test_refusals_write_nothing(emu, tmp_path, text_file, monkeypatch):
         (dict(client_dp_noise_multiplier=1.0), "needs client_dp_clipping_norm > 0"),
         (dict(client_dp_clipping_norm=1.0), "without client_dp_noise_multiplier"),
         (dict(dp_epsilon=8.0), "unknown federation setting"),
+        (dict(keep="best"), "give val_data"),
+        (dict(keep="first"), "keep 'first' unknown; allowed: last, best"),
         (dict(lr=-1.0), "lr must be > 0"),
     ]
     for settings, message in cases:
@@ -279,6 +281,51 @@ def test_refusals_write_nothing(emu, tmp_path, text_file, monkeypatch):
     with pytest.raises(OffsiteError, match=r"install the fl extra: pip install 'offsite\[fl\]'"):
         federate(emu, text_file, out, **LOCAL)
     assert not out.exists()
+
+
+def test_keep_best_writes_the_round_with_the_lowest_validation_loss(emu, text_file):
+    """Round 0 (the untouched adapter) is never the best; of the trained rounds, the lowest loss wins."""
+    from flwr.app import ArrayRecord
+
+    cfg, local = split_settings({"clients": 1, "rounds": 3, "val_data": str(text_file), "keep": "best", **LOCAL})
+    server = Server(emu, cfg, local)
+    start = server.arrays()
+    server.evaluate(0, ArrayRecord(start))
+    assert server.best is None
+    rounds = [{k: v + scale * torch.randn(v.shape, generator=torch.Generator().manual_seed(r))
+               for k, v in start.items()} for r, scale in enumerate((0.3, 0.05, 0.3), start=1)]
+    losses = [server.evaluate(r, ArrayRecord(a))["val-loss"] for r, a in enumerate(rounds, start=1)]
+    assert len(set(losses)) == 3
+    loss, best_round, arrays = server.best
+    assert best_round == 1 + losses.index(min(losses)) and loss == min(losses)
+    assert all(torch.equal(arrays[k], rounds[best_round - 1][k]) for k in start)
+
+
+def test_a_failed_engine_start_is_retried_once_from_the_initial_adapter(emu, tmp_path, text_file, monkeypatch,
+                                                                         capsys):
+    import offsite.federate as fed
+
+    calls = []
+
+    def flaky(server_app, client_app, cfg):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OffsiteError("Flower's simulation engine failed: Exception: The current node timed out")
+
+    monkeypatch.setattr(fed, "simulate", flaky)
+    out = federate(emu, text_file, tmp_path / "fed", **{**LOCAL, "clients": 2})
+    assert len(calls) == 2 and "starting the simulation once more" in capsys.readouterr().err
+    untouched = finetune(emu, text_file, tmp_path / "zero", max_steps=0, progress=False, block_size=16)
+    assert _tensors(out).keys() == _tensors(untouched).keys()
+
+    def broken(server_app, client_app, cfg):
+        calls.append(1)
+        raise OffsiteError("a client failed before round 1: boom")
+
+    monkeypatch.setattr(fed, "simulate", broken)
+    with pytest.raises(OffsiteError, match="boom"):
+        federate(emu, text_file, tmp_path / "fed2", **{**LOCAL, "clients": 2})
+    assert len(calls) == 3 and not (tmp_path / "fed2").exists()  # not retried
 
 
 def test_everything_else_works_without_flower():

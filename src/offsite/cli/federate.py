@@ -10,8 +10,8 @@ LOCAL = ["format", "task", "lora", "lora_r", "lora_alpha", "max_steps", "epochs"
          "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
          "gradient_checkpointing", "device", "seed"]
 FEDERATION = ["clients", "rounds", "split", "dirichlet_alpha", "dirichlet_by", "fraction", "strategy", "mu",
-              "val_data", "client_dp_noise_multiplier", "client_dp_clipping_norm", "client_dp_delta", "client_cpus",
-              "client_gpus"]
+              "val_data", "keep", "client_dp_noise_multiplier", "client_dp_clipping_norm", "client_dp_delta",
+              "client_cpus", "client_gpus"]
 
 
 def add_parser(sub) -> None:
@@ -31,12 +31,14 @@ def add_parser(sub) -> None:
     fed.add_argument("--dirichlet-alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skew)")
     fed.add_argument("--dirichlet-by", default=None, choices=DIRICHLET_BY,
                      help="Dirichlet over mc labels, gold answers, or client sizes (contiguous runs of the file); "
-                          "default label for --format mc, else size")
+                          "default answer for --format mc, else size")
     fed.add_argument("--fraction", type=float, default=1.0, help="share of clients trained per round, in (0, 1]")
     fed.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox"])
     fed.add_argument("--mu", type=float, default=0.0, help="FedProx's proximal weight mu (with --strategy fedprox)")
     fed.add_argument("--val-data", default=None,
                      help="server-side validation file: the global adapter's loss after every round")
+    fed.add_argument("--keep", default="last", choices=["last", "best"],
+                     help="write the last round's adapter (default) or the best-validated one (needs --val-data)")
     fed.add_argument("--client-cpus", type=float, default=1.0, help="CPU cores per simulated client (default 1)")
     fed.add_argument("--client-gpus", type=float, default=0.0, help="GPUs per simulated client (default 0)")
     dp = p.add_argument_group("client-level differential privacy",

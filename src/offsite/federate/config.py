@@ -9,6 +9,7 @@ from ..settings_types import check_types
 from .partition import DIRICHLET_BY, SPLITS
 
 STRATEGIES = ("fedavg", "fedprox")
+KEEP = ("last", "best")
 
 LOCAL_SETTINGS = ("format", "task", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
                   "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "schedule",
@@ -54,6 +55,11 @@ class FederateConfig:
     seed: int = 0
     """Seeds the split, the client choice and (with round and client) every local round; shared with
     the fine-tuning settings."""
+    keep: str = "last"
+    """Which global adapter is written: last (round R) or best (the lowest server validation loss of
+    the trained rounds, as finetune keeps its best-validated weights; needs val_data)."""
+    progress: bool = True
+    """One line per round on stderr (the clients never show progress bars)."""
 
     @property
     def client_dp(self) -> bool:
@@ -79,6 +85,11 @@ class FederateConfig:
             raise OffsiteError(f"dirichlet_by {self.dirichlet_by!r} unknown; allowed: {', '.join(DIRICHLET_BY)}")
         if not 0 < self.fraction <= 1:
             raise OffsiteError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.keep not in KEEP:
+            raise OffsiteError(f"keep {self.keep!r} unknown; allowed: {', '.join(KEEP)}")
+        if self.keep == "best" and not self.val_data:
+            raise OffsiteError("keep='best' chooses the round by the server's validation loss: give val_data "
+                               "(--val-data) too, or keep the last round")
         if self.strategy not in STRATEGIES:
             raise OffsiteError(f"strategy {self.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
         if self.mu < 0:

@@ -10,9 +10,9 @@ on exactly what ``offsite finetune`` would.
 * ``dirichlet`` by ``label`` or ``answer`` (multiple-choice data only): label skew as in Hsu et
   al. 2019 ("Measuring the effects of non-identical data distribution for federated visual
   classification"): for each class c, shares p_c ~ Dir(alpha * 1_N) over the clients, and class
-  c's examples (shuffled) are cut in those shares. The class is the record's ``label`` (the gold
-  choice's position) or its gold answer text (``answer``; useful when answers repeat across
-  questions, e.g. one of ten towns).
+  c's examples (shuffled) are cut in those shares. The class is the record's gold answer text
+  (``answer``, the default for mc data: what a client's questions are about, e.g. one of ten towns)
+  or its ``label`` (the gold choice's position, which says nothing when choices are shuffled).
 * ``dirichlet`` by ``size`` (the default for text and prompt data, which carry no label): client
   shares p ~ Dir(alpha * 1_N) and client k receives a *contiguous* run of examples of that share.
   Contiguity is the point: text blocks of one document are neighbours in the file, so small alpha

@@ -53,8 +53,13 @@ class Server:
         self.params, self.peft_model, self.trained = select(self.emu, self.lcfg, self.precision, "adapter")
         self.val = prepare(self.emu, cfg.val_data, self.lcfg).train[:self.lcfg.val_limit] if cfg.val_data else []
         self.pad = self.emu.tokenizer.pad_token_id or 0
-        self.history, self.seconds, self.initial_val_loss = [], None, None
         self.stop = threading.Event()  # set by the caller when the engine died: the rounds then end with an error
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what a run recorded (before a restart of the engine)."""
+        self.history, self.seconds, self.initial_val_loss = [], None, None
+        self.best = None  # (val loss, round, arrays) of the best round so far, for keep="best"
 
     def arrays(self) -> dict:
         """The global adapter now, ``{name: CPU fp32 tensor}``."""
@@ -71,10 +76,15 @@ class Server:
 
         from ..finetune.loop import validate
 
-        self.load(record.to_torch_state_dict())
+        arrays = record.to_torch_state_dict()
+        self.load(arrays)
         loss = validate(self.emu.model, self.val, self.lcfg.batch_size, self.pad, self.device,
                         self.precision.autocast())
-        _say(f"[offsite] round {server_round}/{self.cfg.rounds}: global adapter val loss {loss:.4f}")
+        # round 0 is the untouched adapter: like finetune, only trained weights can be the best
+        if server_round > 0 and (self.best is None or loss < self.best[0]):
+            self.best = (loss, server_round, {k: v.detach().clone() for k, v in arrays.items()})
+        if self.cfg.progress:
+            _say(f"[offsite] round {server_round}/{self.cfg.rounds}: global adapter val loss {loss:.4f}")
         return MetricRecord({"val-loss": loss})
 
     def run(self, grid) -> None:
@@ -87,10 +97,13 @@ class Server:
         grid = Watched(grid, self.stop)
         nodes = discover(grid, self.cfg, self.emu.artifact_id)
         shapes = {k: tuple(p.shape) for k, p in self.params.items()}
-        strategy = Federation(self.cfg, shapes, nodes, report=lambda entry: _say(round_line(entry, self.cfg.rounds)))
+        report = (lambda entry: _say(round_line(entry, self.cfg.rounds))) if self.cfg.progress else None
+        strategy = Federation(self.cfg, shapes, nodes, report=report)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(self.arrays()), num_rounds=self.cfg.rounds,
                                 evaluate_fn=self.evaluate if self.val else None)
-        self.load(result.arrays.to_torch_state_dict())
+        keep_best = self.cfg.keep == "best" and self.best is not None
+        self.load(self.best[2] if keep_best else result.arrays.to_torch_state_dict())
+        self.kept_round = self.best[1] if keep_best else self.cfg.rounds
         scores = result.evaluate_metrics_serverapp
         for entry in strategy.history:
             if entry["round"] in scores:
@@ -106,7 +119,8 @@ class Server:
         self.trained.release()  # the fp32 masters stay; the writers cast them to the base dtype
         self.emu.model.eval()
         log = {"rounds": self.history, "initial_val_loss": self.initial_val_loss,
-               "rounds_run": len(self.history), "seconds": self.seconds}
+               "rounds_run": len(self.history), "kept_round": getattr(self, "kept_round", None),
+               "seconds": self.seconds}
         if self.lcfg.lora:
             return save_lora_adapter(out, self.emu, self.peft_model, settings, log, overwrite=overwrite,
                                      inputs=inputs, sign_key=sign_key)
