@@ -187,20 +187,16 @@ def _available_gib() -> float | None:
 def make_model(shape: str, folder: Path, seed: int = 0) -> dict:
     """A random-weight fp32 OPT of ``shape`` in ``folder/model`` (safetensors + tokenizer) and ``folder/train.txt``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+    from transformers import OPTConfig, OPTForCausalLM
 
     rng = random.Random(seed)
     text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))) + "." for _ in range(8000))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.txt").write_text(text + "\n")
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>", "</s>",
-                                                                                          "<unk>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_random_model import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer(text)
     torch.manual_seed(seed)
     model = OPTForCausalLM(OPTConfig(**COMMON, **SHAPES[shape]))  # fp32, the published shape
     model.save_pretrained(folder / "model")

@@ -59,10 +59,23 @@ def _task(folder: Path, rng: random.Random) -> None:
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
+def byte_bpe_tokenizer(text: str, vocab_size: int = 2000):
+    """A byte-level BPE tokenizer trained on ``text`` (a stand-in: cost does not depend on its merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size,
+                                                       special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def main(argv=None) -> int:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shape", choices=sorted(SHAPES))
@@ -78,13 +91,7 @@ def main(argv=None) -> int:
     (out / "public.txt").write_text(text + "\n")
     _task(out / "task", rng)
 
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<s>", "</s>",
-                                                                                          "<unk>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
+    tokenizer = byte_bpe_tokenizer(text)
 
     shape = dict(SHAPES[args.shape])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
