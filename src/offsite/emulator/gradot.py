@@ -116,8 +116,11 @@ class GradOTConfig:
     """Calibration windows per forward/backward batch."""
     seed: int = 0
     """Seed of the calibration window draw."""
-    stats_dtype: str = "float64"
-    """Accumulation dtype of the K-FAC statistics: float64 or float32."""
+    stats_dtype: str = "float32"
+    """Accumulation dtype of the K-FAC statistics: float32 (default) or float64. Chosen by measurement
+    (bench/stats_precision.py, reference Llama, 512 windows = 65k tokens): fp32 terms are within 5e-7
+    (relative) of fp64's and select the same components and channels in every matrix, at half the
+    memory and 0.7x the sweep time."""
 
     def __post_init__(self):
         for name in ("param_budget", "rank_ratio", "channel_ratio"):
