@@ -76,6 +76,18 @@ def _reference_update(model, params: dict, examples: list, chosen: list, clip: f
     return {n: torch.einsum("i,i...->...", factor, g) / expected for n, g in per_example.items()}, norms
 
 
+def _private(emu, text_file, cfg, noise: float) -> tuple:
+    """The emulator, its trained tensors and a DP-SGD step machinery at ``noise`` on CPU, seeded (secret 7)."""
+    loaded = load_emulator(emu)
+    precision = policy(cfg.precision, base_dtype(loaded.model), "cpu")
+    params, peft_model, _ = select(loaded, cfg, precision)
+    run = prepare(loaded, text_file, cfg)
+    rate, expected = dp.check_run(cfg, len(run.train), precision)
+    private = dp.DPSGD(loaded.model, params, run.train, cfg, run.pad, "cpu", noise, rate, expected, secret=7)
+    private.attach(torch.optim.AdamW(params.values(), lr=cfg.lr))
+    return loaded, params, peft_model, run, private, expected
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_each_example_is_clipped_exactly(emu, text_file, lora):
     """Noise 0, a tiny C: the gradient Opacus hands AdamW is the mean of our own clipped per-example grads."""
@@ -83,13 +95,7 @@ def test_each_example_is_clipped_exactly(emu, text_file, lora):
     # grad_accum 2: the Poisson batch is processed in chunks of batch_size 2, accumulated by Opacus.
     cfg = make_config(dict(DP, dp_noise_multiplier=1.0, dp_max_grad_norm=clip, batch_size=2, grad_accum=2,
                            max_steps=1, lora=lora, lora_r=2, val_fraction=0))
-    loaded = load_emulator(emu)
-    precision = policy(cfg.precision, base_dtype(loaded.model), "cpu")
-    params, peft_model, _ = select(loaded, cfg, precision)
-    run = prepare(loaded, text_file, cfg)
-    rate, expected = dp.check_run(cfg, len(run.train), precision)
-    private = dp.DPSGD(loaded.model, params, run.train, cfg, run.pad, "cpu", 0.0, rate, expected, secret=7)
-    private.attach(torch.optim.AdamW(params.values(), lr=cfg.lr))
+    loaded, params, peft_model, run, private, expected = _private(emu, text_file, cfg, 0.0)
     chosen = private.sample(0)
     assert len(chosen) > cfg.batch_size  # more than one chunk
     loaded.model.train()
@@ -107,13 +113,7 @@ def test_each_example_is_clipped_exactly(emu, text_file, lora):
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(emu, text_file):
     cfg = make_config(dict(DP, dp_noise_multiplier=2.0, max_steps=1, val_fraction=0))
-    loaded = load_emulator(emu)
-    precision = policy(cfg.precision, base_dtype(loaded.model), "cpu")
-    params, _, _ = select(loaded, cfg, precision)
-    run = prepare(loaded, text_file, cfg)
-    rate, expected = dp.check_run(cfg, len(run.train), precision)
-    private = dp.DPSGD(loaded.model, params, run.train, cfg, run.pad, "cpu", 2.0, rate, expected, secret=7)
-    private.attach(torch.optim.AdamW(params.values(), lr=cfg.lr))
+    loaded, params, _, run, private, expected = _private(emu, text_file, cfg, 2.0)
     private.sample = lambda step: []
     assert private.backward(0, contextlib.nullcontext(), OffsiteError) == 0.0
     norm = private.privatize(0)

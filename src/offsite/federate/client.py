@@ -40,6 +40,30 @@ _LOADS = [0]
 """Trainers this process has built (reported with every reply: the cache is observable)."""
 
 
+def trainable(party, emulator, local_cfg, trusted_keys=None) -> None:
+    """Give ``party`` (the server or a client) what ``offsite finetune`` trains with, as finetune sets it up.
+
+    Sets ``device``, ``emu`` (the loaded package), ``precision``, ``params`` / ``peft_model`` /
+    ``trained`` (:func:`offsite.finetune.loop.select`); LoRA's initial A is drawn from the seed, as
+    finetune draws it, so server and clients start from the same global adapter.
+    """
+    from ..device import resolve_device
+    from ..finetune.loop import select
+    from ..package import load_emulator
+    from ..precision import base_dtype, policy
+
+    party.device = resolve_device(local_cfg.device)
+    torch.manual_seed(local_cfg.seed)
+    party.emu = load_emulator(emulator, device=party.device, trusted_keys=trusted_keys)
+    party.precision = policy(local_cfg.precision, base_dtype(party.emu.model), party.device)
+    party.params, party.peft_model, party.trained = select(party.emu, local_cfg, party.precision, "adapter")
+
+
+def cpu_copy(params: dict) -> dict:
+    """``{name: CPU fp32 copy}`` of the trained tensors: what crosses between server and clients."""
+    return {k: p.detach().float().cpu().clone() for k, p in params.items()}
+
+
 class Trainer:
     """One data owner's emulator, trained tensors and examples; :meth:`fit` runs one local round.
 
@@ -55,19 +79,12 @@ class Trainer:
     """
 
     def __init__(self, emulator, data, local: dict, threads: int | None = None):
-        from ..device import resolve_device
-        from ..finetune.loop import prepare, select
-        from ..package import load_emulator
-        from ..precision import base_dtype, policy
+        from ..finetune.loop import prepare
 
         if threads:
             torch.set_num_threads(threads)
         self.cfg = local_config(local)
-        self.device = resolve_device(self.cfg.device)
-        torch.manual_seed(self.cfg.seed)  # LoRA's init, as in finetune (the global adapter replaces it)
-        self.emu = load_emulator(emulator, device=self.device)
-        self.precision = policy(self.cfg.precision, base_dtype(self.emu.model), self.device)
-        self.params, self.peft_model, self.trained = select(self.emu, self.cfg, self.precision, "adapter")
+        trainable(self, emulator, self.cfg)  # LoRA's init is replaced by the global adapter anyway
         self.run = prepare(self.emu, data, self.cfg)  # val_fraction 0: every example, in file order
         self.examples = self.run.train
 
@@ -118,7 +135,7 @@ class Trainer:
         losses = [entry["loss"] for entry in state.log["train"]]
         metrics = {"num-examples": len(examples), "unit-weight": 1, "steps": steps,
                    "train-loss": float(sum(losses) / len(losses)) if losses else 0.0}
-        return {k: p.detach().float().cpu().clone() for k, p in self.params.items()}, metrics
+        return cpu_copy(self.params), metrics
 
 
 def proximal(params: dict, mu: float):

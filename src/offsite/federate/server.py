@@ -40,17 +40,11 @@ class Server:
     """
 
     def __init__(self, emulator, cfg, local: dict, trusted_keys=None):
-        from ..device import resolve_device
-        from ..finetune.loop import prepare, select
-        from ..package import load_emulator
-        from ..precision import base_dtype, policy
+        from ..finetune.loop import prepare
+        from .client import trainable
 
         self.cfg, self.local, self.lcfg = cfg, local, local_config(local)
-        self.device = resolve_device(self.lcfg.device)
-        torch.manual_seed(self.lcfg.seed)  # LoRA's initial A, exactly as finetune draws it
-        self.emu = load_emulator(emulator, device=self.device, trusted_keys=trusted_keys)
-        self.precision = policy(self.lcfg.precision, base_dtype(self.emu.model), self.device)
-        self.params, self.peft_model, self.trained = select(self.emu, self.lcfg, self.precision, "adapter")
+        trainable(self, emulator, self.lcfg, trusted_keys)  # LoRA's initial A, exactly as finetune draws it
         self.val = prepare(self.emu, cfg.val_data, self.lcfg).train[:self.lcfg.val_limit] if cfg.val_data else []
         self.pad = self.emu.tokenizer.pad_token_id or 0
         self.stop = threading.Event()  # set by the caller when the engine died: the rounds then end with an error
@@ -63,7 +57,9 @@ class Server:
 
     def arrays(self) -> dict:
         """The global adapter now, ``{name: CPU fp32 tensor}``."""
-        return {k: p.detach().float().cpu().clone() for k, p in self.params.items()}
+        from .client import cpu_copy
+
+        return cpu_copy(self.params)
 
     def load(self, arrays: dict) -> None:
         with torch.no_grad():
