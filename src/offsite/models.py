@@ -8,11 +8,12 @@ from .adapters import copy_into_layers, load_adapter, merge_lora
 from .artifacts import MANIFEST, check_trusted, read_manifest, verify_files
 from .device import resolve_device
 from .errors import OffsiteError
-from .loading import load_model
+from .loading import load_config, load_model
 from .package import load_emulator
 
 
-def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", trusted_keys=None, device="auto"):
+def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", trusted_keys=None, device="auto",
+                  stream: bool = False):
     """Load a model for scoring.
 
     Args:
@@ -23,6 +24,9 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         trusted_keys: public key files; when given, every artifact read must be signed by one.
         device: where the model is put before any adapter is applied (``"auto"``: CUDA when
             present; see :mod:`offsite.device`), so adapters are copied or merged there.
+        stream: a full model or plugged folder keeps its decoder layers on disk, each read while it
+            runs (:mod:`offsite.offload`); a plug-in's adapter layers are loaded and stay. Emulator
+            packages always load in memory.
 
     Returns:
         ``(model, tokenizer, info)`` where ``info`` says what was loaded (kind, paths, layer map).
@@ -34,6 +38,9 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         # Deleting manifest.json must not turn a required signature into no check at all.
         raise OffsiteError(f"{model} is not an offsite artifact (no {MANIFEST}), so it carries no signature; "
                            "--trusted-key accepts only signed emulator packages or plugged folders here")
+    if kind == "emulator" and stream:
+        raise OffsiteError(f"{model} is an emulator package: --stream applies to full models and plugged folders "
+                           "(an emulator loads in memory); drop --stream")
     if kind == "emulator":
         emu = load_emulator(root, device=where, trusted_keys=trusted_keys)
         info = {"kind": "emulator", "path": str(root), "layers": emu.layer_map, "adapter": adapter}
@@ -55,8 +62,14 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         plugged = read_manifest(root)
         check_trusted(plugged, trusted_keys, root)
         verify_files(root, plugged)
-    full, tokenizer = load_model(model, dtype=dtype, device=where)
-    info = {"kind": kind, "path": str(model), "adapter": adapter}
+    if stream:
+        from .offload import claimed_adapter_layers, load_offloaded
+
+        keep = [] if adapter is None else claimed_adapter_layers(adapter, load_config(model).num_hidden_layers)
+        full, tokenizer = load_offloaded(model, dtype=dtype, device=where, keep=keep)
+    else:
+        full, tokenizer = load_model(model, dtype=dtype, device=where)
+    info = {"kind": kind, "path": str(model), "adapter": adapter, **({"stream": True} if stream else {})}
     if adapter is not None:
         from .plug import plug_into
 

@@ -122,16 +122,14 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
     with phase(f"load {model}" + (" (layers stay on disk)" if stream else "")):
         if stream:
             from .loading import load_tokenizer
+            from .offload import claimed_adapter_layers
             from .streaming import StreamedModel
 
             source = StreamedModel(model, dtype=dtype, device=where)
             full, tokenizer = source.model, load_tokenizer(model)
-            # The layers the adapter replaces or merges into; its manifest is verified by plug_into below
-            # (this read only decides what to bring into memory, and a bad index is refused there).
-            count = full.config.num_hidden_layers
-            for index in read_manifest(adapter, ("adapter", "lora"))["split"]["adapter"]:
-                if isinstance(index, int) and 0 <= index < count:
-                    source.materialize(index)
+            # The layers the adapter replaces or merges into; its manifest is verified by plug_into below.
+            for index in claimed_adapter_layers(adapter, full.config.num_hidden_layers):
+                source.materialize(index)
         else:
             full, tokenizer = load_model(model, dtype=dtype, device=where)
     identity = model_identity(full, model)

@@ -1,7 +1,7 @@
 """``offsite eval``: score a model (optionally with an adapter plugged in) on benchmark tasks.
 
     offsite eval --model DIR [--adapter DIR] --tasks arc_easy,piqa --data-dir DIR
-                 [--split validation] [--limit N] [--batch-size N] --out FILE.json
+                 [--split validation] [--limit N] [--batch-size N] [--stream] --out FILE.json
 
 Writes ``{"results": ..., "settings": ..., "model": ...}`` to ``--out`` and prints a table.
 ``--data-dir`` defaults to ``$OFFSITE_DATA_DIR``. Imports stay inside :func:`run` so that building
@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget for webquestions")
     p.add_argument("--max-length", type=int, default=None, help="override the model's context length")
     p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: context length)")
+    p.add_argument("--stream", action="store_true",
+                   help="keep a full model's decoder layers on disk, each read while it runs (models larger than "
+                        "memory; every batch reads the model once: use large batches); emulators load in memory")
     p.add_argument("--details", action="store_true", help="also write per-question records to the JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--out", required=True, help="results JSON file")
@@ -82,7 +85,7 @@ def run(args) -> int:
     from ..models import load_for_eval
 
     model, tokenizer, info = load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype,
-                                          trusted_keys=args.trusted_keys, device=device)
+                                          trusted_keys=args.trusted_keys, device=device, stream=args.stream)
     report = evaluate(model, tokenizer, tasks, data_dir, split=args.split, limit=args.limit,
                       batch_size=args.batch_size, progress=not args.no_progress, keep_details=args.details,
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, stride=args.stride,
@@ -95,7 +98,7 @@ def run(args) -> int:
                           "limit": args.limit,
                           "batch_size": args.batch_size, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
                           "max_length": args.max_length, "stride": args.stride, "device": str(device),
-                          "max_batch_tokens": budget}
+                          "max_batch_tokens": budget, "stream": args.stream}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")

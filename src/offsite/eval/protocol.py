@@ -90,16 +90,17 @@ def score(model, tok, task: str, data_dir, split: str, limit: int | None, batch_
 
 
 def score_with(model: str, adapter, task: str, data_dir, split: str, limit: int | None, batch_size: int,
-               device) -> dict:
+               device, stream: bool = False) -> dict:
     """Metrics of ``model`` (a full model or an emulator package) with ``adapter`` applied in memory.
 
     On an emulator package this is "emulator FT", on the full model "plug-in" (or "Full FT" with
     an adapter of every block). The model is loaded for this score only, so that one model at a
-    time sits on the device.
+    time sits on the device; ``stream`` keeps a full model's layers on disk (:mod:`offsite.offload`).
     """
     from ..models import load_for_eval
 
-    loaded, tok, _ = load_for_eval(str(model), adapter=None if adapter is None else str(adapter), device=device)
+    loaded, tok, _ = load_for_eval(str(model), adapter=None if adapter is None else str(adapter), device=device,
+                                   stream=stream)
     try:
         return score(loaded, tok, task, data_dir, split, limit, batch_size)
     finally:
