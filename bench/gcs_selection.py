@@ -62,6 +62,7 @@ def main() -> int:
 
     from offsite.calibration import calibration_batches
     from offsite.emulator import get_builder
+    from offsite.emulator.inputs import BuildInputs
     from offsite.emulator.gradot import select
     from offsite.eval.gradients import adapter_gradient_cosine
     from offsite.families import get_family
@@ -99,7 +100,7 @@ def main() -> int:
         if scoring == "random":
             settings["seed"] = value
         config = builder.make_config(**settings)
-        plan = builder.plan(full, family, split, config, calibration=calib)
+        plan = builder.plan(full, family, split, config, BuildInputs(calibration=calib))
         emu = builder.apply(copy.deepcopy(full), family, split, plan)
         layer_map = [e["source"] for e in plan["layers"]]
         row = {"scoring": scoring, "form": form, "lambda": value if scoring == "gcs" else None,
@@ -117,7 +118,7 @@ def main() -> int:
     halves = []
     for part in (calib[:half], calib[half:]):
         config = builder.make_config(param_budget=args.budget, first_order=True)  # with the gradient terms too
-        halves.append(builder.terms(full, family, split, config, calibration=part)[0])
+        halves.append(builder.terms(full, family, split, config, BuildInputs(calibration=part))[0])
     stability = {"attn": {}, "mlp": {}}
     overlap = {}
     for lam in (0.25, 4.0):  # the old default and the default

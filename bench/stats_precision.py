@@ -50,6 +50,7 @@ def main() -> int:
     args = p.parse_args()
     from offsite.calibration import calibration_batches
     from offsite.emulator import get_builder
+    from offsite.emulator.inputs import BuildInputs
     from offsite.emulator.gradot_select import select
     from offsite.families import get_family
     from offsite.loading import load_model
@@ -64,7 +65,7 @@ def main() -> int:
     for dtype in ("float64", "float32"):
         config = builder.make_config(param_budget=args.budget, stats_dtype=dtype)
         started = time.time()
-        terms, _ = builder.terms(model, family, split, config, batches)
+        terms, _ = builder.terms(model, family, split, config, BuildInputs(calibration=batches))
         runs[dtype] = {"terms": terms, "selection": select(terms, config), "seconds": round(time.time() - started, 1)}
         print(f"{dtype}: {runs[dtype]['seconds']} s", file=sys.stderr)
     errors = _errors(runs["float64"]["terms"], runs["float32"]["terms"])

@@ -13,7 +13,7 @@ from fixtures.llama2c import ref_model_dir, shared_dir
 from offsite.calibration import calibration_batches, gather_linear_stats
 from offsite.cli import main
 from offsite.emulate import emulate
-from offsite.emulator import get_builder
+from offsite.emulator import BuildInputs, get_builder
 from offsite.emulator.gcs import channel_terms, component_terms, scores, select_components
 from offsite.emulator.lowrank import LowRankLinear, weight_svd
 from offsite.errors import OffsiteError
@@ -69,9 +69,9 @@ def test_layer_by_layer_build_equals_plan_then_apply(scoring, saved_model, text_
     batches = calibration_batches(text_file, tok, seq_len=16, num_sequences=4, batch_size=2)
     builder = get_builder("gradot")
     config = builder.make_config(param_budget=0.3, scoring=scoring, lambda_attn=1.0, lambda_mlp=1.0)
-    plan = builder.plan(model, family, split, config, calibration=batches)
+    plan = builder.plan(model, family, split, config, BuildInputs(calibration=batches))
     separate = builder.apply(copy.deepcopy(model), family, split, plan)
-    built_plan, built = builder.build(copy.deepcopy(model), family, split, config, calibration=batches)
+    built_plan, built = builder.build(copy.deepcopy(model), family, split, config, BuildInputs(calibration=batches))
     for key in ("layers", "linears", "mlp", "calibration"):
         assert built_plan[key] == plan[key], key
     a, b = separate.state_dict(), built.state_dict()
@@ -215,7 +215,7 @@ def test_gcs_trades_gradient_fidelity_for_loss_and_beats_its_baselines(tmp_path)
 
     def measure(**settings):
         config = builder.make_config(param_budget=0.4, cache_dir=str(tmp_path / "terms"), **settings)
-        plan = builder.plan(full, family, split, config, calibration=calib)
+        plan = builder.plan(full, family, split, config, BuildInputs(calibration=calib))
         emu = builder.apply(copy.deepcopy(full), family, split, plan)
         layer_map = [e["source"] for e in plan["layers"]]
         cos = adapter_gradient_cosine(full, emu, family, list(split.adapter), layer_map, held)["overall"]
@@ -332,7 +332,7 @@ def test_float32_statistics_give_the_float64_terms_and_selection(saved_model, te
     got = {}
     for dtype in ("float64", "float32"):
         config = builder.make_config(param_budget=0.3, stats_dtype=dtype)
-        got[dtype] = (builder.terms(model, family, split, config, batches)[0], config)
+        got[dtype] = (builder.terms(model, family, split, config, BuildInputs(calibration=batches))[0], config)
     (t64, c64), (t32, c32) = got["float64"], got["float32"]
     compared = 0
     for group in ("attn", "mlp"):

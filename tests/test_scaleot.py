@@ -10,7 +10,7 @@ from conftest import SENTENCES, make_model, state_equal
 from offsite.artifacts import load_tensors, unique_state_dict
 from offsite.calibration import calibration_batches
 from offsite.emulate import emulate
-from offsite.emulator import get_builder, keep_layers
+from offsite.emulator import BuildInputs, get_builder, keep_layers
 from offsite.emulator.harmonizer import HarmonizerLayer, make_harmonizer
 from offsite.emulator.layer_replace import candidate_loss, dynamic_layer_replace, random_groups
 from offsite.errors import OffsiteError
@@ -89,7 +89,7 @@ def test_importance_marks_an_identity_layer_least_important(trained):
     family, split = get_family(model), make_split(6, "1,1")
     for seed in (0, 1):
         config = builder.make_config(alpha=0.25, beta=0.0, steps=30, seed=seed, **SMALL)
-        plan, emu = builder.build(copy.deepcopy(model), family, split, config, calibration=batches)
+        plan, emu = builder.build(copy.deepcopy(model), family, split, config, BuildInputs(calibration=batches))
         scores = {int(k): v for k, v in plan["importance"].items()}
         assert min(scores, key=scores.get) == 3, scores
         assert plan["replaced"] == [3]
@@ -147,7 +147,7 @@ def test_package_rebuilds_harmonizers_and_compressed_attention(model_type, saved
     base = AutoModelForCausalLM.from_pretrained(path).eval()
     builder = get_builder("scaleot")
     _, built = builder.build(base, family, make_split(6, "1,1"), builder.make_config(**settings),
-                             calibration=text_file, tokenizer=tokenizer)
+                             BuildInputs(calibration=text_file, tokenizer=tokenizer))
     x = torch.randint(4, 120, (2, 10))
     with torch.no_grad():
         assert torch.allclose(emu.model(x).logits, built(x).logits, atol=1e-5)

@@ -10,7 +10,7 @@ from .artifacts import check_finite, guard_output, split_run_facts
 from .artifacts.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .device import resolve_device
 from .disclosure import disclose, fingerprint_middle, guard_middle
-from .emulator import available_methods, get_builder
+from .emulator import BuildInputs, available_methods, get_builder
 from .errors import OffsiteError
 from .families import count_parameters, describe, get_family
 from .identity import model_identity
@@ -26,8 +26,8 @@ DEFAULT_SPILL = "2GB"
 
 
 def settings_of(config) -> dict:
-    """A method config's settings (its dataclass fields only, not derived attributes such as GradOT's
-    ``CalibrationConfig``, whose repr would otherwise land in the manifest)."""
+    """A method config's settings: its dataclass fields only, in declaration order (the order the
+    manifest and settings.json list them in), never attributes a config derives in ``__post_init__``."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
@@ -115,9 +115,8 @@ def _build_and_write(base, tokenizer, source, model, out, method, builder, confi
     layer_check = (lambda layer: check_finite(layer.state_dict(), f"base model {model}")) if source else None
     before = fingerprint_middle(base, family, split, stream=source, on_layer=layer_check)
     with phase(f"build the {method} emulator"):
-        extra = {"stream": source} if source is not None else {}
-        plan, emulator = builder.build(base, family, split, config, calibration=calibration, tokenizer=tokenizer,
-                                       **extra)
+        plan, emulator = builder.build(base, family, split, config,
+                                       BuildInputs(calibration=calibration, tokenizer=tokenizer, stream=source))
     read = None if source is None else _checked_reader(source, plan, f"the {method} emulator built from {model}")
     disclosure = disclose(before, emulator, family, split, plan, read=read)
     disclosure["overridden"] = guard_middle(disclosure, builder, config, allow=allow_verbatim_middle)

@@ -1,9 +1,20 @@
 """The emulator-builder interface and its registry.
 
-Every method has the same shape: a config dataclass, ``plan()`` that decides the emulator's
-structure as plain JSON-able data (saved in the manifest), ``apply()`` that turns the full model
-into the emulator following the plan, and ``restructure()`` that rebuilds the emulator's module
-shapes from the plan alone, so a package loads without calibration data. Methods register by name.
+Every method has the same shape, and :meth:`EmulatorBuilder.build` (defined once, here) runs it:
+
+1. ``plan()`` decides the emulator as plain JSON-able data (saved in the manifest). It reads the
+   model (weights, a calibration forward) but never changes its weights or structure; what it
+   learns that is not plain data goes to ``inputs.learned``. A layer-wise method calls
+   ``on_layer(index, part, scratch)`` as soon as a layer's part of the plan is decided, and the build
+   applies that layer right away (:meth:`EmulatorBuilder.apply_layer`), so peak memory holds one
+   layer's working data.
+2. ``apply()`` turns the full model into the emulator following the plan; called alone with a
+   manifest's plan (no inputs) it rebuilds the emulator from plain data.
+3. ``train()`` trains the emulator (OT-KD's distillation); its record is stored in the plan under
+   the method's name. Most methods train nothing.
+
+``restructure()`` rebuilds the emulator's module shapes from the plan alone, so a package loads
+without calibration data. Methods register by name.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ from ..errors import OffsiteError
 from ..families import Family, get_layers, set_layers
 from ..settings_types import check_types
 from ..split import Split
+from .inputs import BuildInputs
 
 _REGISTRY: dict = {}
 
@@ -60,31 +72,72 @@ class EmulatorBuilder:
             pass  # a wrong type broke the method's check; check_types names it (or, if not, a bug re-raises)
         return self.config_cls(**check_types(self.config_cls, kwargs, f"method '{self.name}': setting"))
 
-    def plan(self, model, family: Family, split: Split, config, calibration=None) -> dict:
+    def plan(self, model, family: Family, split: Split, config, inputs: BuildInputs | None = None,
+             on_layer=None) -> dict:
+        """Decide the emulator: plain JSON-able data, leaving the model's weights and structure as they are.
+
+        Args:
+            model: the base model (with ``inputs.stream``, its streamed skeleton).
+            inputs: calibration, tokenizer and stream (None: :class:`BuildInputs` defaults); a method
+                may put what it learns that is not plain data in ``inputs.learned``.
+            on_layer: ``on_layer(index, part, scratch)``, called by a layer-wise method as soon as the
+                plan of full-model layer ``index`` is decided (``part``, the data
+                :meth:`apply_layer` takes; ``scratch``, working data that spares it recomputing
+                some, e.g. the SVDs the decision was made from). None: nothing is applied early.
+        """
         raise NotImplementedError
 
-    def apply(self, model, family: Family, split: Split, plan: dict):
-        """Default: keep the plan's layers (``plan["layers"]``) and drop the rest, in place."""
+    def apply(self, model, family: Family, split: Split, plan: dict, inputs: BuildInputs | None = None):
+        """Turn ``model`` into the emulator the plan describes, in place; returns it.
+
+        Default: keep the plan's layers (``plan["layers"]``) and drop the rest. ``inputs`` is None when
+        a plan is applied alone (e.g. from a manifest); layers in ``inputs.applied`` are left as
+        they are (the build applied them while planning).
+        """
         keep_layers(model, family, [entry["source"] for entry in plan["layers"]])
         return model
 
-    def build(self, model, family: Family, split: Split, config, calibration=None, tokenizer=None,
-              stream=None) -> tuple:
-        """Plan, then apply: ``(plan, emulator)``. The emulate workflow calls this.
+    def apply_layer(self, layer, family: Family, index: int, part: dict, scratch) -> None:
+        """Apply the plan of full-model layer ``index`` (``part``) to ``layer``, in place (layer-wise methods)."""
+        raise NotImplementedError(f"method '{self.name}' does not plan layer by layer")
 
-        Methods whose emulator weights come out of training (distillation, ScaleOT's harmonizers)
-        override it, because what they learn is not plain data that ``plan`` could return.
+    def train(self, emulator, family: Family, split: Split, config, plan: dict, inputs: BuildInputs):
+        """Train the applied emulator in place; returns the training record, or None (default: no training).
+
+        ``plan`` is the decided plan (the build stores the record in it under the method's name);
+        ``inputs`` holds the calibration batches and what ``plan`` learned.
+        """
+        return None
+
+    def build(self, model, family: Family, split: Split, config, inputs: BuildInputs | None = None) -> tuple:
+        """Plan, apply, train: ``(plan, emulator)``. The emulate workflow calls this; no method overrides it.
+
+        A layer-wise method's layers are applied while it plans: each one as soon as its part of the
+        plan is known. With ``inputs.stream`` that layer is read from disk, applied and parked
+        (:meth:`~offsite.streaming.StreamedModel.park`); the emulator returned may then keep layers on
+        ``meta``: one the method kept as it is stays on disk, and the package writer reads both back.
 
         Args:
-            calibration: public calibration text (path) or ready batches, for methods that need it.
-            tokenizer: the base model's tokenizer (to tokenise the calibration text), or None.
-            stream: a :class:`offsite.streaming.StreamedModel` (methods with ``supports_stream``):
-                ``model`` is its skeleton. The emulator returned may then keep layers on ``meta``:
-                a layer the method changed must be parked (:meth:`~offsite.streaming.StreamedModel.park`),
-                one it keeps as it is stays on disk, and the package writer reads both back.
+            model: the base model, changed in place into the emulator.
+            inputs: calibration, tokenizer and stream (None: no calibration given, no tokenizer,
+                the model in memory).
         """
-        plan = self.plan(model, family, split, config, calibration=calibration)
-        return plan, self.apply(model, family, split, plan)
+        inputs = BuildInputs() if inputs is None else inputs
+        stream = inputs.stream
+
+        def on_layer(index, part, scratch):
+            layer = stream.materialize(index) if stream is not None else get_layers(model, family)[index]
+            self.apply_layer(layer, family, index, part, scratch)
+            if stream is not None:
+                stream.park(index)  # to the scratch folder: the package writer reads it back
+            inputs.applied.add(index)
+
+        plan = self.plan(model, family, split, config, inputs, on_layer=on_layer)
+        emulator = self.apply(model, family, split, plan, inputs)
+        record = self.train(emulator, family, split, config, plan, inputs)
+        if record is not None:
+            plan[self.name] = record
+        return plan, emulator
 
     def restructure(self, model, family: Family, plan: dict) -> None:
         """Reshape a freshly built emulator skeleton to match the plan (default: nothing to do)."""

@@ -1,11 +1,14 @@
 """Small pieces shared by the emulator methods that learn from public calibration text.
 
-Distillation, CRaSh and ScaleOT all read calibration windows (``offsite.calibration``), run the
-full model on them and compare hidden states; these helpers keep that plumbing in one place.
+Distillation, CRaSh, ScaleOT and GradOT all read calibration windows (``offsite.calibration``), run
+the full model on them and compare hidden states or gather statistics; these helpers keep that
+plumbing in one place, and :class:`CalibrationSettings` is the one declaration of how the windows
+are drawn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -13,14 +16,53 @@ import torch
 from ..errors import OffsiteError
 
 
-def load_calibration(calibration, tokenizer, method: str, *, seq_len: int, num_sequences: int, batch_size: int,
-                     seed: int) -> list:
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    """How a calibrated method draws its windows from the calibration text: the one declaration of
+    these four settings (names, types and rules) for every method that reads calibration text.
+
+    Each such method's config carries them as flat fields of the same names (``--set seq_len=64``),
+    at the method's own defaults; :meth:`of` reads them back (and checks them) from a config. The
+    fields stay in each config, at their places, because a package lists its settings in field order:
+    declaring them in a shared base class would move them to the front and change every package.
+
+    Attributes:
+        seq_len: tokens per calibration window.
+        num_sequences: windows drawn from the text.
+        batch_size: windows per forward pass (or per training step).
+        seed: seed of the window draw.
+    """
+
+    seq_len: int
+    num_sequences: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        for name in ("seq_len", "num_sequences", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise OffsiteError(f"calibration {name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def of(cls, config) -> "CalibrationSettings":
+        """The calibration settings of a method's ``config`` (any object with the four attributes).
+
+        Raises:
+            OffsiteError: a count that is not a positive integer (configs call this from their
+                ``__post_init__``, so ``make_config`` refuses it before any work).
+        """
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def load_calibration(calibration, tokenizer, method: str, settings: CalibrationSettings) -> list:
     """Calibration batches for ``method``.
 
     Args:
         calibration: a text file (``.txt``/``.gz``/``.jsonl``), None for the default public corpus,
             or ready batches (a list of ``LongTensor (batch, seq)``, e.g. from the Python API).
         tokenizer: the base model's tokenizer (needed for a file).
+        settings: how many windows of how many tokens, in batches of what size, from which seed.
 
     Returns:
         A non-empty list of ``LongTensor (batch, seq_len)``.
@@ -36,8 +78,8 @@ def load_calibration(calibration, tokenizer, method: str, *, seq_len: int, num_s
     from ..calibration.text import calibration_batches, resolve_calibration
 
     path = resolve_calibration(calibration, method)
-    return calibration_batches(path, tokenizer, seq_len=seq_len, num_sequences=num_sequences,
-                               batch_size=batch_size, seed=seed)
+    return calibration_batches(path, tokenizer, seq_len=settings.seq_len, num_sequences=settings.num_sequences,
+                               batch_size=settings.batch_size, seed=settings.seed)
 
 
 def cycle(batches: list, device) -> "itertools.cycle":

@@ -43,7 +43,8 @@ from ..errors import ArtifactError, OffsiteError
 from ..families import capture_hidden, get_layers, set_layers
 from ..progress import bar
 from .base import EmulatorBuilder, layer_count_points, layer_entries, register
-from .calibrated import check_positive, load_calibration, model_device
+from .calibrated import CalibrationSettings, check_positive, model_device
+from .inputs import BuildInputs
 from .uniform import default_emulator_layers
 
 POOLINGS = ("mean_weighted", "mean", "last")
@@ -175,8 +176,7 @@ class CrashConfig:
     """Seed of the window draw."""
 
     def __post_init__(self):
-        for name in ("seq_len", "num_sequences", "batch_size"):
-            check_positive(name, getattr(self, name))
+        CalibrationSettings.of(self)
         if self.emulator_layers is not None:
             check_positive("emulator_layers (K clusters)", self.emulator_layers)
         if self.pooling not in POOLINGS:
@@ -199,17 +199,22 @@ class Crash(EmulatorBuilder):
     needs_calibration = True
     supports_stream = True  # CKA needs layer outputs only: a layer-by-layer forward; kept layers stay on disk
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
+    def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
+        """Cluster the middle layers by the CKA of their outputs on the calibration text; keep one per cluster.
+
+        With ``inputs.stream`` the outputs come from a layer-by-layer forward, and the kept layers stay
+        on disk until the package is written (``apply`` only rearranges them).
+        """
+        inputs = BuildInputs() if inputs is None else inputs
         middle = list(split.middle)
         k = default_emulator_layers(len(middle)) if config.emulator_layers is None else config.emulator_layers
         if not 1 <= k <= len(middle):  # refuse before reading any calibration text
             raise OffsiteError(f"CRaSh needs 1 <= K <= {len(middle)} clusters (the middle layers), got K={k}")
-        batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
-                                   num_sequences=config.num_sequences, batch_size=config.batch_size,
-                                   seed=config.seed)
+        batches = inputs.batches(self.name, CalibrationSettings.of(config))
         if sum(b.shape[0] for b in batches) < 2:
             raise OffsiteError("CRaSh compares layers over calibration windows and needs at least 2")
-        similarity = cka_matrix(middle_representations(model, family, split, batches, config.pooling, stream))
+        similarity = cka_matrix(middle_representations(model, family, split, batches, config.pooling,
+                                                       inputs.stream))
         clusters = [[middle[p] for p in c] for c in cluster_adjacent(similarity, k)]
         reps = [c[len(c) // 2] for c in clusters]
         if config.share:
@@ -224,9 +229,9 @@ class Crash(EmulatorBuilder):
                 "cka": [[round(float(v), 5) for v in row] for row in similarity]}
         if config.tie_shared:
             plan["shared_positions"] = shared_positions(layers)
-        return plan, self.apply(model, family, split, plan)  # streamed: the kept layers stay on disk
+        return plan
 
-    def apply(self, model, family, split, plan):
+    def apply(self, model, family, split, plan, inputs=None):
         """Keep the plan's sources; a source used again (sharing) is an independent copy, or, when the
         plan has ``shared_positions``, a module of its own holding the very same parameters."""
         layers = get_layers(model, family)

@@ -18,9 +18,10 @@ splits) the middle has several segments: the KD term averages over the hidden st
 adapter layer that follows middle layers (and the stack's output if it ends with middle layers);
 with the OT split ``a,b`` this is exactly OT's single middle output.
 
-How the teacher runs: its middle outputs are computed once per calibration batch before training
+How the teacher runs: its middle outputs are computed once per calibration batch while planning
 (the teacher is frozen and in eval mode, so they are the very values OT's per-step teacher forward
-gives) and the student is the base model cut down in place. Memory is the model plus the targets,
+gives; they are kept in ``inputs.learned``, not in the plan), ``apply`` cuts the base model down to
+the student in place, and ``train`` distils it. Memory is the model plus the targets,
 ``windows x seq x hidden`` per KD point, instead of two models; and with ``emulate --stream`` the
 targets come from the layer-by-layer forward (:mod:`offsite.calibration.layerwise`), so only the
 student's layers are ever in memory.
@@ -41,7 +42,8 @@ from ..precision import base_dtype
 from ..precision import policy as precision_policy
 from ..progress import bar
 from .base import EmulatorBuilder, layer_count_points, layer_entries, register
-from .calibrated import check_fraction, check_positive, load_calibration, model_device, normalised_mse
+from .calibrated import CalibrationSettings, check_fraction, check_positive, model_device, normalised_mse
+from .inputs import BuildInputs
 from .uniform import uniform_middle
 
 
@@ -73,8 +75,8 @@ class DistillConfig:
     """Seed of the window draw."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "num_sequences"):
-            check_positive(name, getattr(self, name))
+        check_positive("steps", self.steps)
+        CalibrationSettings.of(self)
         check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         if self.emulator_layers is not None:
             check_positive("emulator_layers", self.emulator_layers, allow_zero=True)
@@ -99,6 +101,23 @@ def kd_points(sources: list, split) -> list:
     if (split.num_layers - 1) in middle:
         points.append(("out", split.num_layers - 1))
     return points
+
+
+def kd_plan(split, plan: dict) -> tuple:
+    """Where the student is matched to the teacher, from the split and the plan's layer table.
+
+    Returns:
+        ``(points, student_points, skipped)``: the KD points as full-model capture points
+        (:func:`kd_points`), the same points in the student (emulator positions), and why there is
+        nothing to distil (no middle layer kept, or none handing over to the adapter), else None.
+    """
+    sources = [e["source"] for e in plan["layers"]]
+    points = kd_points(sources, split)
+    position = {src: pos for pos, src in enumerate(sources)}
+    student_points = [(k, position[i]) if k == "in" else (k, len(sources) - 1) for k, i in points]
+    if not any(e["role"] == "emulator" for e in plan["layers"]):
+        return points, student_points, "no middle layer to train"
+    return points, student_points, None if points else "no middle output to match"
 
 
 def teacher_targets(model, family, batches: list, points: list, precision, stream=None) -> list:
@@ -177,64 +196,73 @@ class Distill(EmulatorBuilder):
     needs_calibration = True
     supports_stream = True  # the teacher's targets come from a layer-by-layer forward; the student is in memory
 
-    def plan(self, model, family, split, config, calibration=None) -> dict:
-        """The student's structure (uniform drop); the distillation record is added by :meth:`build`."""
-        kept = uniform_middle(split, config.emulator_layers)
-        return {"layers": layer_entries(split, kept), "emulator_layers": len(kept)}
+    def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
+        """The student's structure (uniform drop), and the teacher's targets for :meth:`train`.
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
-        """Targets from the teacher, then the teacher cut down to the student in place and trained.
-
-        With ``stream`` the targets come from the layer-by-layer forward and only the student's
-        layers are read into memory (where they train, and stay until the package is written).
+        The targets (the original middle's outputs at the KD points, per calibration batch) go to
+        ``inputs.learned["targets"]``; with ``inputs.stream`` they come from the layer-by-layer forward.
         """
-        batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
-                                   num_sequences=config.num_sequences, batch_size=config.batch_size,
-                                   seed=config.seed)
-        plan = self.plan(model, family, split, config)
-        sources = [e["source"] for e in plan["layers"]]
-        model.eval()
-        model.requires_grad_(False)
-        points = kd_points(sources, split)
-        position = {src: pos for pos, src in enumerate(sources)}
-        s_points = [(k, position[i]) if k == "in" else (k, len(sources) - 1) for k, i in points]
-        middle_kept = [src for src, e in zip(sources, plan["layers"]) if e["role"] == "emulator"]
+        inputs = BuildInputs() if inputs is None else inputs
+        batches = inputs.batches(self.name, CalibrationSettings.of(config))
+        kept = uniform_middle(split, config.emulator_layers)
+        plan = {"layers": layer_entries(split, kept), "emulator_layers": len(kept)}
+        points, _, skipped = kd_plan(split, plan)
+        if skipped is None:
+            model.eval()  # the teacher runs without dropout (its weights stay as they are)
+            precision = precision_policy("auto", base_dtype(model), model_device(model))
+            inputs.learned["targets"] = teacher_targets(model, family, batches, points, precision, inputs.stream)
+        return plan
+
+    def apply(self, model, family, split, plan, inputs=None):
+        """Cut the base model down to the student, in place. Streamed, the student's layers are read into
+        memory first when it will train (they train there, and stay until the package is written)."""
+        stream = None if inputs is None else inputs.stream
+        if stream is not None and kd_plan(split, plan)[2] is None:
+            for entry in plan["layers"]:
+                stream.materialize(entry["source"])
+        return super().apply(model, family, split, plan, inputs).eval()
+
+    def train(self, emulator, family, split, config, plan, inputs) -> dict:
+        """Distil the student's middle layers against the teacher's targets (from :meth:`plan`).
+
+        Returns:
+            The distillation record (stored as ``plan["distill"]``): steps, weights, the KD points,
+            the first/final losses and the gap to the teacher before and after; or, with nothing to
+            train, why.
+        """
+        points, s_points, skipped = kd_plan(split, plan)
         record = {"steps": 0, "kd_weight": config.kd_weight, "lm_weight": config.lm_weight,
                   "points": [f"{k}:{i}" for k, i in points]}
-        if not middle_kept or not points:
-            record["skipped"] = "no middle layer to train" if not middle_kept else "no middle output to match"
-            plan["distill"] = record
-            return plan, self.apply(model, family, split, plan).eval()
-
-        precision = precision_policy("auto", base_dtype(model), model_device(model))
-        targets = teacher_targets(model, family, batches, points, precision, stream)
-        for src in sources if stream is not None else ():
-            stream.materialize(src)  # the student trains in memory
-        student = self.apply(model, family, split, plan)
-        trainable = [p for pos, e in enumerate(plan["layers"]) if e["role"] == "emulator"
-                     for p in get_layers(student, family)[pos].parameters()]
+        if skipped is not None:
+            record["skipped"] = skipped
+            return record
+        emulator.requires_grad_(False)
+        batches, targets = inputs.batches(self.name, CalibrationSettings.of(config)), inputs.learned["targets"]
+        precision = precision_policy("auto", base_dtype(emulator), model_device(emulator))
+        layers = get_layers(emulator, family)
+        middle = [layers[pos] for pos, e in enumerate(plan["layers"]) if e["role"] == "emulator"]
+        trainable = [p for layer in middle for p in layer.parameters()]
         # moved once: calibration batches are CPU token ids and the probe runs before and after training
-        probe = [b.to(model_device(student)) for b in batches[: min(2, len(batches))]]
-        record["gap_before"] = distill_gap(student, family, probe, targets, s_points)
+        probe = [b.to(model_device(emulator)) for b in batches[: min(2, len(batches))]]
+        record["gap_before"] = distill_gap(emulator, family, probe, targets, s_points)
         from ..finetune.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
 
         for p in trainable:
             p.requires_grad_(True)
         # The middle layers train as fp32 masters beside the frozen parts in the checkpoint dtype
         # (offsite.precision); cast before AdamW is built so its state is fp32 too.
-        trained = precision.train(modules=[get_layers(student, family)[pos] for pos, e in enumerate(plan["layers"])
-                                           if e["role"] == "emulator"])
+        trained = precision.train(modules=middle)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", config.warmup_steps,
                                                                           config.steps))
-        data = itertools.cycle([(ids.to(model_device(student)), target) for ids, target in zip(batches, targets)])
+        data = itertools.cycle([(ids.to(model_device(emulator)), target) for ids, target in zip(batches, targets)])
         started, history = time.time(), []
         steps_bar = bar(range(config.steps), "distill", "step")
         for _ in steps_bar:
             lm = []
             ids, target = next(data)
             with precision.autocast():
-                kd = _kd_loss(student, family, ids, target, s_points, lm_out=lm)
+                kd = _kd_loss(emulator, family, ids, target, s_points, lm_out=lm)
                 loss = config.lm_weight * lm[0] + config.kd_weight * kd
             precision.backward(loss)
             precision.clip(optimizer, trainable, config.max_grad_norm)
@@ -243,12 +271,11 @@ class Distill(EmulatorBuilder):
             optimizer.zero_grad(set_to_none=True)
             history.append((lm[0].item(), kd.item()))
             steps_bar.set_postfix(lm=f"{history[-1][0]:.3f}", kd=f"{history[-1][1]:.4f}", refresh=False)
-        student.requires_grad_(False)
+        emulator.requires_grad_(False)
         trained.restore()  # the package holds the base dtype (a bf16 checkpoint gives a bf16 emulator)
         tail = history[-max(1, len(history) // 10):]
         record.update(steps=config.steps, seconds=round(time.time() - started, 2),
                       lm_first=history[0][0], kd_first=history[0][1],
                       lm_final=sum(h[0] for h in tail) / len(tail), kd_final=sum(h[1] for h in tail) / len(tail),
-                      gap_after=distill_gap(student, family, probe, targets, s_points))
-        plan["distill"] = record
-        return plan, student.eval()
+                      gap_after=distill_gap(emulator, family, probe, targets, s_points))
+        return record

@@ -42,9 +42,10 @@ Choices where the sources are silent (each is a setting):
   values (plain truncated SVD) and channel-weight-norm pruning. ``scoring="random"`` keeps the
   same floor and sizes and draws the rest at random (seeded): the baseline any scoring must beat
   to mean something. Used by tests and the benchmark.
-* ``build`` compresses each middle layer as soon as its terms are known, with the SVD the terms were
-  made from (one SVD per matrix); ``apply`` alone (a plan from elsewhere) decomposes again, with the
-  same result.
+* GradOT plans layer by layer: ``plan`` hands each middle layer's part to ``on_layer`` as soon as its
+  terms are known, with the SVD the terms were made from, and the build compresses that layer at
+  once (:meth:`GradOT.apply_layer`; one SVD per matrix); ``apply`` alone (a plan from elsewhere)
+  decomposes again, with the same result.
 """
 
 from __future__ import annotations
@@ -56,16 +57,17 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import (STATS_DTYPES, CalibrationConfig, backward_sweep, capture_boundaries,
-                           capture_boundaries_layerwise, peak_memory_mb, resolve_calibration)
+from ..calibration import (STATS_DTYPES, backward_sweep, capture_boundaries, capture_boundaries_layerwise,
+                           peak_memory_mb, resolve_calibration)
 from ..errors import OffsiteError
 from ..families import get_layers, layer_linears
 from ..progress import bar
 from . import gcs
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
-from .calibrated import load_calibration
+from .calibrated import CalibrationSettings
 from .gradot_select import attention_terms, compress_layer, layer_part, mlp_terms, select
 from .importance_cache import cache_key, load_terms, save_terms
+from .inputs import BuildInputs
 from .lowrank import restructure_linears
 
 DEFAULT_BUDGET = 0.25
@@ -138,7 +140,9 @@ class GradOTConfig:
             raise OffsiteError(f"gradot gcs_form must be one of {', '.join(gcs.FORMS)}, got {self.gcs_form!r}")
         if self.stats_dtype not in STATS_DTYPES:
             raise OffsiteError(f"gradot stats_dtype must be one of {', '.join(STATS_DTYPES)}, got {self.stats_dtype!r}")
-        self.calibration = CalibrationConfig(None, self.seq_len, self.num_sequences, self.batch_size, self.seed)
+        CalibrationSettings.of(self)
+        if self.seq_len < 2:
+            raise OffsiteError(f"calibration seq_len must be at least 2 (a next-token loss), got {self.seq_len}")
 
     def target_rank(self, out_f: int, in_f: int) -> int:
         """Rank kept for an ``(out, in)`` attention matrix."""
@@ -153,21 +157,20 @@ class GradOTConfig:
         return max(1, min(channels, round(ratio * channels)))
 
 
-def _batches(model, config: GradOTConfig, calibration, tokenizer):
-    """Calibration batches (the loader every calibrated method shares) and the record of their source."""
-    given = isinstance(calibration, (list, tuple))
-    if tokenizer is None and not given:  # plan() called directly on a model loaded from a folder
+def _batches(model, config: GradOTConfig, inputs: BuildInputs):
+    """Calibration batches (through the loader every calibrated method shares) and the record of their source."""
+    given = isinstance(inputs.calibration, (list, tuple))
+    if inputs.tokenizer is None and not given:  # plan() called directly on a model loaded from a folder
         from ..loading import load_tokenizer
 
-        tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
-    c = config.calibration
-    batches = load_calibration(calibration, tokenizer, "gradot", seq_len=c.seq_len, num_sequences=c.num_sequences,
-                               batch_size=c.batch_size, seed=c.seed)
+        inputs.tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
+    settings = CalibrationSettings.of(config)
+    batches = inputs.batches("gradot", settings)
     if given:
         return batches, {"path": None, "sequences": sum(len(b) for b in batches)}
-    path = resolve_calibration(calibration, "gradot")
+    path = resolve_calibration(inputs.calibration, "gradot")
     return batches, {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-                     "sequences": c.num_sequences, "seq_len": c.seq_len, "seed": c.seed}
+                     "sequences": settings.num_sequences, "seq_len": settings.seq_len, "seed": settings.seed}
 
 
 @register
@@ -184,37 +187,37 @@ class GradOT(EmulatorBuilder):
     compresses_kept_layers = True
     """Every middle layer stays, compressed: one leaving unchanged is refused (``offsite.disclosure``)."""
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None, stream=None) -> tuple:
-        """Plan and apply layer by layer: each middle layer is compressed as soon as its terms are known
-        (selection is per matrix), with the SVD its terms were made from, which is then dropped. The
-        plan and emulator equal :meth:`plan` + :meth:`apply`'s; peak memory holds one layer's
-        statistics and factors, and each matrix is decomposed once. With ``stream`` the base layers are
-        read from disk as the calibration forward and the sweep reach them (see
-        :mod:`offsite.calibration.layerwise`), each compressed layer is parked in the stream's scratch
-        folder, and the adapter layers stay on disk: no layer of the emulator is held.
+    def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
+        """Calibrate (streamed, or from ``config.cache_dir``) and decide every middle linear's kept
+        components / channels.
+
+        Selection is per matrix, so with ``on_layer`` each middle layer's part (``{"linears": [...],
+        "mlp": [...]}``) is handed over as soon as its terms are known, with the SVDs they were made
+        from as ``scratch``: the build compresses the layer then and there (:meth:`apply_layer`), and
+        peak memory holds one layer's statistics and factors. With ``inputs.stream`` the base layers
+        are read from disk as the calibration forward and the sweep reach them (see
+        :mod:`offsite.calibration.layerwise`).
+
+        Args:
+            inputs: the calibration (a text file, None for the default public corpus, or ready
+                ``LongTensor (batch, seq)`` batches) and the model's tokenizer (read from
+                ``model.name_or_path`` when None).
         """
+        inputs = BuildInputs() if inputs is None else inputs
         started = time.time()
-        layers = get_layers(model, family)
         linears, mlps = [], []
 
         def on_terms(index, layer_terms, svds):
             lin, mlp = select(layer_terms, config)
-            layer = stream.materialize(index) if stream is not None else layers[index]
-            with torch.no_grad():
-                compress_layer(layer, family, lin, mlp, svds)
-            if stream is not None:
-                stream.park(index)  # to the scratch folder: the package writer reads it back
             linears.extend(lin)
             mlps.extend(mlp)
+            on_layer(index, {"linears": lin, "mlp": mlp}, svds)
 
-        _, record = self.terms(model, family, split, config, calibration, tokenizer, on_terms=on_terms,
-                               stream=stream)
-        plan = self._plan(split, config, linears, mlps, record, started)
-        keep_layers(model, family, [e["source"] for e in plan["layers"]])
-        return plan, model
-
-    def _plan(self, split, config, linears, mlps, record, started) -> dict:
-        settings = {k: v for k, v in vars(config).items() if k != "calibration"}
+        terms, record = self.terms(model, family, split, config, inputs,
+                                   on_terms=on_terms if on_layer is not None else None)
+        if on_layer is None:
+            linears, mlps = select(terms, config)
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         return {
             "layers": layer_entries(split, list(split.middle)),
             "linears": sorted(linears, key=lambda e: (e["layer"], e["role"])),
@@ -224,35 +227,24 @@ class GradOT(EmulatorBuilder):
             "build": {"stats_seconds": round(time.time() - started, 2), **peak_memory_mb()},
         }
 
-    def plan(self, model, family, split, config, calibration=None, tokenizer=None) -> dict:
-        """Calibrate (streamed, or from ``config.cache_dir``) and decide every middle linear's kept
-        components / channels.
-
-        Args:
-            calibration: a text file, None (the default public corpus) or ready ``LongTensor
-                (batch, seq)`` batches.
-            tokenizer: the model's tokenizer (read from ``model.name_or_path`` when None).
-        """
-        started = time.time()
-        terms, record = self.terms(model, family, split, config, calibration, tokenizer)
-        return self._plan(split, config, *select(terms, config), record, started)
-
-    def terms(self, model, family, split, config, calibration=None, tokenizer=None, on_terms=None,
-              stream=None) -> tuple:
+    def terms(self, model, family, split, config, inputs=None, on_terms=None) -> tuple:
         """Everything selection needs from the model, for every middle matrix (see :func:`select`).
 
         GCS runs the streamed calibration sweep (or reads a matching ``cache_dir``); the baselines
         read the weights alone and use no calibration text.
 
         Args:
+            inputs: calibration and tokenizer (see :meth:`plan`), and ``inputs.stream``, a streamed
+                base model: each middle layer is materialised while its terms are made (the build
+                parks it once applied, or the sweep releases it).
             on_terms: ``on_terms(index, layer_terms, svds)`` called once per middle layer as soon as
                 its terms are known (``svds``: the factors made for them, ``{"<layer>.<role>": svd}``).
-            stream: a streamed base model (see :meth:`build`); each middle layer is materialised
-                while its terms are made (``on_terms`` parks it, or the sweep releases it).
 
         Returns:
             ``(terms, calibration record)``.
         """
+        inputs = BuildInputs() if inputs is None else inputs
+        stream = inputs.stream
         layers = get_layers(model, family)
         terms = {"attn": {}, "mlp": {}}
 
@@ -276,7 +268,7 @@ class GradOT(EmulatorBuilder):
             for index in split.middle:
                 layer_done(index, {}, False)
             return terms, {"skipped": f"scoring={config.scoring} reads the weights only"}
-        batches, source = _batches(model, config, calibration, tokenizer)
+        batches, source = _batches(model, config, inputs)
         with_grad = config.gcs_form == "paper" or config.first_order  # the only users of <g, δ>
         key = None
         if config.cache_dir:  # the key hashes every weight: only when a cache asks for it
@@ -301,14 +293,22 @@ class GradOT(EmulatorBuilder):
             record = {**record, "cache_dir": str(config.cache_dir)}
         return terms, {**source, **record}
 
-    def apply(self, model, family, split, plan):
+    def apply(self, model, family, split, plan, inputs=None):
+        """Compress every middle layer the plan names (but those in ``inputs.applied``), then keep the plan's layers."""
+        done = set() if inputs is None else inputs.applied
         layers = get_layers(model, family)
-        with torch.no_grad():
-            for index in sorted({e["layer"] for e in plan["linears"] + plan["mlp"]}):
-                compress_layer(layers[index], family, [e for e in plan["linears"] if e["layer"] == index],
-                                [e for e in plan["mlp"] if e["layer"] == index], {})
+        for index in sorted({e["layer"] for e in plan["linears"] + plan["mlp"]} - done):
+            part = {"linears": [e for e in plan["linears"] if e["layer"] == index],
+                    "mlp": [e for e in plan["mlp"] if e["layer"] == index]}
+            self.apply_layer(layers[index], family, index, part, {})
         keep_layers(model, family, [e["source"] for e in plan["layers"]])
         return model
+
+    def apply_layer(self, layer, family, index, part, scratch) -> None:
+        """Channel pruning and rank decomposition of one middle layer; ``scratch``: the SVDs made for its
+        terms (``{"<layer>.<role>": svd}``, used up), or ``{}`` to decompose here."""
+        with torch.no_grad():
+            compress_layer(layer, family, part["linears"], part["mlp"], scratch)
 
     def restructure(self, model, family, plan) -> None:
         restructure_linears(model, family, plan)

@@ -16,7 +16,9 @@ Choices: ``alpha`` is the fraction of the *middle* replaced (default 0.75, chose
 see the config), ``beta`` the fraction of each
 attention matrix's rank removed (the paper's exact definitions are unconfirmed); fused qkv is one
 matrix (``lowrank.py``). A compressed projection is stored as low-rank factors when those are
-smaller than the matrix and as the dense rank-r product otherwise (same numbers either way).
+smaller than the matrix and as the dense rank-r product otherwise (same numbers either way). SRC's
+rank depends on a matrix's shape alone (:func:`src_rank`), so the plan records what SRC will do
+without an SVD, and ``apply`` decomposes each matrix once.
 Importance scores and all M harmonizers can be kept in ``cache_dir`` (safetensors + JSON, bound
 to the base weights, split, calibration batches and training settings), so emulators at other
 (alpha, beta) are produced without retraining. The package holds harmonizers, so it is not a
@@ -37,9 +39,10 @@ from ..precision import base_dtype
 from ..precision import policy as precision_policy
 from ..progress import bar
 from .base import EmulatorBuilder, register
-from .calibrated import check_fraction, check_positive, load_calibration, model_device
+from .calibrated import CalibrationSettings, check_fraction, check_positive, model_device
 from .harmonizer import DEFAULT_RANK, make_harmonizer
 from .importance_cache import cache_key, load_cache, save_cache
+from .inputs import BuildInputs
 from .layer_replace import dynamic_layer_replace
 from .lowrank import make_low_rank, replace_linear, restructure_linears, truncated_svd, weight_svd
 
@@ -80,9 +83,9 @@ class ScaleOTConfig:
     def __post_init__(self):
         check_fraction("alpha", self.alpha)
         check_fraction("beta", self.beta, high_open=True)
-        for name in ("harmonizer_rank", "steps", "group_size", "num_candidates", "batch_size", "seq_len",
-                     "num_sequences"):
+        for name in ("harmonizer_rank", "steps", "group_size", "num_candidates"):
             check_positive(name, getattr(self, name))
+        CalibrationSettings.of(self)
         if self.group_size < 2:
             raise OffsiteError(f"group_size must be >= 2 (half of a group is replaced), got {self.group_size}")
         check_fraction("lr", self.lr)
@@ -99,30 +102,36 @@ def src_rank(weight_shape, beta: float) -> int:
     return max(1, round((1.0 - beta) * min(weight_shape)))
 
 
-def compress_attention(layer, family, beta: float) -> list:
-    """Truncated SVD of every attention projection of one layer, in place.
+def src_entries(layer, family, beta: float) -> list:
+    """What Selective Rank Compression does to one layer's attention projections (plain data, no SVD).
 
     Returns:
-        ``[{"role", "rank", "stored": "factors" | "dense"}]`` for the projections that changed.
+        ``[{"role", "rank", "stored": "factors" | "dense"}]`` for the projections it changes: factors
+        when they are smaller than the matrix, else the dense rank-``rank`` product.
     """
     done = []
     for role, module in layer_linears(layer, family).items():
         if not role.startswith("attn."):
             continue
-        weight = linear_weight(module, family)
-        out_f, in_f = weight.shape
-        rank = src_rank(weight.shape, beta)
+        out_f, in_f = linear_weight(module, family).shape
+        rank = src_rank((out_f, in_f), beta)
         if rank >= min(out_f, in_f):
             continue
-        up, down = truncated_svd(weight, rank=rank, svd=weight_svd(weight))
-        if rank * (out_f + in_f) < out_f * in_f:
-            replace_linear(layer, family, role, make_low_rank(module, family, up, down))
-            done.append({"role": role, "rank": rank, "stored": "factors"})
-        else:
-            with torch.no_grad():
-                weight.copy_(up @ down)  # a view for GPT-2's Conv1D: writes its [in, out] storage
-            done.append({"role": role, "rank": rank, "stored": "dense"})
+        done.append({"role": role, "rank": rank, "stored": "factors" if rank * (out_f + in_f) < out_f * in_f
+                     else "dense"})
     return done
+
+
+def compress_linear(layer, family, role: str, rank: int, stored: str) -> None:
+    """Replace one projection by its truncated SVD of rank ``rank``, in place (one SVD)."""
+    module = layer_linears(layer, family)[role]
+    weight = linear_weight(module, family)
+    up, down = truncated_svd(weight, rank=rank, svd=weight_svd(weight))
+    if stored == "factors":
+        replace_linear(layer, family, role, make_low_rank(module, family, up, down))
+    else:
+        with torch.no_grad():
+            weight.copy_(up @ down)  # a view for GPT-2's Conv1D: writes its [in, out] storage
 
 
 @register
@@ -141,7 +150,15 @@ class ScaleOT(EmulatorBuilder):
     """With beta > 0, SRC compresses every attention projection of every kept middle layer, so a kept
     layer leaving unchanged is refused (``offsite.disclosure``); beta = 0 promises no compression."""
 
-    def build(self, model, family, split, config, calibration=None, tokenizer=None) -> tuple:
+    def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
+        """Learn the importance scores while training one harmonizer per middle layer (Dynamic
+        LayerReplace), pick the layers to replace and record what SRC will compress.
+
+        The model is left as it is (LayerReplace puts harmonizers in and takes them out again); the
+        trained harmonizers, in the base dtype, go to ``inputs.learned["harmonizers"]`` (``{full
+        index: HarmonizerLayer}``), the plan holds only their places and the scores.
+        """
+        inputs = BuildInputs() if inputs is None else inputs
         middle = list(split.middle)
         replace = round(config.alpha * len(middle))
         hidden = int(model.config.hidden_size)
@@ -157,9 +174,7 @@ class ScaleOT(EmulatorBuilder):
         trained = precision.train(modules=harmonizers.values(), boundary=False)
         record, scores = {"reused": False}, {i: 0.0 for i in middle}
         if replace or config.cache_dir:
-            batches = load_calibration(calibration, tokenizer, self.name, seq_len=config.seq_len,
-                                       num_sequences=config.num_sequences, batch_size=config.batch_size,
-                                       seed=config.seed)
+            batches = inputs.batches(self.name, CalibrationSettings.of(config))
             key = cache_key(model, split, batches, config.training_settings())
             cached = load_cache(config.cache_dir, key, harmonizers) if config.cache_dir else None
             if cached is not None:
@@ -180,24 +195,46 @@ class ScaleOT(EmulatorBuilder):
         trained.restore()  # the package's weights are in the base dtype (the cache kept the fp32 masters)
 
         replaced = sorted(sorted(middle, key=lambda i: (scores[i], i))[:replace])
+        inputs.learned["harmonizers"] = {i: harmonizers[i] for i in replaced}
         plan = {"layers": [], "alpha": config.alpha, "beta": config.beta, "replaced": replaced,
                 "harmonizer_rank": rank, "hidden_size": hidden,
                 "importance": {str(i): round(scores[i], 6) for i in middle}, "linears": [], "src": [],
                 "training": record}
-        # Long only through SRC's SVDs (beta > 0); replacing layers by harmonizers alone is instant.
-        for i in bar(range(split.num_layers), "ScaleOT SRC", "layer", enabled=config.beta > 0):
+        for i in range(split.num_layers):
             entry = {"source": i, "role": "adapter" if i in split.adapter else "emulator"}
             if i in replaced:
                 entry["module"] = "harmonizer"
-                replace_layer(model, family, i, harmonizers[i])
             elif entry["role"] == "emulator" and config.beta > 0:
-                for item in compress_attention(layers[i], family, config.beta):
+                for item in src_entries(layers[i], family, config.beta):
                     plan["src"].append({"layer": i, **item})
                     if item["stored"] == "factors":
                         plan["linears"].append({"layer": i, "role": item["role"], "rank": item["rank"]})
             plan["layers"].append(entry)
+        return plan
+
+    def apply(self, model, family, split, plan, inputs=None):
+        """Put the harmonizers in and compress the kept middle layers' attention (SRC), in place.
+
+        The harmonizers are the ones :meth:`plan` trained (``inputs.learned``); applied alone (a
+        manifest's plan, no inputs) the replaced layers get fresh, identity harmonizers, i.e. they
+        are dropped: trained harmonizers are weights, which no plan holds.
+        """
+        learned = {} if inputs is None else inputs.learned.get("harmonizers", {})
+        layers = get_layers(model, family)
+        as_tuple = layer_returns_tuple(model, family)
+        src = {}
+        for item in plan["src"]:
+            src.setdefault(item["layer"], []).append(item)
+        # Long only through SRC's SVDs (beta > 0); replacing layers by harmonizers alone is instant.
+        for i in bar(range(len(plan["layers"])), "ScaleOT SRC", "layer", enabled=plan["beta"] > 0):
+            if plan["layers"][i].get("module") == "harmonizer":
+                harmonizer = learned[i] if i in learned else make_harmonizer(
+                    layers[i], int(plan["hidden_size"]), int(plan["harmonizer_rank"]), as_tuple)
+                replace_layer(model, family, i, harmonizer)
+            for item in src.get(i, []):
+                compress_linear(layers[i], family, item["role"], item["rank"], item["stored"])
         model.requires_grad_(False)
-        return plan, model.eval()
+        return model.eval()
 
     def restructure(self, model, family, plan: dict) -> None:
         """Put harmonizers where the plan has them and low-rank factors where SRC stored factors."""

@@ -81,6 +81,6 @@ class UniformDrop(EmulatorBuilder):
 
     config_cls = UniformConfig
 
-    def plan(self, model, family, split, config, calibration=None) -> dict:
+    def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
         kept = uniform_middle(split, config.emulator_layers)
         return {"layers": layer_entries(split, kept), "emulator_layers": len(kept)}
