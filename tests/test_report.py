@@ -77,3 +77,33 @@ def test_wikitext_fine_tunes_on_text_in_the_style_it_is_scored_on(tmp_path):
 
     for mark in (", ", ". ", "-", "'s "):  # the same punctuation style, at about the same rates
         assert 0.7 < rate(text, mark) / rate(scored, mark) < 1.4, (mark, rate(text, mark), rate(scored, mark))
+
+
+def test_a_streamed_report_gives_the_in_memory_report(saved_model, mc_task, text_file, tmp_path):
+    """--stream builds with emulate --stream and scores the full model with its layers on disk: every
+    number of the report is the in-memory report's (the emulator and adapter are bitwise the same)."""
+    path, _ = saved_model("llama", 6)
+    task, _ = mc_task
+    common = dict(adapter_layers="1,1", methods=("uniform", "crash"), limit=12, train_limit=24,
+                  method_settings={"uniform": {"emulator_layers": 2},
+                                   "crash": {"emulator_layers": 2, "seq_len": 16, "num_sequences": 4}},
+                  finetune_settings={"max_steps": 2, "batch_size": 4, "lr": 1e-3}, log=lambda *a: None,
+                  calibration=str(text_file))
+    whole = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "whole", **common)
+    streamed = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "streamed", stream=True, **common)
+    assert streamed["stream"] is True
+    for method in ("uniform", "crash"):
+        assert streamed["methods"][method]["table"] == whole["methods"][method]["table"]
+        ids = [json.loads((tmp_path / w / f"emulator-{method}" / "manifest.json").read_text())["artifact_id"]
+               for w in ("whole", "streamed")]
+        assert ids[0] == ids[1]
+
+
+def test_a_streamed_report_refuses_what_needs_the_whole_model_before_any_work(mc_task, tmp_path):
+    task, _ = mc_task
+    with pytest.raises(OffsiteError, match="--full-ft trains every block"):
+        run_report("no-such-model", [task], None, tmp_path / "w", full_ft=True, stream=True, log=lambda *a: None)
+    with pytest.raises(OffsiteError, match="method 'scaleot' cannot build from a streamed model"):
+        run_report("no-such-model", [task], None, tmp_path / "w", methods=("uniform", "scaleot"), stream=True,
+                   log=lambda *a: None)
+    assert not (tmp_path / "w").exists()

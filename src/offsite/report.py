@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .audit import resolve_public, strongest_attack
 from .device import resolve_device
+from .errors import OffsiteError
 from .emulate import emulate
 from .eval.protocol import full_package, gap, headline, score, score_with, slug, train_file
 from .eval.run import parse_tasks
@@ -42,7 +43,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
                method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
                limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
                full_ft: bool = False, calibration=None, log=print, device="auto", audit: bool = False,
-               public=None) -> dict:
+               public=None, stream: bool = False) -> dict:
     """Run the whole protocol and return the report (also written to ``workdir/report.json``).
 
     Args:
@@ -63,8 +64,14 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         device: where every model of the report runs: emulator builds, fine-tuning (it overrides a
             ``device`` in ``finetune_settings``) and scoring (``"auto"``: CUDA when present; see
             :mod:`offsite.device`). Each model is loaded there once and scored there on its tasks.
+        stream: for a base model larger than memory: the emulators are built with ``emulate --stream``
+            and the full model is scored with its layers on disk (Full ZS, plug-in; see
+            :mod:`offsite.offload`); emulators are small and load in memory. Refused with ``full_ft``
+            (it trains every block) and with methods that cannot stream (ScaleOT).
     """
     where = resolve_device(device)  # before the workdir or any training file is written
+    if stream:
+        check_streamable(methods, full_ft)
     public = resolve_public(public) if audit else None
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,9 +83,9 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
     started = time.time()
     report = {"model": model, "tasks": names, "split": split, "limit": limit, "finetune": ft_settings,
-              "methods": {}}
+              "methods": {}, **({"stream": True} if stream else {})}
 
-    base, tok, _ = load_for_eval(model, device=where)
+    base, tok, _ = load_for_eval(model, device=where, stream=stream)
     full_zs = {t: score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
     log(f"[report] full zero-shot done ({time.time() - started:.0f}s)")
     del base
@@ -97,7 +104,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         emu_dir = workdir / f"emulator-{method}"
         built = time.time()
         emulate(model, emu_dir, method=method, adapter_layers=adapter_layers, overwrite=True,
-                calibration=calibration, device=where, **(method_settings or {}).get(method, {}))
+                calibration=calibration, device=where, stream=stream, **(method_settings or {}).get(method, {}))
         build = {"seconds": round(time.time() - built, 1),
                  "parameters": json.loads((emu_dir / "manifest.json").read_text())["parameters"]}
         emu, emu_tok, _ = load_for_eval(str(emu_dir), device=where)
@@ -112,7 +119,8 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
             finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
             # One model on the device at a time: each is loaded for its score only.
             rows["emu_ft"][task] = score_with(emu_dir, adapter, task, data_dir, split, limit, batch_size, where)
-            rows["plug_in"][task] = score_with(model, adapter, task, data_dir, split, limit, batch_size, where)
+            rows["plug_in"][task] = score_with(model, adapter, task, data_dir, split, limit, batch_size, where,
+                                               stream=stream)
             if audit:
                 measure = dict(data_dir=data_dir, split=split, limit=limit, batch_size=batch_size)
                 best_attacks[task], rows[AUDIT_ROW][task] = strongest_attack(
@@ -124,6 +132,20 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     report["seconds"] = round(time.time() - started, 1)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_streamable(methods, full_ft: bool) -> None:
+    """Refuse, before any work, a streamed report that would need the whole model in memory."""
+    from .emulator import get_builder
+
+    if full_ft:
+        raise OffsiteError("--full-ft trains every block of the full model, which --stream cannot hold; "
+                           "drop one of the two")
+    for method in methods:
+        builder = get_builder(method)
+        if not builder.supports_stream:
+            raise OffsiteError(f"method '{method}' cannot build from a streamed model ({builder.stream_refusal}); "
+                               "drop it from --methods or drop --stream")
 
 
 def summarise(rows: dict, names: list) -> dict:

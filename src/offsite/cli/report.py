@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                    help="add the best of offsite audit's attacks on each emulator as a sixth row (same budget)")
     p.add_argument("--public", default=None, help="public text of the audit's recovery attack (default: the "
                    "calibration default when present)")
+    p.add_argument("--stream", action="store_true",
+                   help="base model larger than memory: build with emulate --stream and score the full model with "
+                        "its layers on disk (not with --full-ft or scaleot)")
     p.add_argument("--workdir", required=True, help="folder for emulators, adapters, report.json/.md/.png")
     p.add_argument("--device", default="auto",
                    help="where every build, fine-tuning and scoring runs: auto (CUDA when present, else CPU) | "
@@ -49,6 +52,7 @@ def run(args) -> int:
                         adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
                         limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft,
                         calibration=args.calibration, device=device, audit=args.audit, public=args.public,
+                        stream=args.stream,
                         finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
     table = format_report(report)
     from pathlib import Path
