@@ -28,10 +28,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--stream", action="store_true", help="emulate --stream (layers read from disk one at a time)")
     p.add_argument("--max-shard-size", default=None, help="emulate --max-shard-size (default: emulate's)")
+    p.add_argument("--adapter-layers", default="2,2", help="emulate --adapter-layers")
     p.add_argument("--spill-above", default=None, help="emulate --spill-above, with --stream (default: emulate's)")
     args = p.parse_args(argv)
     started = time.time()
     out = emulate(args.model, args.out, method=args.method, calibration=args.calibration, overwrite=True,
+                  adapter_layers=args.adapter_layers,
                   stream=args.stream, **parse_settings(args.settings),
                   **{k: v for k, v in (("max_shard_size", args.max_shard_size), ("spill_above", args.spill_above))
                      if v is not None})

@@ -87,9 +87,12 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-shard-size", default=None, help="emulate --max-shard-size (default emulate's, 5GB)")
     p.add_argument("--spill-above", default=None, help="emulate --spill-above for +stream builds (default 2GB)")
-    p.add_argument("--stats-dtype", default=None, help="GradOT stats_dtype (default the method's, float64)")
+    p.add_argument("--stats-dtype", default=None, help="GradOT stats_dtype (default the method's, float32)")
     p.add_argument("--calibration-batch", type=int, default=None,
                    help="GradOT calibration windows per forward/backward batch (default the method's, 8)")
+    p.add_argument("--adapter-layers", default=None,
+                   help="emulate --adapter-layers (default emulate's, 2,2); e.g. 11,11 on a 24-layer shape keeps two "
+                        "middle layers: one GradOT layer's working set at a fraction of the time")
     p.add_argument("--out", default="bench/results/scale")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip bench/gradot_floor.py (one forward+backward + one SVD per matrix) next to GradOT builds")
@@ -101,7 +104,8 @@ def main() -> int:
         floor = floors[shape] = _floor(folder / "model")
         for method in args.methods.split(","):
             extra = (["--max-shard-size", args.max_shard_size] if args.max_shard_size else []) + \
-                (["--spill-above", args.spill_above] if args.spill_above and method.endswith("+stream") else [])
+                (["--spill-above", args.spill_above] if args.spill_above and method.endswith("+stream") else []) + \
+                (["--adapter-layers", args.adapter_layers] if args.adapter_layers else [])
             row = {"shape": shape, "dtype": args.dtype, **_build(folder, method, args.windows, extra, args.stats_dtype,
                                                                  args.calibration_batch)}
             params = row["parameters"]["full"]

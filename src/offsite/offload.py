@@ -88,6 +88,9 @@ def load_offloaded(name_or_path: str, dtype="auto", device="cpu", keep=()) -> tu
     if not weight_files(name_or_path):
         raise OffsiteError(f"--stream reads a checkpoint's .safetensors files in place; {name_or_path} has none "
                            "(score it without --stream, or save it with save_pretrained first)")
+    from .streaming import return_freed_memory
+
+    return_freed_memory()  # every batch frees and re-reads each layer: keep glibc from hoarding them
     folder = tempfile.mkdtemp(prefix=".offsite-offload-")
     try:
         model = AutoModelForCausalLM.from_pretrained(

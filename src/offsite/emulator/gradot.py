@@ -285,6 +285,8 @@ class GradOT(EmulatorBuilder):
             return cached["terms"], {**source, **cached["record"], "cache_dir": str(config.cache_dir)}
         bounds = (capture_boundaries(model, family, batches) if stream is None else
                   capture_boundaries_layerwise(model, family, batches, stream))
+        if stream is not None:
+            stream.release_resident()  # the sweep runs layers only; the writer reads embeddings/head back
         backward_sweep(model, family, bounds, split.middle, lambda i, stats: layer_done(i, stats, True),
                        STATS_DTYPES[config.stats_dtype], with_grad, stream=stream)
         record = {"tokens": bounds.tokens, "loss": round(bounds.loss, 6)}
