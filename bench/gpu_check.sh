@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh [SHAPE] [OUT]        (default tinyllama-1.1b, bench/results/gpu_check)
 #
 # Builds a bf16 random-weight model (bench/make_random_model.py), then runs
-# emulate --method gradot, finetune (adapter), eval (emulator + adapter, and plugged), plug, all with
+# emulate --method gradot, finetune (adapter), eval (emulator + adapter, and plugged), plug, eval --stream
+# of the plug-in (layers offloaded to the files, run on the GPU; must score as the plugged folder), all with
 # --device cuda (DEVICE=cpu for a dry run). Each command's last stderr line is offsite's cost line (wall time, peak RSS,
 # CUDA peak); they are collected into OUT/summary.json next to the full log. Never run by CI.
 set -euo pipefail
@@ -43,6 +44,11 @@ step plug $OFFSITE plug --model "$WORK/m/model" --adapter "$WORK/adapter" --emul
   --device $DEVICE --out "$WORK/plugged"
 step eval_plugged $OFFSITE eval --model "$WORK/plugged" --tasks "$WORK/m/task/{split}.jsonl" --device $DEVICE \
   --out "$WORK/plugged.json"
+step eval_plugin_stream $OFFSITE eval --model "$WORK/m/model" --adapter "$WORK/adapter" --stream \
+  --tasks "$WORK/m/task/{split}.jsonl" --device $DEVICE --out "$WORK/plugin_stream.json"
+"$PY" -c "import json, sys; a, b = (json.load(open(p))['results'] for p in sys.argv[1:]); \
+[r.pop('seconds') for r in (*a.values(), *b.values())]; \
+print('eval --stream plug-in = plugged folder:', a == b)" "$WORK/plugged.json" "$WORK/plugin_stream.json" | tee -a "$LOG"
 $OFFSITE verify "$WORK/plugged" | tee -a "$LOG"
 
 "$PY" - "$WORK" "$OUT/summary.json" "$SHAPE" <<'EOF'

@@ -131,7 +131,8 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
             current layer are released as the sweep goes down.
         wanted: full-model indices of the layers whose statistics are needed.
         on_layer: ``on_layer(index, {role: stats_dict})`` called as soon as a wanted layer is done,
-            so statistics of only one layer are alive at a time.
+            so statistics of only one layer are alive at a time; the dict holds the only references
+            to them, so an ``on_layer`` that pops a role's entry once used frees its factors.
         stats_dtype: accumulation dtype.
         with_grad: also gather each linear's mean weight gradient (see :class:`.stats.LinearStats`).
         stream: a :class:`offsite.streaming.StreamedModel` whose layers are materialised as the sweep
@@ -160,7 +161,9 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
             if i + 1 < len(layers):
                 bounds.hidden[i + 1] = None  # release what the sweep no longer needs
             if i in wanted:
-                on_layer(i, {role: s.finalize() for role, s in stats.items()})
+                finalized = {role: s.finalize() for role, s in stats.items()}
+                stats = None  # the accumulators go: on_layer can free each factor once it is used
+                on_layer(i, finalized)
             if stream is not None:
                 stream.release(i)  # a no-op for a layer on_layer parked
 

@@ -253,14 +253,19 @@ class GradOT(EmulatorBuilder):
                 stream.materialize(index)
             svds = {} if on_terms is not None else None
             attention = [(r, m) for r, m in layer_linears(layers[index], family).items() if r.startswith("attn.")]
-            # One step per attention matrix (its SVD dominates) plus one for the MLP.
+            # One step per attention matrix (its SVD dominates) plus one for the MLP. The MLP goes first
+            # and each factor is dropped once used (the sweep hands over the only references), so the
+            # MLP's f x f factors are gone before the attention SVDs (kept for compression) pile up:
+            # the layer's peak is the larger of the two phases, not their sum.
             with bar(len(attention) + 1, f"{config.scoring} terms, layer {index}", "matrix", leave=False) as step:
+                terms["mlp"][str(index)] = mlp_terms(layers[index], family, stats, need_stats)
+                for role in [r for r in stats if not r.startswith("attn.")]:
+                    del stats[role]
+                step.update()
                 for role, module in attention:
                     key = f"{index}.{role}"
-                    terms["attn"][key] = attention_terms(module, family, stats.get(role), need_stats, svds, key)
+                    terms["attn"][key] = attention_terms(module, family, stats.pop(role, None), need_stats, svds, key)
                     step.update()
-                terms["mlp"][str(index)] = mlp_terms(layers[index], family, stats, need_stats)
-                step.update()
             if on_terms is not None:
                 on_terms(index, layer_part(terms, index), svds)
 
