@@ -345,3 +345,22 @@ def test_float32_statistics_give_the_float64_terms_and_selection(saved_model, te
                     compared += 1
     assert compared >= 10
     assert select(t64, c64) == select(t32, c32)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (300, 513), (1536, 4096), (4096, 1000)])
+def test_blockwise_column_sums_and_norms_are_the_full_expressions(shape, monkeypatch):
+    """The MLP terms reduce f x f factors a block of columns at a time (no full-size temporary); with
+    blocks forced small the results must be the one-shot expressions' up to the last bit, and the
+    same on every call."""
+    from offsite.emulator import gcs
+
+    monkeypatch.setattr(gcs, "BLOCK_ENTRIES", 1000)
+    g = torch.Generator().manual_seed(shape[0])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        m = torch.randn(shape, generator=g).to(dtype)
+        if dtype != torch.bfloat16:
+            tol = 4 * torch.finfo(dtype).eps
+            torch.testing.assert_close(gcs.column_l1(m), m.abs().sum(0), rtol=tol, atol=0)
+            assert torch.equal(gcs.column_l1(m), gcs.column_l1(m.clone()))
+        for dim in (0, 1):
+            torch.testing.assert_close(gcs.block_norm(m, dim), m.double().norm(dim=dim), rtol=1e-14, atol=0)

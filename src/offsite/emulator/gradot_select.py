@@ -40,9 +40,9 @@ def mlp_terms(layer, family, stats, need_stats: bool) -> dict:
     down = linear_weight(linears["mlp.down"], family).detach()
     channels = down.shape[1]
     rows = [(stats.get(r), linear_weight(linears[r], family).detach(), b) for r, b in mlp_channel_blocks(family).items()]
-    norm = down.double().norm(dim=0)
+    norm = gcs.block_norm(down, 0)
     for _, w, blocks in rows:
-        norm = norm * w.double().norm(dim=1).view(blocks, channels).prod(0)
+        norm = norm * gcs.block_norm(w, 1).view(blocks, channels).prod(0)
     entry = {"of": channels, "norm": norm}
     if need_stats:
         entry.update(gcs.channel_terms(rows, (stats["mlp.down"], down)))
