@@ -212,3 +212,24 @@ def test_a_streamed_plug_writes_the_same_plugged_model(model_type, lora, saved_m
     if lora:
         exported = plug(str(path), adapter, tmp_path / "peft", lora_mode="peft", stream=True)
         assert (exported / "adapter_model.safetensors").is_file()
+
+
+def test_the_sweep_hands_over_the_only_references_to_a_layers_statistics(saved_model):
+    """on_layer gets the only references to a layer's K-FAC factors: dropping them frees them at once
+    (the last recompute's graph used to keep them alive through its hooks until the next layer)."""
+    import gc
+    import weakref
+
+    _, model = saved_model("llama", 4)
+    family = get_family(model)
+    bounds = capture_boundaries(model, family, _batches())
+    freed = []
+
+    def on_layer(index, stats):
+        refs = [weakref.ref(s[k]) for s in stats.values() for k in ("A", "G")]
+        stats.clear()
+        gc.collect()
+        freed.append(all(r() is None for r in refs))
+
+    backward_sweep(model, family, bounds, [1, 2], on_layer, torch.float32, with_grad=False)
+    assert freed == [True, True]

@@ -157,6 +157,10 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
                     out = _first(layer(h, *rest, **kwargs))
                     out.backward(grad)
                     new_grads.append(h.grad.detach())
+                # The last output's graph keeps its nodes, and with them the statistics hooks and every
+                # accumulator they name, alive: dropped here, so on_layer's frees take effect (measured:
+                # a middle layer's 277 MB of statistics stayed until the next layer's first backward).
+                out = h = None
             grads = new_grads
             if i + 1 < len(layers):
                 bounds.hidden[i + 1] = None  # release what the sweep no longer needs
