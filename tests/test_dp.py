@@ -19,6 +19,7 @@ from offsite.finetune import dp, finetune, make_config
 from offsite.finetune.loop import prepare, select
 from offsite.package import load_emulator
 from offsite.precision import base_dtype, policy
+from fixtures.tolerance import assert_close_to_scale
 
 DP = dict(dp_delta=1e-5, block_size=16, batch_size=4, lr=1e-3, progress=False)
 
@@ -106,7 +107,8 @@ def test_each_example_is_clipped_exactly(emu, text_file, lora):
     want, norms = _reference_update(peft_model or loaded.model, params, run.train, chosen, clip, expected)
     assert bool((norms > 10 * clip).all())  # every example was clipped: the bound is what is tested
     for name in params:
-        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-12), name
+        # two fp32 sums of <= 8 clipped per-example gradients, in different orders
+        assert_close_to_scale(got[name], want[name], k=64, what=name)
     total = torch.cat([g.flatten() for g in got.values()]).norm()
     assert total <= clip * len(chosen) / expected * (1 + 1e-5)
 

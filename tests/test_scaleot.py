@@ -65,6 +65,42 @@ def test_fresh_harmonizer_is_a_layer_drop_with_the_layer_call_convention(model_t
         assert torch.allclose(model(x).logits, dropped(x).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_layer_convention_is_read_off_a_meta_skeleton_as_off_the_model(model_type, monkeypatch):
+    """A package skeleton has its weights on ``meta``; transformers >= 5.25 reads values while it
+    builds masks, so a forward pass of the skeleton cannot run. The convention read for it must be
+    the one the loaded model has."""
+    from accelerate import init_empty_weights
+
+    from offsite.families import layers as layer_probe
+
+    model = make_model(model_type, 3)
+    family = get_family(model)
+    monkeypatch.setattr(layer_probe, "_RETURNS_TUPLE", {})
+    real = layer_returns_tuple(model, family)
+    monkeypatch.setattr(layer_probe, "_RETURNS_TUPLE", {})
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(model.config)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert layer_returns_tuple(skeleton, family) == real
+
+
+def test_package_loads_where_no_build_ran_before(saved_model, text_file, tmp_path, monkeypatch):
+    """In a fresh process (here: the probe's memory emptied) a ScaleOT package loads, plugs and
+    verifies: its harmonizers learn the layer convention without running the meta skeleton."""
+    from offsite.cli import main
+    from offsite.families import layers as layer_probe
+
+    path, _ = saved_model("llama", 6)
+    out = emulate(str(path), tmp_path / "emu", method="scaleot", adapter_layers="1,1", calibration=text_file,
+                  alpha=0.5, beta=0.0, steps=2, **SMALL)
+    monkeypatch.setattr(layer_probe, "_RETURNS_TUPLE", {})
+    emu = load_emulator(out)
+    assert any(isinstance(layer, HarmonizerLayer) for layer in get_layers(emu.model, emu.family))
+    monkeypatch.setattr(layer_probe, "_RETURNS_TUPLE", {})
+    assert main(["verify", str(out)]) == 0
+
+
 def test_harmonizer_only_slot_trains_and_lowers_its_replacement_loss(trained):
     model, batches = trained
     model = copy.deepcopy(model)

@@ -11,6 +11,7 @@ from offsite.emulate import emulate
 from offsite.errors import OffsiteError
 from offsite.families import get_family, get_layers
 from offsite.streaming import StreamedModel
+from fixtures.tolerance import assert_close_to_scale
 
 FAMILIES = ["llama", "gpt2", "opt", "falcon", "bloom", "gemma2", "phi3", "gpt_neox"]
 
@@ -43,7 +44,9 @@ def test_layer_major_forward_and_sweep_equal_the_in_memory_ones(model_type, save
     for i in (1, 2):
         for role in ref[i]:
             for key in ("A", "G", "grad"):
-                assert torch.allclose(stats[i][role][key], ref[i][role][key], rtol=1e-4, atol=1e-8), (i, role, key)
+                # fp32 statistics accumulated over 24 tokens, layer by layer vs whole-model
+                assert_close_to_scale(stats[i][role][key], ref[i][role][key], k=256, dtype=torch.float32,
+                                      what=f"{i} {role} {key}")
 
 
 def test_streamed_calibrated_builds_write_the_same_packages_for_every_family(saved_model, text_file, tmp_path):

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import OffsiteError
 from .base import Family, get_layers
+from .catalog import TINY_CONFIGS
 
 
 def layer_input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -55,7 +56,10 @@ def layer_returns_tuple(model: nn.Module, family: Family) -> bool:
     Probed once per layer class: a one-token forward pass that stops (by raising from a forward
     hook) as soon as the first transformers-defined layer returns, so it costs the embedding and
     one layer. Layers already replaced by offsite modules are skipped: the model loop, not the
-    stand-in, fixes the convention.
+    stand-in, fixes the convention. A model with weights on ``meta`` (a package skeleton before its
+    weights are assigned, a streamed build) cannot run, and transformers >= 5.25 reads values while
+    building masks, so it is probed through a one-layer twin of the family's tiny config instead,
+    which must have the same layer class.
     """
     layers = get_layers(model, family)
     native = next((layer for layer in layers if type(layer).__module__.startswith("transformers")), None)
@@ -64,26 +68,56 @@ def layer_returns_tuple(model: nn.Module, family: Family) -> bool:
                            "the layer call convention cannot be read off")
     cls = type(native)
     if cls not in _RETURNS_TUPLE:
-        seen = {}
-
-        def hook(module, args, output):
-            seen["tuple"] = isinstance(output, (tuple, list))
-            raise _ProbeDone
-
-        ref = next(model.parameters())
-        handle = native.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ref.device), use_cache=False)
-        except _ProbeDone:
-            pass
-        finally:
-            handle.remove()
-        if "tuple" not in seen:
-            raise OffsiteError(f"probing the {family.model_type} decoder layers: the forward pass never reached "
-                               f"a {cls.__name__}")
-        _RETURNS_TUPLE[cls] = seen["tuple"]
+        if any(p.device.type == "meta" for p in model.parameters()):
+            twin = _tiny_twin(family)
+            native = next(iter(get_layers(twin, family)))
+            if type(native) is not cls:
+                raise OffsiteError(f"the {family.model_type} model's layers are {cls.__name__} but the family's "
+                                   f"tiny config builds {type(native).__name__}; the layer call convention cannot "
+                                   "be read off a model whose weights are not loaded")
+            model = twin
+        _RETURNS_TUPLE[cls] = _probe_returns_tuple(model, native, family)
     return _RETURNS_TUPLE[cls]
+
+
+def _tiny_twin(family: Family) -> nn.Module:
+    """A one-layer random model of the family's tiny config (a few thousand parameters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family.model_type, num_hidden_layers=1, **TINY_CONFIGS[family.model_type])
+    with torch.random.fork_rng(devices=[]):  # a probe must not move the caller's random stream
+        twin = AutoModelForCausalLM.from_config(config).eval()
+    if any(p.device.type == "meta" for p in twin.parameters()):
+        # Built inside the caller's init_empty_weights (a package skeleton): give it real, zero
+        # storage. Only the type of the first layer's output is read, never a value.
+        twin.to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in [*twin.parameters(), *twin.buffers()]:
+                tensor.zero_()
+    return twin
+
+
+def _probe_returns_tuple(model: nn.Module, native: nn.Module, family: Family) -> bool:
+    """Run ``model`` on one token until ``native`` returns; whether it returned a tuple."""
+    seen = {}
+
+    def hook(module, args, output):
+        seen["tuple"] = isinstance(output, (tuple, list))
+        raise _ProbeDone
+
+    ref = next(model.parameters())
+    handle = native.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ref.device), use_cache=False)
+    except _ProbeDone:
+        pass
+    finally:
+        handle.remove()
+    if "tuple" not in seen:
+        raise OffsiteError(f"probing the {family.model_type} decoder layers: the forward pass never reached "
+                           f"a {type(native).__name__}")
+    return seen["tuple"]
 
 
 def layer_call_attributes(layer: nn.Module) -> dict:
