@@ -159,3 +159,32 @@ def test_an_adapter_from_a_bf16_emulator_plugs_into_the_fp32_checkpoint(saved_mo
         assert torch.equal(weights[name], value.float())  # exact upcast
     with pytest.raises(ArtifactError, match="trained for base model"):
         plug(str(other), adapter, tmp_path / "p2")
+
+
+@pytest.mark.parametrize("key", ["device", "overwrite", "model", "stream", "selection"])
+def test_set_refuses_a_workflow_argument_in_one_line(key, saved_model, tmp_path, capsys):
+    """``--set device=cpu`` once ended in a TypeError traceback (emulate() got the argument twice);
+    the reserved names are the workflow's own arguments, read off its signature."""
+    path, _ = saved_model("llama", 6)
+    out = tmp_path / "emu"
+    assert main(["emulate", "--model", str(path), "--out", str(out), "--set", f"{key}=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names an argument of the workflow, not a method setting" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--max-steps", "0"],
+    ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--max-steps", "-3"],
+    ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--epochs", "0"],
+    ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--epochs", "nan"],
+    ["report", "--model", "M", "--tasks", "sciq", "--workdir", "W", "--max-steps", "0"],
+    ["audit", "--emulator", "E", "--model", "M", "--tasks", "sciq", "--out", "O", "--max-steps", "0"],
+])
+def test_zero_steps_is_refused_before_any_work(argv, capsys):
+    """``--max-steps 0`` once exited 0 and wrote the untouched layers as a trained adapter."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("must be" in err or "expects" in err), err

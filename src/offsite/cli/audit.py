@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .common import steps
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("audit", help="attacks a data owner can run on an emulator package; the worst-case privacy margin")
@@ -19,7 +21,7 @@ def add_parser(sub) -> None:
                    "strong: 4 times as many (recovery: half on public text, half on the task)")
     p.add_argument("--attacks", default="adapter,full,lora,recovery",
                    help="comma-separated subset of adapter,full,lora,recovery")
-    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps of the honest fine-tune")
+    p.add_argument("--max-steps", type=steps, default=200, help="optimizer steps of the honest fine-tune")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--split", default="validation")

@@ -28,6 +28,34 @@ def add_trust(parser, what: str = "the artifact") -> None:
                              "default: signatures are checked when present but not required")
 
 
+def steps(text: str) -> int:
+    """argparse type of a step count: an integer >= 1. Zero steps would write the untouched layers
+    as a "trained" adapter, which a mistyped count should never ship."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number of steps >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (0 steps would ship the untouched adapter), got {value}")
+    return value
+
+
+def epochs(text: str) -> float:
+    """argparse type of an epoch count: a finite number > 0."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number of epochs > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def parse_settings(pairs) -> dict:
     """``["rank=8", "ratio=0.5"]`` -> ``{"rank": 8, "ratio": 0.5}`` (values parsed as JSON when possible)."""
     from ..errors import OffsiteError
@@ -42,6 +70,29 @@ def parse_settings(pairs) -> dict:
         except json.JSONDecodeError:
             out[key.replace("-", "_")] = value
     return out
+
+
+def refuse_workflow_arguments(settings: dict, workflow, flags: dict | None = None) -> dict:
+    """Refuse ``--set`` keys that name an argument of ``workflow`` itself rather than a method setting.
+
+    The reserved names are read off the workflow's signature (every named parameter; ``**settings``
+    is where method settings go), so a new workflow argument is reserved without a hand-kept list.
+    ``flags`` maps an argument to the CLI flag that sets it, for the message.
+    """
+    import inspect
+
+    from ..errors import OffsiteError
+
+    own = [name for name, param in inspect.signature(workflow).parameters.items()
+           if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)]
+    for key in settings:
+        if key in own:
+            flag = (flags or {}).get(key, f"--{key.replace('_', '-')}")
+            raise OffsiteError(f"--set {key}=... names an argument of the workflow, not a method setting; "
+                               f"pass it as {flag}" if flag else
+                               f"--set {key}=... names an argument of the workflow, not a method setting, "
+                               "and it has no command-line flag")
+    return settings
 
 
 def print_json(data) -> None:

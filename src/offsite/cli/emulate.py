@@ -12,8 +12,16 @@ import dataclasses
 import inspect
 import textwrap
 
-_OWN = {"model", "method", "adapter_layers", "calibration", "dtype", "set", "out", "overwrite", "sign_key",
-        "allow_verbatim_middle", "device"}
+
+
+def workflow_arguments() -> set:
+    """The arguments :func:`offsite.emulate.emulate` takes itself, read off its signature."""
+    import inspect
+
+    from ..emulate import emulate
+
+    return {name for name, param in inspect.signature(emulate).parameters.items()
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
 
 
 def method_settings() -> dict:
@@ -21,11 +29,12 @@ def method_settings() -> dict:
     from ..emulator import available_methods, get_builder
 
     out: dict = {}
+    own = workflow_arguments() | {"set"}
     for method in available_methods():
         cls = get_builder(method).config_cls
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
-            if f.name in _OWN:
+            if f.name in own:
                 continue  # a setting shadowed by a workflow argument stays reachable through --set
             help_text, owners = out.get(f.name, (docs.get(f.name, ""), []))
             out[f.name] = (help_text or docs.get(f.name, ""), owners + [method])
@@ -85,10 +94,10 @@ def run(args) -> int:
     from ..device import resolve_device
     from ..emulate import emulate
     from ..errors import OffsiteError
-    from .common import parse_settings
+    from .common import parse_settings, refuse_workflow_arguments
 
-    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
-    settings = parse_settings(args.set)
+    settings = refuse_workflow_arguments(parse_settings(args.set), emulate, {"selection": None})
+    device = resolve_device(args.device)  # an unavailable device costs nothing and writes nothing
     known = method_settings()
     for name, (_, owners) in known.items():
         value = getattr(args, f"setting_{name}", None)

@@ -7,6 +7,8 @@ offsite.cli finetune ...`` (``--batch-size`` is then the global batch; see
 
 from __future__ import annotations
 
+from .common import epochs, steps
+
 
 def add_parser(sub) -> None:
     from ..data import FORMATS
@@ -23,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="store_true", help="train LoRA on the adapter layers instead of all weights")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=steps, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=epochs, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per micro-batch; under N processes the global one, split N ways")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_out
+from .common import add_out, steps
 
 
 def add_parser(sub) -> None:
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="validation", help="split every point is scored on (keep test for judging)")
     p.add_argument("--limit", type=int, default=None, help="first N evaluation questions")
     p.add_argument("--train-limit", type=int, default=None, help="first N training examples")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=steps, default=200)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workdir", required=True, help="folder for every point and frontier.json/.md/.png (not an input)")
@@ -59,13 +59,16 @@ def _numbers(text, what: str) -> list | None:
 
 def run(args) -> int:
     from ..device import resolve_device
+    from ..emulate import emulate
     from ..frontier import format_frontier, run_frontier
-    from .common import parse_settings
+    from .common import parse_settings, refuse_workflow_arguments
 
-    device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
+    # every point's settings go to emulate(); its own arguments are flags of this command or fixed
+    fixed = refuse_workflow_arguments(parse_settings(args.set), emulate, {"selection": None, "stream": None})
+    device = resolve_device(args.device)  # an unavailable device costs nothing and writes nothing
     record = run_frontier(args.model, args.method, args.tasks, args.data_dir, args.workdir, args.out,
                           values=_numbers(args.values, "--values"), lambdas=_numbers(args.lambdas, "--lambdas"),
-                          fixed=parse_settings(args.set), max_emulator_score=args.max_emulator_score,
+                          fixed=fixed, max_emulator_score=args.max_emulator_score,
                           min_delta=args.min_delta, audit=args.audit, public=args.public,
                           adapter_layers=args.adapter_layers, calibration=args.calibration, split=args.split,
                           limit=args.limit, train_limit=args.train_limit, overwrite=args.overwrite,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .common import steps
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="full ZS / emulator ZS / emulator FT / plug-in per task, with Δ")
@@ -20,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, default=None, help="first N evaluation questions per task")
     p.add_argument("--train-limit", type=int, default=None, help="first N training examples per task")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=steps, default=200)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--full-ft", action="store_true",
