@@ -167,3 +167,43 @@ def test_unsupported_architecture_folder_is_refused_before_loading_weights(tmp_p
     err = capsys.readouterr().err
     assert "unsupported architecture model_type='bert'" in err and "gpt_neox" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("swap", ["artifact", "checkpoint"])
+def test_files_reach_the_disk_before_the_rename(swap, tmp_path, monkeypatch):
+    """A rename is atomic in the namespace only: without fsync first, a power loss can leave the
+    renamed artifact (or the "good" checkpoint) with empty files. Every staged file and folder is
+    flushed before the rename into place, and the parent after it."""
+    import os
+
+    from offsite.artifacts import folder as folder_mod
+    from offsite.finetune import checkpoint as checkpoint_mod
+
+    new = tmp_path / "staged"
+    (new / "sub").mkdir(parents=True)
+    for rel in ("a.safetensors", "manifest.json", "sub/b.json"):
+        (new / rel).write_text(rel)
+    out = tmp_path / "out"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    if swap == "artifact":
+        folder_mod._swap(new, out, "t")
+    else:
+        checkpoint_mod._swap(new, out)
+    into = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out))
+    flushed = {e[1] for e in events[:into] if e[0] == "fsync"}
+    for rel in ("a.safetensors", "manifest.json", "sub/b.json", "sub", "."):
+        assert os.path.realpath(new / rel) in flushed, rel
+    assert ("fsync", os.path.realpath(tmp_path)) in events[into:]
+    assert sorted(p.name for p in out.rglob("*")) == ["a.safetensors", "b.json", "manifest.json", "sub"]

@@ -206,8 +206,45 @@ def writing_artifact(out_dir, kind: str, overwrite: bool = False, inputs=(), sig
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, and the folders holding them, to the disk.
+
+    A rename is atomic in the namespace, not on the disk: after a power loss the renamed folder can
+    hold files of zero length unless their data reached the disk before the rename (ext4, XFS).
+    Called on a staged folder right before it is swapped into place; :func:`fsync_dir` on the
+    parent afterwards makes the rename itself durable.
+    """
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames, new files); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: no directory handles; NTFS journals the rename itself
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the files themselves are flushed
+    finally:
+        os.close(fd)
+
+
 def _swap(new: Path, out: Path, tag: str) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is set aside first and removed only afterwards."""
+    """Move ``new`` to ``out``; an existing ``out`` is set aside first and removed only afterwards.
+
+    ``new`` is flushed to the disk first and the rename after, so a crash leaves the old artifact or
+    the whole new one, never a new one with empty files.
+    """
+    fsync_tree(new)
     if out.exists() and any(out.iterdir()):
         old = out.parent / f".{out.name}.old-{tag}"
         os.replace(out, old)
@@ -221,6 +258,7 @@ def _swap(new: Path, out: Path, tag: str) -> None:
         if out.exists():
             out.rmdir()
         os.replace(new, out)
+    fsync_dir(out.parent)
 
 
 class _Staging:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import canonical_json, overlapping_input, sha256_file
+from ..artifacts.folder import fsync_dir, fsync_tree
 from ..artifacts.tensors import load_tensors
 from ..errors import OffsiteError
 from .schedule import optimizer_tensors, restore_optimizer
@@ -187,12 +188,14 @@ def _reuse_best(folder: Path, target: Path) -> str | None:
 
 def _swap(tmp: Path, folder: Path) -> None:
     old = _old_dir(folder)
+    fsync_tree(tmp)  # data on the disk before the rename: a power loss never leaves a torn "good" checkpoint
     if folder.exists():
         if old.exists():
             _remove(old)  # a leftover: ``folder`` is the good checkpoint here
         os.replace(folder, old)
     # When ``folder`` is missing, ``old`` (if any) stays the last good one until the new one is in.
     os.replace(tmp, folder)
+    fsync_dir(folder.parent)
     if old.exists():
         _remove(old)
 
