@@ -15,6 +15,10 @@ base model, and what is named is what is on disk. Without safetensors files (``.
 it falls back to the model in memory, in the same canonical form. Hashing a 7B checkpoint reads it
 once (~14 GB for bf16), so the result is cached keyed on the weight files (path, name, size, inode,
 mtime, ctime of every file): rewriting a file changes its ctime, which user code cannot set back.
+The cache lives in ``$OFFSITE_CACHE_DIR`` (else ``$OFFSITE_HOME``, else ``~/.cache/offsite``).
+
+A ``.gguf`` file is fingerprinted over its dequantised fp32 values (:mod:`offsite.gguf_input`), the
+same fingerprint as its fp32 conversion to a folder, and its record adds the file's ``source``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def weight_fingerprint(tensors: dict) -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("OFFSITE_CACHE_DIR") or Path.home() / ".cache" / "offsite") / "fingerprints"
+    home = os.environ.get("OFFSITE_CACHE_DIR") or os.environ.get("OFFSITE_HOME") or Path.home() / ".cache" / "offsite"
+    return Path(home).expanduser() / "fingerprints"
 
 
 def weight_files(name_or_path: str) -> list:
@@ -120,22 +125,38 @@ def _files_key(files) -> str:
     return hashlib.sha256(canonical_json([FINGERPRINT_VERSION, stats]).encode()).hexdigest()
 
 
-def cached_files_fingerprint(files) -> str:
-    """:func:`files_fingerprint`, cached per weight-file state (see the module docstring)."""
+def cached_fingerprint(files) -> dict | None:
+    """The cache entry of these files in their present state (``{"weight_fingerprint": ...}``), or None."""
     entry = _cache_dir() / f"{_files_key(files)}.json"
     if entry.is_file():
         try:
-            return json.loads(entry.read_text())["weight_fingerprint"]
-        except (ValueError, KeyError, OSError):
+            record = json.loads(entry.read_text())
+            if isinstance(record.get("weight_fingerprint"), str):
+                return record
+        except (ValueError, OSError, AttributeError):
             pass  # a damaged cache entry is recomputed
-    value = files_fingerprint(files)
+    return None
+
+
+def cache_fingerprint(files, record: dict) -> None:
+    """Store ``record`` (at least ``weight_fingerprint``) as the cache entry of these files' present state."""
+    entry = _cache_dir() / f"{_files_key(files)}.json"
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"weight_fingerprint": value, "files": [str(f) for f in files]}))
+        tmp.write_text(json.dumps({**record, "files": [str(f) for f in files]}))
         os.replace(tmp, entry)
     except OSError:
         pass  # a read-only home only costs the recomputation next time
+
+
+def cached_files_fingerprint(files) -> str:
+    """:func:`files_fingerprint`, cached per weight-file state (see the module docstring)."""
+    record = cached_fingerprint(files)
+    if record is not None:
+        return record["weight_fingerprint"]
+    value = files_fingerprint(files)
+    cache_fingerprint(files, {"weight_fingerprint": value})
     return value
 
 
@@ -145,17 +166,26 @@ def model_identity(model: torch.nn.Module, name_or_path: str) -> dict:
     Args:
         model: the base model as loaded from ``name_or_path`` (its config is hashed; its weights
             only when ``name_or_path`` has no safetensors files).
-        name_or_path: the folder or hub id it was loaded from.
+        name_or_path: the folder or hub id it was loaded from, or a ``.gguf`` file (then the record
+            also holds ``source``: the file's sha256 and quantization, see
+            :func:`offsite.gguf_input.gguf_source`).
     """
+    from .gguf_input import gguf_identity, is_gguf
+
     cfg = model.config
-    files = weight_files(name_or_path)
-    fingerprint = cached_files_fingerprint(files) if files else weight_fingerprint(unique_state_dict(model))
+    source = None
+    if is_gguf(name_or_path):  # fingerprinted over the dequantised fp32 values, whatever dtype is loaded
+        fingerprint, source = gguf_identity(name_or_path)
+    else:
+        files = weight_files(name_or_path)
+        fingerprint = cached_files_fingerprint(files) if files else weight_fingerprint(unique_state_dict(model))
     return {
         "name_or_path": str(name_or_path),
         "model_type": cfg.model_type,
         "num_layers": cfg.num_hidden_layers,
         "config_hash": config_hash(cfg),
         "weight_fingerprint": fingerprint,
+        **({"source": source} if source else {}),
     }
 
 

@@ -1,8 +1,9 @@
 """Loading base models and tokenizers from a local folder or a Hugging Face hub id.
 
 Hub ids go through the normal ``from_pretrained`` machinery (and its cache), so they work wherever
-the hub is reachable; a local folder always works. Unsupported architectures are refused from the
-config alone, before any weight is read.
+the hub is reachable; a local folder always works. A ``.gguf`` file is loaded dequantised
+(:mod:`offsite.gguf_input`). Unsupported architectures are refused from the config alone, before any
+weight is read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .errors import OffsiteError
 from .families import get_family
+from .gguf_input import gguf_config, gguf_tokenizer, is_gguf, load_gguf
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -41,6 +43,8 @@ def load_config(name_or_path: str):
     """Read a model config, with one clear error when the folder or hub id cannot be resolved."""
     from transformers import AutoConfig
 
+    if is_gguf(name_or_path):
+        return gguf_config(name_or_path)
     local = Path(name_or_path)
     if local.exists() and not (local / "config.json").is_file():
         raise OffsiteError(f"{name_or_path} exists but has no config.json; expected a Hugging Face model folder")
@@ -56,7 +60,7 @@ def load_model(name_or_path: str, dtype="auto", device: str | None = None):
     """Load a supported causal LM and, when present, its tokenizer.
 
     Args:
-        name_or_path: local folder or hub id.
+        name_or_path: local folder, hub id, or ``.gguf`` file (dequantised; ``"auto"`` is fp32 there).
         dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: where to put the model (default CPU).
 
@@ -65,6 +69,8 @@ def load_model(name_or_path: str, dtype="auto", device: str | None = None):
     """
     from transformers import AutoModelForCausalLM
 
+    if is_gguf(name_or_path):
+        return load_gguf(name_or_path, dtype=dtype, device=device)
     config = load_config(name_or_path)
     get_family(config)  # refuse unsupported architectures before reading weights
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
@@ -78,6 +84,8 @@ def load_tokenizer(name_or_path: str):
     """The tokenizer stored with a model, or ``None`` when there is none."""
     from transformers import AutoTokenizer
 
+    if is_gguf(name_or_path):
+        return gguf_tokenizer(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, TypeError):

@@ -63,8 +63,10 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         check_trusted(plugged, trusted_keys, root)
         verify_files(root, plugged)
     if stream:
+        from .gguf_input import refuse_stream
         from .offload import claimed_adapter_layers, load_offloaded
 
+        refuse_stream(model)
         keep = [] if adapter is None else claimed_adapter_layers(adapter, load_config(model).num_hidden_layers)
         full, tokenizer = load_offloaded(model, dtype=dtype, device=where, keep=keep)
     else:

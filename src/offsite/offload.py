@@ -83,6 +83,9 @@ def load_offloaded(name_or_path: str, dtype="auto", device="cpu", keep=()) -> tu
     """
     from transformers import AutoModelForCausalLM
 
+    from .gguf_input import refuse_stream
+
+    refuse_stream(name_or_path)
     config = load_config(name_or_path)
     get_family(config)  # unsupported architectures are refused before any weight is read
     if not weight_files(name_or_path):

@@ -105,6 +105,9 @@ class StreamedModel:
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
+        from .gguf_input import refuse_stream
+
+        refuse_stream(name_or_path)
         return_freed_memory()
         config = load_config(name_or_path)
         self.family = get_family(config)

@@ -22,7 +22,7 @@ import sys
 import time
 
 QUIET_HELP = "no progress bars or phase timings on stderr (the final cost line and errors stay)"
-COMMANDS = ["families", "emulate", "finetune", "federate", "plug", "eval", "report", "audit", "frontier", "demo", "inspect", "verify", "keygen"]
+COMMANDS = ["families", "emulate", "finetune", "federate", "plug", "eval", "report", "audit", "frontier", "demo", "inspect", "verify", "keygen", "models"]
 
 
 def build_parser() -> argparse.ArgumentParser:
