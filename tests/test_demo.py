@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -68,11 +67,9 @@ def test_corpus_tells_every_fact_and_never_asks(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
-    started = time.time()
     from offsite.demo import run_demo
 
     result = run_demo(tmp_path, quick=True, seed=0, progress=False)
-    elapsed = time.time() - started
     acc = result["accuracy"]
     # Measured at seed 0: full ZS 0.909, emulator ZS 0.345, emulator FT 0.364, plug-in 0.818 (chance
     # 0.10, 55 questions: one answer is 0.018).
@@ -86,13 +83,9 @@ def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
     assert acc["emulator_ft"] >= acc["emulator_zs"] - 0.04, acc
     assert acc["emulator_zs"] <= acc["full_zs"] - 0.30, acc
     assert (tmp_path / "results.json").is_file() and (tmp_path / "plugged" / "config.json").is_file()
-    # Generous: the quick demo takes about 100 s on a loaded 2-core machine.
-    assert elapsed < 400, f"quick demo took {elapsed:.0f} s"
     # Benchmarks start from the same world and model: --prepare-only finds the finished pretraining.
     from offsite.cli import main
 
     before = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
-    started = time.time()
     assert main(["demo", "--quick", "--prepare-only", "--quiet", "--workdir", str(tmp_path)]) == 0
-    assert time.time() - started < 30
     assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == before

@@ -95,6 +95,7 @@ def make_task_file(tmp_path: Path, task: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_acc_and_loglik_equal_lm_eval(tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

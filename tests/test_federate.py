@@ -64,14 +64,9 @@ def test_cli_simulation_of_three_clients_plugs_in(emu, saved_model, tmp_path, te
             "--batch-size", "4", "--lr", "3e-3", "--val-data", str(text_file), "--device", "cpu", "--out", str(out)]
     started = time.time()
     code = main(args)
-    if code == 2 and "simulation engine failed" in capfd.readouterr().err:  # Ray itself, once: retry
-        code = main(args)
-        err = capfd.readouterr().err
-        if code == 2 and "simulation engine failed" in err:
-            # Ray's own start-up, twice (not a client or offsite error: those are reported otherwise and
-            # fail below). Everything past the engine is covered in-process by the other tests.
-            pytest.skip(f"Flower's Ray engine could not run on this machine: {err.strip().splitlines()[-1]}")
-    assert code == 0
+    err = capfd.readouterr().err
+    # Ray failing to start is a failure with its output, not a skip (federate itself retries once)
+    assert code == 0, f"offsite federate exited {code}; stderr:\n{err[-4000:]}"
     seconds = time.time() - started
     settings = json.loads((out / "settings.json").read_text())
     fed = settings["federation"]

@@ -197,6 +197,7 @@ def _emulator_loss(model, batches):
     return total / sum(b[:, 1:].numel() for b in batches)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ref_model_dir() is None, reason="shared reference model not present")
 def test_gcs_trades_gradient_fidelity_for_loss_and_beats_its_baselines(tmp_path):
     """Reference Llama (12 layers, 2+2 adapter), 40% of every middle linear kept, the shipped 64 War and

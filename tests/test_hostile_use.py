@@ -176,13 +176,13 @@ def test_set_refuses_a_workflow_argument_in_one_line(key, saved_model, tmp_path,
 @pytest.mark.parametrize("argv", [
     ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--max-steps", "0"],
     ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--max-steps", "-3"],
-    ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--epochs", "0"],
-    ["finetune", "--emulator", "E", "--data", "D", "--out", "O", "--epochs", "nan"],
+    ["federate", "--emulator", "E", "--data", "D", "--out", "O", "--local-steps", "0"],
     ["report", "--model", "M", "--tasks", "sciq", "--workdir", "W", "--max-steps", "0"],
     ["audit", "--emulator", "E", "--model", "M", "--tasks", "sciq", "--out", "O", "--max-steps", "0"],
 ])
 def test_zero_steps_is_refused_before_any_work(argv, capsys):
-    """``--max-steps 0`` once exited 0 and wrote the untouched layers as a trained adapter."""
+    """``--max-steps 0`` once exited 0 and wrote the untouched layers as a trained adapter (``--epochs``
+    <= 0 is refused by the settings check, test_finetune_settings_out_of_range_are_refused)."""
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

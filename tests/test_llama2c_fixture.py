@@ -24,8 +24,6 @@ except ModuleNotFoundError:  # tests/ is not a package: pytest puts tests/ itsel
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

@@ -42,20 +42,6 @@ def steps(text: str) -> int:
     return value
 
 
-def epochs(text: str) -> float:
-    """argparse type of an epoch count: a finite number > 0."""
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a number of epochs > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def parse_settings(pairs) -> dict:
     """``["rank=8", "ratio=0.5"]`` -> ``{"rank": 8, "ratio": 0.5}`` (values parsed as JSON when possible)."""
     from ..errors import OffsiteError

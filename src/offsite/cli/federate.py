@@ -6,7 +6,7 @@ ServerApp/ClientApp through Flower (see :mod:`offsite.federate`).
 
 from __future__ import annotations
 
-from .common import epochs, steps
+from .common import steps
 
 LOCAL = ["format", "task", "lora", "lora_r", "lora_alpha", "max_steps", "epochs", "lr", "batch_size", "grad_accum",
          "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     local.add_argument("--lora-alpha", type=int, default=16)
     local.add_argument("--max-steps", "--local-steps", dest="max_steps", type=steps, default=None,
                        help="local optimizer steps per round (overrides --epochs)")
-    local.add_argument("--epochs", "--local-epochs", dest="epochs", type=epochs, default=1.0,
+    local.add_argument("--epochs", "--local-epochs", dest="epochs", type=float, default=1.0,
                        help="local epochs over the client's data per round (default 1)")
     local.add_argument("--lr", type=float, default=1e-4)
     local.add_argument("--batch-size", type=int, default=8)

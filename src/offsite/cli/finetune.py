@@ -7,7 +7,7 @@ offsite.cli finetune ...`` (``--batch-size`` is then the global batch; see
 
 from __future__ import annotations
 
-from .common import epochs, steps
+from .common import steps
 
 
 def add_parser(sub) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--max-steps", type=steps, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=epochs, default=1.0)
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per micro-batch; under N processes the global one, split N ways")
