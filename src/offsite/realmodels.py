@@ -34,7 +34,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from .artifacts.folder import clean_leftovers, list_files, sha256_file
+from .artifacts.folder import clean_leftovers, fsync_dir, fsync_tree, list_files, sha256_file
 from .errors import OffsiteError
 from .progress import phase
 
@@ -130,7 +130,8 @@ def atomic_folder(out):
     """Yield a hidden temp folder next to ``out``; on success rename it to ``out`` (replacing it).
 
     An exception or a kill leaves ``out`` as it was; a killed writer's temp folder is removed by the
-    next one (:func:`offsite.artifacts.folder.clean_leftovers`).
+    next one (:func:`offsite.artifacts.folder.clean_leftovers`). Files are flushed to the disk before
+    the rename, as artifacts are.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,7 @@ def atomic_folder(out):
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)  # the files reach the disk before the rename that makes them the folder
         if out.exists():  # an incomplete or damaged earlier folder: set aside, then replaced
             old = out.parent / f".{out.name}.old-{tag}"
             os.replace(out, old)
@@ -147,6 +149,7 @@ def atomic_folder(out):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
