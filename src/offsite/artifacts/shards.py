@@ -9,8 +9,9 @@ loads with ``AutoModelForCausalLM.from_pretrained`` and no offsite code.
 
 Shards are filled in state-dict order and closed before the next tensor would take them past
 ``max_shard_size`` (a tensor bigger than that gets a shard of its own, as in Hugging Face). Each
-shard is moved to CPU and written with safetensors' own ``save_file`` before the next is touched,
-so writing holds at most one shard's tensors beyond the model itself. When everything fits in one
+file is written tensor by tensor (:mod:`offsite.artifacts.stream_write`: the header first, then
+each tensor's bytes, read right before they are written), bitwise what safetensors' ``save_file``
+writes, so writing holds one tensor beyond the model itself, whatever the shard size. When everything fits in one
 shard the file is ``model.safetensors`` with no index: small models are written exactly as before.
 
 The manifest's ``tensors`` table has one entry per shard. The index is hashed like every file, and
@@ -27,7 +28,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError, OffsiteError
-from .tensors import save_tensors
+from .stream_write import file_table, plan_header, specs_of, write_streamed
+from .tensors import FILE_METADATA, save_tensors
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -116,22 +118,29 @@ def save_sharded(tensors: dict, folder, max_shard_size=DEFAULT_MAX_SHARD_SIZE, r
     """
     limit = parse_size(max_shard_size)
     groups = plan_shards({name: nbytes(t) for name, t in tensors.items()}, limit)
-    table, weight_map, values = {}, {}, None
+    table, weight_map = {}, {}
     for number, names in enumerate(groups, start=1):
         file = shard_name(number, len(groups))
         part = {name: tensors[name] for name in names}
         placeholders = [name for name, t in part.items() if t.is_meta]
-        if placeholders:
-            if read is None:
-                raise OffsiteError(f"tensor '{placeholders[0]}' has no values (it is on the meta device)")
-            values = read(placeholders)
-            for name in placeholders:
-                if values[name].shape != part[name].shape or values[name].dtype != part[name].dtype:
-                    raise OffsiteError(f"tensor '{name}' was read as {values[name].dtype} "
-                                       f"{list(values[name].shape)}, expected {part[name].dtype} {list(part[name].shape)}")
-            part.update(values)
-        table[file] = save_tensors(part, Path(folder) / file)
-        part = values = None  # this shard's values are on disk: the next shard reads its own
+        if placeholders and read is None:
+            raise OffsiteError(f"tensor '{placeholders[0]}' has no values (it is on the meta device)")
+        specs = specs_of(part)
+        header = plan_header(specs, FILE_METADATA)
+        if header is not None:  # one tensor in memory at a time, read right before it is written
+            write_streamed(Path(folder) / file, specs,
+                           lambda name: read([name])[name] if part[name].is_meta else part[name],
+                           FILE_METADATA, header)
+            table[file] = file_table(specs)
+        else:  # a safetensors whose header this writer cannot reproduce: the shard at once
+            if placeholders:
+                part.update(read(placeholders))
+            for name, (dtype, shape) in specs.items():
+                if part[name].dtype != dtype or tuple(part[name].shape) != shape:
+                    raise OffsiteError(f"tensor '{name}' was read as {part[name].dtype} {list(part[name].shape)}, "
+                                       f"expected {dtype} {list(shape)}")
+            table[file] = save_tensors(part, Path(folder) / file)
+        part = None  # this shard's values are on disk
         weight_map.update(dict.fromkeys(names, file))
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(nbytes(t) for t in tensors.values())},

@@ -54,10 +54,13 @@ def unique_state_dict(module: torch.nn.Module) -> dict:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in distinct.items()}
 
 
+FILE_METADATA = {"format": "pt"}  # what transformers writes and expects in a checkpoint's header
+
+
 def save_tensors(tensors: dict, path, metadata: dict | None = None) -> dict:
     """Write tensors to a safetensors file; return ``{name: [dtype, shape]}`` for the manifest."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(path), metadata={"format": "pt", **(metadata or {})})
+    save_file(clean, str(path), metadata={**FILE_METADATA, **(metadata or {})})
     return tensor_index(clean)
 
 
