@@ -41,6 +41,7 @@ import torch
 
 from ..errors import OffsiteError
 from ..progress import bar as progress_bar
+from ..token_loss import target_logprobs
 from .batching import plan_batches, resolve_batch_tokens
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
@@ -119,26 +120,29 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def _score_rows(logits: torch.Tensor, ends: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+def _score_rows(model, ids: torch.Tensor, ends: list[int], conts: list[list[int]], logits: str = "scored",
+                **forward) -> list[tuple[float, bool]]:
     """Per row: (sum of log-probs of ``conts[r]``, whether every token is the argmax).
 
-    ``logits`` is ``[rows, seq, vocab]``; row r predicts ``conts[r]`` at positions ``ends[r] - len(conts[r])``
-    up to ``ends[r] - 1``.
+    ``ids`` is ``[rows, seq]``; row r predicts ``conts[r]`` at positions ``ends[r] - len(conts[r])`` up
+    to ``ends[r] - 1``. Only those positions go through the LM head (:mod:`offsite.token_loss`),
+    unless ``logits="full"``; ``forward`` are more arguments of the forward pass (a KV cache).
     """
-    sums, greedy = [], []
-    for row, (end, cont) in enumerate(zip(ends, conts)):
-        # log_softmax in fp32 whatever the model dtype: bf16 sums lose digits that decide near-ties.
-        logp = torch.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)  # [n_cont, vocab]
-        target = torch.tensor(cont, device=logp.device)
-        sums.append(logp.gather(1, target[:, None]).squeeze(1).double().sum())
-        greedy.append((logp.argmax(-1) == target).all())
+    rows = [r for r, cont in enumerate(conts) for _ in cont]
+    cols = [c for end, cont in zip(ends, conts) for c in range(end - len(cont), end)]
+    flat = [t for cont in conts for t in cont]
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=ids.device)  # noqa: E731
+    logp, greedy = target_logprobs(model, ids, as_tensor(rows), as_tensor(cols), as_tensor(flat), logits, **forward)
+    sizes = [len(cont) for cont in conts]
+    sums = [lp.double().sum() for lp in logp.split(sizes)]
     # One transfer per batch: on a GPU a float()/bool() per row would wait on the device each time.
-    return list(zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist()))
+    return list(zip(torch.stack(sums).tolist(), torch.stack([g.all() for g in greedy.split(sizes)]).tolist()))
 
 
 @torch.no_grad()
 def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                      max_length: int = DEFAULT_MAX_LENGTH, pbar=None, max_batch_tokens: int = 0) -> list:
+                      max_length: int = DEFAULT_MAX_LENGTH, pbar=None, max_batch_tokens: int = 0,
+                      logits: str = "scored") -> list:
     """Flat path: ``[(loglikelihood, is_greedy)]`` of (context ids, continuation ids) pairs, in order.
 
     Args:
@@ -146,6 +150,8 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
         max_length: model context; longer inputs are left-truncated to it.
         pbar: optional tqdm bar advanced by one per pair.
         max_batch_tokens: padded tokens per batch instead of ``batch_size`` rows, 0 = off (:mod:`.batching`).
+        logits: ``"scored"`` (the LM head on the continuation positions only) or ``"full"`` (every
+            position, the model's own forward); see :mod:`offsite.token_loss`.
     """
     for ctx, cont in pairs:
         if not cont:
@@ -166,8 +172,8 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
         ids = torch.zeros((len(chunk), width), dtype=torch.long)  # right padding with id 0
         for row, seq in enumerate(inputs):
             ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        logits = model(input_ids=ids.to(device), use_cache=False).logits  # [B, width, vocab]
-        scored = _score_rows(logits, [len(x) for x in inputs], [pairs[i][1] for i in chunk])
+        scored = _score_rows(model, ids.to(device), [len(x) for x in inputs], [pairs[i][1] for i in chunk], logits,
+                             use_cache=False)
         for i, res in zip(chunk, scored):
             results[i] = res
         if pbar is not None:
@@ -182,12 +188,14 @@ def _keep_last_logit(model) -> dict:
 
 
 @torch.no_grad()
-def score_shared_context(model, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]] | None:
+def score_shared_context(model, ctx: list[int], conts: list[list[int]],
+                         logits: str = "scored") -> list[tuple[float, bool]] | None:
     """Shared path: one KV-cached pass over the context, then all continuations in one batch.
 
     Args:
         ctx: context token ids (``len(ctx) + max(len(c)) <= max_length + 1``: no truncation here).
         conts: continuation token ids of each choice, all non-empty.
+        logits: ``"scored"`` or ``"full"``, as in :func:`score_token_pairs`.
 
     Returns:
         ``[(loglikelihood, is_greedy)]`` per continuation, or ``None`` when the model gives no cache
@@ -209,8 +217,8 @@ def score_shared_context(model, ctx: list[int], conts: list[list[int]]) -> list[
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     # Positions continue from the cache length, so no position ids or mask are needed.
-    logits = model(input_ids=ids.to(device), past_key_values=cache, use_cache=cache is not None).logits
-    return _score_rows(logits, [len(r) for r in rows], conts)
+    return _score_rows(model, ids.to(device), [len(r) for r in rows], conts, logits, past_key_values=cache,
+                       use_cache=cache is not None)
 
 
 def loglikelihood(model, tokenizer, requests, batch_size: int = 8, max_length: int | None = None,
@@ -241,7 +249,8 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
 
 def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, shared_context="auto",
                           shared_min_tokens: int = 64, max_length: int | None = None,
-                          progress: bool = True, desc: str = "multiple choice", max_batch_tokens=None) -> dict:
+                          progress: bool = True, desc: str = "multiple choice", max_batch_tokens=None,
+                          logits: str = "scored") -> dict:
     """Score multiple-choice questions; ``acc`` and ``acc_norm`` as lm-eval computes them.
 
     Args:
@@ -251,6 +260,7 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
             ``"auto"`` (shared for contexts of at least ``shared_min_tokens`` tokens).
         max_batch_tokens: token budget of the flat path's batches: None = auto (a budget on CUDA,
             ``batch_size`` rows elsewhere), 0 = off, N = N tokens (see :mod:`.batching`).
+        logits: ``"scored"`` (the LM head on the answer tokens only) or ``"full"``; equal up to rounding.
 
     Returns:
         ``{"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n", "details": [per question:
@@ -275,7 +285,7 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
     total = sum(len(pairs) for pairs in encoded)
     with eval_mode(model), progress_bar(total, desc, "choice", enabled=progress) as bar:
         for q in shared:
-            scores[q] = score_shared_context(model, encoded[q][0][0], [c for _, c in encoded[q]])
+            scores[q] = score_shared_context(model, encoded[q][0][0], [c for _, c in encoded[q]], logits)
             if scores[q] is None:
                 scores[q] = []
                 flat.append(q)  # no usable cache on this model: score it flat below
@@ -283,7 +293,7 @@ def score_multiple_choice(model, tokenizer, examples, batch_size: int = 8, share
         # Flat questions are pooled so that batches mix questions of similar length.
         pooled = [(q, pair) for q in flat for pair in encoded[q]]
         flat_scores = score_token_pairs(model, [p for _, p in pooled], batch_size, max_length, pbar=bar,
-                                        max_batch_tokens=budget)
+                                        max_batch_tokens=budget, logits=logits)
         for (q, _), res in zip(pooled, flat_scores):
             scores[q].append(res)
     details = []

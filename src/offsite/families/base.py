@@ -37,6 +37,8 @@ class Family:
             q/k/v are separate.
         conv1d: True when linears are GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
         parallel_residual: attention and MLP read the same input (Phi, GPT-J, Falcon, NeoX).
+        logit_softcap: config attribute of a final logit soft-cap ``c * tanh(logits / c)`` applied
+            after the LM head (Gemma 2), or ``None``; see :mod:`offsite.families.head`.
         extra: other architecture notes shown by ``offsite families``.
     """
 
@@ -49,7 +51,17 @@ class Family:
     qkv_layout: str | None = None
     conv1d: bool = False
     parallel_residual: bool = False
+    logit_softcap: str | None = None
     extra: str = ""
+
+    @property
+    def backbone(self) -> str:
+        """Path of the base model the CausalLM wraps (``"model"``, ``"transformer"``, ``"gpt_neox"``).
+
+        It holds the decoder layers, so it is the first component of :attr:`layers`; its output's
+        ``last_hidden_state`` is what the LM head projects.
+        """
+        return self.layers.split(".", 1)[0]
 
     @property
     def layers_attr(self) -> str:

@@ -6,6 +6,8 @@ the conformance suite (``tests/test_families.py``) then runs every invariant aga
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import Family
 
 _LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
@@ -28,8 +30,10 @@ FAMILIES: dict[str, Family] = {
         _llama_like("qwen2", extra="q/k/v biases; config.layer_types"),
         _llama_like("qwen3", extra="per-head q_norm/k_norm inside self_attn; config.layer_types"),
         _llama_like("gemma", extra="embeddings scaled by sqrt(hidden); RMSNorm(1+w); tied head"),
-        _llama_like("gemma2", norms=_PRE_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-                    extra="soft-capping; alternating sliding/full attention in config.layer_types"),
+        dataclasses.replace(
+            _llama_like("gemma2", norms=_PRE_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                        extra="soft-capping; alternating sliding/full attention in config.layer_types"),
+            logit_softcap="final_logit_softcapping"),
         Family("phi3", layers="model.layers", final_norm="model.norm",
                attention={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj"},
                mlp={"gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}, norms=_PRE_NORMS,

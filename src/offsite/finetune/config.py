@@ -7,6 +7,7 @@ import dataclasses
 from ..errors import OffsiteError
 from ..precision import PRECISIONS
 from ..settings_types import check_types
+from ..token_loss import MODES as LOGITS
 from .dp import ACCOUNTANTS
 from .schedule import SCHEDULES
 
@@ -51,6 +52,10 @@ class FinetuneConfig:
     bf16 models, else none (fp16 models: the adapter computes in fp32, with loss scaling). fp32: no
     autocast, each layer in its own dtype. bf16: bf16 autocast. fp16: fp16 autocast + loss scaling."""
     gradient_checkpointing: bool = False
+    logits: str = "scored"
+    """scored: the LM head and the loss only at the tokens that are scored (the answer of mc/prompt
+    data; text in chunks of positions); full: logits for every position, the model's own loss (the
+    path before offsite.token_loss). Equal up to float rounding; scored needs far less memory."""
     eval_every: int | None = None
     """Validate every N steps and at the end (default: 5 times per run); the best validation loss wins."""
     save_every: int | None = None
@@ -85,6 +90,8 @@ class FinetuneConfig:
             setattr(self, name, value)
         if self.schedule not in SCHEDULES:
             raise OffsiteError(f"schedule {self.schedule!r} unknown; allowed: {', '.join(SCHEDULES)}")
+        if self.logits not in LOGITS:
+            raise OffsiteError(f"logits {self.logits!r} unknown; allowed: {', '.join(LOGITS)}")
         if self.precision not in PRECISIONS:
             raise OffsiteError(f"precision {self.precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
         for name in ("batch_size", "grad_accum", "block_size", "lora_r"):

@@ -172,13 +172,14 @@ class Group:
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
-    def weigh(self, loss: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> tuple:
+    def weigh(self, loss: torch.Tensor, labels: torch.Tensor, anchor: torch.Tensor) -> tuple:
         """This shard's share of the micro-batch loss, and that loss's value (the same on every process).
 
         Args:
             loss: the model's token-mean loss over this shard (already divided by ``grad_accum``).
             labels: this shard's labels ``(batch, seq)``, ``-100`` where nothing is predicted.
-            logits: the forward pass's logits (to backpropagate a zero through an empty shard).
+            anchor: a tensor of the forward pass, the scored hidden states or the logits
+                (:func:`offsite.token_loss.mean_loss`), to backpropagate a zero through an empty shard.
 
         Returns:
             ``(local, value)``: ``local`` weighted by this shard's share of the micro-batch's target
@@ -190,7 +191,7 @@ class Group:
         value = total / tokens if tokens else float("nan")  # one process with no tokens at all: as HF's 0/0
         if not count:
             # HF's mean over no token is NaN; this shard adds nothing but must still run backward.
-            return logits.sum() * 0.0, value
+            return anchor.sum() * 0.0, value
         return loss * (count / tokens), value
 
     @torch.no_grad()

@@ -52,8 +52,9 @@ import warnings
 
 import torch
 
-from ..data import IGNORE, collate
+from ..data import collate
 from ..errors import OffsiteError
+from ..token_loss import token_losses
 
 ACCOUNTANTS = ("rdp", "prv")
 """Opacus accountants offered; ``rdp`` (the default) is the classic conservative bound, ``prv`` tighter."""
@@ -125,14 +126,6 @@ def _seed(secret: int, purpose: str, step: int) -> int:
     """A 63-bit seed for one step's generator; hashing keeps the streams of nearby steps unrelated."""
     digest = hashlib.sha256(f"{secret}:{purpose}:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each example's mean next-token loss, shape ``(batch,)``, from logits ``(batch, seq, vocab)``."""
-    target = labels[:, 1:]
-    tokens = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                                               ignore_index=IGNORE, reduction="none")
-    return tokens.sum(1) / (target != IGNORE).sum(1).clamp(min=1)
 
 
 class DPSGD:
@@ -208,9 +201,8 @@ class DPSGD:
         for k, chunk in enumerate(chunks):
             if chunk:
                 batch = {n: t.to(self.device) for n, t in collate([self.examples[i] for i in chunk], self.pad).items()}
-                with autocast:
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = example_losses(logits, batch["labels"]).sum()
+                with autocast:  # per-example means from the scored tokens only (offsite.token_loss)
+                    loss = token_losses(self.model, batch, self.cfg.logits).per_example(len(chunk)).sum()
                 value = loss.item()
                 if not math.isfinite(value):  # before backward: a NaN must never reach the weights
                     raise fail(f"loss is {value}")

@@ -30,6 +30,7 @@ import torch
 from ..data import collate, load_examples
 from ..errors import OffsiteError
 from ..families import get_layers
+from ..token_loss import mean_loss, token_losses
 from .checkpoint import diverged, first_nonfinite
 from .schedule import lr_lambda
 
@@ -203,16 +204,16 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
                     batch = batches(state.step * cfg.grad_accum + micro)
-                    with autocast:
-                        out = model(**batch)
-                        loss = out.loss / cfg.grad_accum
+                    with autocast:  # the head only where a label is scored, unless cfg.logits is "full"
+                        loss, anchor = mean_loss(model, batch, cfg.logits)
+                        loss = loss / cfg.grad_accum
                     if penalty is not None:  # in fp32, outside autocast; split over the micro-batches like the loss
                         loss = loss + penalty() / cfg.grad_accum
                     if group is None:
                         value = loss.item()
                     else:  # every process gets the same value, so all of them stop together on a NaN
-                        loss, value = group.weigh(loss, batch["labels"], out.logits)
-                    del out  # the logits are not needed past here: free them before backward
+                        loss, value = group.weigh(loss, batch["labels"], anchor)
+                    del anchor  # not needed past here: free full logits before backward
                     if not math.isfinite(value):  # before backward: a NaN must never reach the weights
                         raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
                     precision.backward(loss)
@@ -234,7 +235,7 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             state.log["train"].append({"step": state.step, "loss": round(loss_sum, 5),
                                        "lr": scheduler.get_last_lr()[0]})
             if run.val and (state.step % run.eval_every == 0 or state.step == run.total):
-                val_loss = validate(model, run.val, val_size, run.pad, device, autocast, group)
+                val_loss = validate(model, run.val, val_size, run.pad, device, autocast, group, cfg.logits)
                 state.log["val"].append({"step": state.step, "loss": val_loss})
                 if val_loss < state.best_loss and private is None:
                     state.best_loss, state.best = val_loss, {k: p.detach().clone() for k, p in params.items()}
@@ -303,11 +304,11 @@ class Batcher:
 
 
 @torch.no_grad()
-def validate(model, examples, size: int, pad: int, device, autocast, group=None) -> float:
-    """Token-weighted mean loss over the validation examples (logits ``(batch, seq, vocab)``).
+def validate(model, examples, size: int, pad: int, device, autocast, group=None, logits: str = "scored") -> float:
+    """Token-weighted mean loss over the validation examples (batches of ``(size, seq)`` token ids).
 
     With a ``group`` each process scores its shard and the sums are added over processes, so every
-    process returns the same loss.
+    process returns the same loss. ``logits`` as :attr:`FinetuneConfig.logits` (:mod:`offsite.token_loss`).
     """
     model.eval()
     total, count = 0.0, 0
@@ -316,12 +317,9 @@ def validate(model, examples, size: int, pad: int, device, autocast, group=None)
     for start in range(0, len(examples), size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + size], pad).items()}
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                   ignore_index=-100, reduction="sum")
-        total += losses.item()
-        count += int((labels != -100).sum())
+            losses = token_losses(model, batch, logits).losses  # (scored tokens,) in fp32
+        total += losses.sum().item()
+        count += losses.numel()
     if group is not None:
         total, count = group.sum([total, count])
     return total / max(1, count)
