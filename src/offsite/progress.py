@@ -13,9 +13,12 @@ Switches, combined with AND (anything off hides the output):
   neither was called, the environment variable ``OFFSITE_QUIET`` (``1``/``true``/``yes`` = quiet).
 
 Bars are shown also when stderr is not a terminal: logs of hour-long jobs on remote machines are
-exactly where "which layer is it on?" matters. Off a terminal a bar redraws at most every
-``LOG_INTERVAL`` seconds, so a log file grows by a few lines per minute, not ten per second, and
-nested bars share one row instead of moving the cursor with escape codes.
+exactly where "which layer is it on?" matters. Off a terminal a bar is a :class:`LogBar`: instead
+of tqdm's carriage-return redraws it writes plain lines, ``[offsite] finetune: 12/150 step
+[03:10<36:24, 15.83s/step, loss=1.2345]`` (step/total, elapsed < ETA, rate, postfix), one when it
+starts, one every :func:`heartbeat_seconds` (default 30 s; ``OFFSITE_PROGRESS_INTERVAL`` or
+:func:`set_heartbeat`) from a timer thread, so a step that takes minutes still shows the run is
+alive, and one when it ends (bars that leave or ran for at least one interval).
 
 Quiet also silences the "Loading weights" bars of Hugging Face libraries for its duration. It does
 not hide warnings, errors, or the one cost line :func:`cost_line` that ``offsite`` prints after a
@@ -28,15 +31,19 @@ import contextlib
 import os
 import resource
 import sys
+import threading
 import time
 
 from tqdm.auto import tqdm
 
 ENV_QUIET = "OFFSITE_QUIET"
-LOG_INTERVAL = 10.0
-"""Seconds between redraws of a bar whose stderr is not a terminal (a log file, a pipe)."""
+ENV_INTERVAL = "OFFSITE_PROGRESS_INTERVAL"
+HEARTBEAT = 30.0
+"""Default seconds between the plain lines of a bar whose stderr is not a terminal (a log file, a pipe)."""
+LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 _quiet: bool | None = None  # None: follow the environment variable
+_heartbeat: float | None = None  # None: follow the environment variable
 
 
 def is_quiet() -> bool:
@@ -106,11 +113,85 @@ def bar(iterable_or_total=None, desc: str | None = None, unit: str = "it", *, to
         iterable, total = None, iterable_or_total
     show = showing(enabled)
     if show and not _stderr_is_terminal():
-        kwargs.setdefault("mininterval", LOG_INTERVAL)
-        # Nested bars move the cursor with ANSI codes, which a log file shows as garbage: one row.
-        kwargs.setdefault("position", 0)
+        return LogBar(iterable, desc=desc, total=total, unit=unit, leave=leave, **kwargs)
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=not show, file=sys.stderr,
                 dynamic_ncols=True, **kwargs)
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between a :class:`LogBar`'s lines: :func:`set_heartbeat`, else ``OFFSITE_PROGRESS_INTERVAL``, else 30."""
+    if _heartbeat is not None:
+        return _heartbeat
+    value = os.environ.get(ENV_INTERVAL, "").strip()
+    try:
+        return float(value) if value and float(value) > 0 else HEARTBEAT
+    except ValueError:  # a typo in an environment variable must not stop a run
+        return HEARTBEAT
+
+
+def set_heartbeat(seconds: float | None) -> float | None:
+    """Set the seconds between a :class:`LogBar`'s lines (None: follow the environment); returns the previous."""
+    global _heartbeat
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"the progress interval must be > 0 seconds, got {seconds}")
+    previous, _heartbeat = _heartbeat, seconds
+    return previous
+
+
+class _Sink:
+    """Where a :class:`LogBar` lets tqdm render: nowhere (its own lines go to stderr)."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+class LogBar(tqdm):
+    """A tqdm bar for a log file: plain lines at start, every :func:`heartbeat_seconds`, and at the end.
+
+    tqdm still counts, times and formats (every tqdm call works on it); only its redraws are
+    dropped. The timer thread is a daemon and stops when the bar closes.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._interval = heartbeat_seconds()
+        self._stop = threading.Event()
+        kwargs.update(file=_Sink(), bar_format=LINE_FORMAT, dynamic_ncols=False)
+        super().__init__(*args, **kwargs)
+        if self.disable:
+            return
+        self.emit()
+        self._thread = threading.Thread(target=self._beat, name=f"offsite progress: {self.desc}", daemon=True)
+        self._thread.start()
+
+    def display(self, msg=None, pos=None):
+        return True  # tqdm's own redraws (carriage returns) would garble a log file
+
+    def line(self) -> str:
+        """The bar's state as one line (without the ``[offsite]`` prefix)."""
+        return self.format_meter(**self.format_dict)
+
+    def emit(self) -> None:
+        """Write :meth:`line` to stderr now."""
+        try:
+            sys.stderr.write(f"[offsite] {self.line()}\n")
+            sys.stderr.flush()
+        except (ValueError, OSError):  # stderr closed under a finishing process: nothing to tell
+            pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.emit()
+
+    def close(self):
+        if not self.disable and not self._stop.is_set():
+            self._stop.set()
+            if self.leave or self.format_dict["elapsed"] >= self._interval:
+                self._ema_dt = lambda: None  # the final line gives the run's mean rate
+                self.emit()
+        super().close()
 
 
 def _stderr_is_terminal() -> bool:

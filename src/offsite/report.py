@@ -78,7 +78,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     names = parse_tasks(tasks)
     # Written once for the full FT row and every method; bad or leaking data fails here, before model work.
     train = {t: train_file(t, data_dir, workdir, train_limit) for t in names}
-    ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64,
+    ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64,
                    **(finetune_settings or {}), "device": str(where)}
     ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
     started = time.time()
@@ -95,6 +95,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         for task in names:
             data, fmt = train[task]
             tuned = workdir / f"adapter-full-{slug(task)}"
+            log(f"[report] full fine-tuning / {task}: started ({time.time() - started:.0f}s)")
             finetune(whole, data, tuned, format=fmt, overwrite=True, **ft_settings)
             # Loaded for this score only: its device memory is free before the next fine-tuning run.
             full_tuned[task] = score_with(model, tuned, task, data_dir, split, limit, batch_size, where)
@@ -116,6 +117,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         for task in names:
             data, fmt = train[task]
             adapter = workdir / f"adapter-{method}-{slug(task)}"
+            log(f"[report] {method} / {task}: fine-tuning the adapter ({time.time() - started:.0f}s)")
             finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
             # One model on the device at a time: each is loaded for its score only.
             rows["emu_ft"][task] = score_with(emu_dir, adapter, task, data_dir, split, limit, batch_size, where)

@@ -34,7 +34,7 @@ from .output import format_audit, plot_audit
 
 __all__ = ["run_audit", "strongest_attack", "resolve_public", "ATTACKS", "BUDGETS", "format_audit", "plot_audit"]
 
-DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64}
+DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64}
 """The honest fine-tune's settings unless given (``offsite report``'s, without its fixed eval_every:
 every stage of every attack validates 5 times, whatever its length)."""
 

@@ -85,8 +85,9 @@ def wikitext_train_text(data_dir, workdir) -> Path:
 def score(model, tok, task: str, data_dir, split: str, limit: int | None, batch_size: int) -> dict:
     """Metrics of an in-memory ``model`` on one task (see :func:`offsite.eval.run.evaluate`)."""
     # max_batch_tokens stays auto: a token budget where the model is on CUDA, batch_size rows elsewhere.
+    # Progress on (offsite --quiet still hides it): scoring a real model takes minutes.
     return evaluate(model, tok, [task], data_dir, split=split, limit=limit, batch_size=batch_size,
-                    progress=False)["results"][task]
+                    progress=True)["results"][task]
 
 
 def score_with(model: str, adapter, task: str, data_dir, split: str, limit: int | None, batch_size: int,

@@ -46,7 +46,7 @@ from .output import format_frontier, plot_frontier
 
 __all__ = ["run_frontier", "sweep_points", "format_frontier", "plot_frontier"]
 
-DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": False, "val_limit": 64}
+DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64}
 
 
 def sweep_points(method: str, middle: int, values=None, lambdas=None, fixed: dict | None = None) -> list:
