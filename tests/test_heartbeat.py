@@ -44,6 +44,15 @@ def test_a_bar_off_a_terminal_writes_a_line_at_every_interval_even_without_updat
     assert (last["n"], last["total"], last["unit"]) == ("3", "3", "step") and lines[-1].endswith("loss=1.2345]")
 
 
+def test_a_long_phase_off_a_terminal_says_it_is_still_running(capsys):
+    progress.set_heartbeat(0.05)
+    with progress.phase("load the model"):
+        time.sleep(0.3)
+    lines = capsys.readouterr().err.splitlines()
+    running = [line for line in lines if re.fullmatch(r"\[offsite\] load the model \.\.\. running, 00:0\d so far", line)]
+    assert len(running) >= 3 and re.fullmatch(r"\[offsite\] load the model \.\.\. done in 0\.\ds", lines[-1]), lines
+
+
 def test_the_interval_comes_from_the_setting_or_the_environment(monkeypatch):
     monkeypatch.setenv(progress.ENV_INTERVAL, "7.5")
     assert progress.heartbeat_seconds() == 7.5

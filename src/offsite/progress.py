@@ -138,6 +138,26 @@ def set_heartbeat(seconds: float | None) -> float | None:
     return previous
 
 
+def every(seconds: float, call) -> threading.Event:
+    """Call ``call()`` every ``seconds`` from a daemon thread until the returned event is set."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(seconds):
+            call()
+
+    threading.Thread(target=beat, name="offsite heartbeat", daemon=True).start()
+    return stop
+
+
+def _say(text: str) -> None:
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (ValueError, OSError):  # stderr closed under a finishing process: nothing to tell
+        pass
+
+
 class _Sink:
     """Where a :class:`LogBar` lets tqdm render: nowhere (its own lines go to stderr)."""
 
@@ -157,14 +177,13 @@ class LogBar(tqdm):
 
     def __init__(self, *args, **kwargs):
         self._interval = heartbeat_seconds()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # replaced by the timer's own once the bar shows
         kwargs.update(file=_Sink(), bar_format=LINE_FORMAT, dynamic_ncols=False)
         super().__init__(*args, **kwargs)
         if self.disable:
             return
         self.emit()
-        self._thread = threading.Thread(target=self._beat, name=f"offsite progress: {self.desc}", daemon=True)
-        self._thread.start()
+        self._stop = every(self._interval, self.emit)
 
     def display(self, msg=None, pos=None):
         return True  # tqdm's own redraws (carriage returns) would garble a log file
@@ -175,15 +194,7 @@ class LogBar(tqdm):
 
     def emit(self) -> None:
         """Write :meth:`line` to stderr now."""
-        try:
-            sys.stderr.write(f"[offsite] {self.line()}\n")
-            sys.stderr.flush()
-        except (ValueError, OSError):  # stderr closed under a finishing process: nothing to tell
-            pass
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.emit()
+        _say(f"[offsite] {self.line()}")
 
     def close(self):
         if not self.disable and not self._stop.is_set():
@@ -206,9 +217,19 @@ def phase(name: str, enabled: bool = True):
     """Time a block and, when it succeeds and progress is on, print ``[offsite] <name> ... done in 1.2s``.
 
     Nothing is printed when the block raises: the error's own one-line message is what matters then.
+    Off a terminal a phase that is still running says so every :func:`heartbeat_seconds`
+    (``[offsite] <name> ... running, 1:30 so far``), so a long load or write is not silence.
     """
     started = time.perf_counter()
-    yield
+    stop = None
+    if showing(enabled) and not _stderr_is_terminal():
+        stop = every(heartbeat_seconds(), lambda: _say(
+            f"[offsite] {name} ... running, {tqdm.format_interval(time.perf_counter() - started)} so far"))
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop.set()
     if showing(enabled):
         # tqdm.write moves any bar that is still open out of the way instead of overwriting it.
         tqdm.write(f"[offsite] {name} ... done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
