@@ -42,6 +42,12 @@ def add_parser(sub) -> None:
                    help="auto: bf16/fp16 autocast where the device and model dtype suit it; trained weights are "
                         "always fp32 masters (see offsite.precision)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--logits", default="scored", choices=["scored", "full"],
+                   help="scored: the LM head and loss only at the scored tokens (default); full: every position, "
+                        "the model's own loss (equal up to rounding, far more memory)")
+    p.add_argument("--pass-tokens", type=int, default=None,
+                   help="padded tokens per forward/backward pass: the micro-batch runs in parts of similar length "
+                        "(default: 512 on CPU, whole micro-batches on GPUs; 0 = whole)")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing <out>.ckpt")
@@ -76,7 +82,7 @@ def run(args) -> int:
 
     keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "max_steps", "epochs", "lr", "batch_size",
             "grad_accum", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
-            "gradient_checkpointing", "eval_every", "save_every", "resume", "device", "seed", "progress",
+            "gradient_checkpointing", "logits", "pass_tokens", "eval_every", "save_every", "resume", "device", "seed", "progress",
             "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant"]
     out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, sign_key=args.sign_key,
                    trusted_keys=args.trusted_keys, **{k: getattr(args, k) for k in keys})

@@ -155,8 +155,8 @@ def _resumable(cfg: FinetuneConfig) -> dict:
     # val_data's path is left out: the run key holds the sha256 of its content instead.
     # DP-SGD's settings enter only when it is on: a run without it keeps the key it always had, and a
     # DP-SGD run never resumes a checkpoint whose steps were not private (or were private otherwise).
-    # logits only says how the same loss is computed (equal up to rounding; offsite.token_loss).
-    skip = {"resume", "keep_checkpoint", "progress", "device", "save_every", "val_data", "logits"}
+    # logits and pass_tokens only say how the same loss is computed (equal up to rounding; token_loss, parts).
+    skip = {"resume", "keep_checkpoint", "progress", "device", "save_every", "val_data", "logits", "pass_tokens"}
     return {k: v for k, v in recorded(cfg).items() if k not in skip}
 
 

@@ -56,6 +56,10 @@ class FinetuneConfig:
     """scored: the LM head and the loss only at the tokens that are scored (the answer of mc/prompt
     data; text in chunks of positions); full: logits for every position, the model's own loss (the
     path before offsite.token_loss). Equal up to float rounding; scored needs far less memory."""
+    pass_tokens: int | None = None
+    """Padded tokens per forward/backward pass: a micro-batch runs in parts of similar length within
+    this budget (offsite.finetune.parts; same examples per step, same loss up to rounding). None =
+    auto: 512 on CPU, whole micro-batches on accelerators; 0 = whole micro-batches."""
     eval_every: int | None = None
     """Validate every N steps and at the end (default: 5 times per run); the best validation loss wins."""
     save_every: int | None = None
@@ -94,6 +98,8 @@ class FinetuneConfig:
             raise OffsiteError(f"logits {self.logits!r} unknown; allowed: {', '.join(LOGITS)}")
         if self.precision not in PRECISIONS:
             raise OffsiteError(f"precision {self.precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
+        if self.pass_tokens is not None and self.pass_tokens < 0:
+            raise OffsiteError(f"pass_tokens must be >= 0 (0 = whole micro-batches), got {self.pass_tokens}")
         for name in ("batch_size", "grad_accum", "block_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise OffsiteError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -11,6 +11,8 @@ memory and pass no hook.
 Pieces, in the order a run uses them: :func:`select` (freeze everything, unfreeze what trains,
 held in fp32), :func:`prepare` (tokenised train/validation examples and the step count),
 :func:`train` (AdamW + warmup/decay + accumulation + clipping, validation, best weights restored).
+Each micro-batch runs in parts of similar length (:mod:`.parts`) and its loss is taken only at the
+scored tokens (:mod:`offsite.token_loss`); both change cost, not the loss.
 ``finetune`` with DP-SGD hands :func:`train` a ``private`` step (:mod:`.dp`) that replaces the
 micro-batches and the batch clipping by Opacus' Poisson batches, per-example clipping and noise.
 Launched over several processes (``torchrun --nproc_per_node N -m offsite.cli finetune ...``),
@@ -32,6 +34,7 @@ from ..errors import OffsiteError
 from ..families import get_layers
 from ..token_loss import mean_loss, token_losses
 from .checkpoint import diverged, first_nonfinite
+from .parts import resolve_pass_tokens, split
 from .schedule import lr_lambda
 
 VALIDATIONS = 5
@@ -196,6 +199,8 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
     autocast = precision.autocast()
     batches = Batcher(run.train, cfg.batch_size, cfg.seed, run.pad, device, group)
     val_size = cfg.batch_size if group is None else cfg.batch_size // group.world
+    # Several processes weigh each shard's loss by its tokens as one piece (.distributed): no parts there.
+    budget = resolve_pass_tokens(cfg.pass_tokens, device) if group is None else 0
     started = time.time()
     model.train()
     with _progress(run.total, state.step, cfg.progress and (group is None or group.main), desc) as bar:
@@ -204,20 +209,22 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
                     batch = batches(state.step * cfg.grad_accum + micro)
-                    with autocast:  # the head only where a label is scored, unless cfg.logits is "full"
-                        loss, anchor = mean_loss(model, batch, cfg.logits)
-                        loss = loss / cfg.grad_accum
-                    if penalty is not None:  # in fp32, outside autocast; split over the micro-batches like the loss
-                        loss = loss + penalty() / cfg.grad_accum
-                    if group is None:
-                        value = loss.item()
-                    else:  # every process gets the same value, so all of them stop together on a NaN
-                        loss, value = group.weigh(loss, batch["labels"], anchor)
-                    del anchor  # not needed past here: free full logits before backward
-                    if not math.isfinite(value):  # before backward: a NaN must never reach the weights
-                        raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
-                    precision.backward(loss)
-                    loss_sum += value
+                    # Parts of similar length (.parts): no compute or activations for padding.
+                    for k, (part, share) in enumerate(split(batch, budget)):
+                        with autocast:  # the head only where a label is scored, unless cfg.logits is "full"
+                            loss, anchor = mean_loss(model, part, cfg.logits)
+                            loss = loss * share / cfg.grad_accum
+                        if penalty is not None and k == 0:  # in fp32, outside autocast; once per micro-batch
+                            loss = loss + penalty() / cfg.grad_accum
+                        if group is None:
+                            value = loss.item()
+                        else:  # every process gets the same value, so all of them stop together on a NaN
+                            loss, value = group.weigh(loss, part["labels"], anchor)
+                        del anchor  # not needed past here: free full logits before backward
+                        if not math.isfinite(value):  # before backward: a NaN must never reach the weights
+                            raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
+                        precision.backward(loss)
+                        loss_sum += value
                 if group is not None:
                     group.sum_grads(params.values())  # before clipping: every process clips the same gradients
                 norm = precision.clip(optimizer, params.values(), cfg.max_grad_norm)
@@ -235,7 +242,7 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             state.log["train"].append({"step": state.step, "loss": round(loss_sum, 5),
                                        "lr": scheduler.get_last_lr()[0]})
             if run.val and (state.step % run.eval_every == 0 or state.step == run.total):
-                val_loss = validate(model, run.val, val_size, run.pad, device, autocast, group, cfg.logits)
+                val_loss = validate(model, run.val, val_size, run.pad, device, autocast, group, cfg.logits, budget)
                 state.log["val"].append({"step": state.step, "loss": val_loss})
                 if val_loss < state.best_loss and private is None:
                     state.best_loss, state.best = val_loss, {k: p.detach().clone() for k, p in params.items()}
@@ -304,11 +311,13 @@ class Batcher:
 
 
 @torch.no_grad()
-def validate(model, examples, size: int, pad: int, device, autocast, group=None, logits: str = "scored") -> float:
+def validate(model, examples, size: int, pad: int, device, autocast, group=None, logits: str = "scored",
+             pass_tokens: int = 0) -> float:
     """Token-weighted mean loss over the validation examples (batches of ``(size, seq)`` token ids).
 
     With a ``group`` each process scores its shard and the sums are added over processes, so every
-    process returns the same loss. ``logits`` as :attr:`FinetuneConfig.logits` (:mod:`offsite.token_loss`).
+    process returns the same loss. ``logits`` and ``pass_tokens`` as in :class:`FinetuneConfig`
+    (:mod:`offsite.token_loss`, :mod:`.parts`; the budget in effect, 0 = whole batches).
     """
     model.eval()
     total, count = 0.0, 0
@@ -316,10 +325,11 @@ def validate(model, examples, size: int, pad: int, device, autocast, group=None,
         examples = group.shard(examples)
     for start in range(0, len(examples), size):
         batch = {k: v.to(device) for k, v in collate(examples[start:start + size], pad).items()}
-        with autocast:
-            losses = token_losses(model, batch, logits).losses  # (scored tokens,) in fp32
-        total += losses.sum().item()
-        count += losses.numel()
+        for part, _ in split(batch, pass_tokens):
+            with autocast:
+                losses = token_losses(model, part, logits).losses  # (scored tokens,) in fp32
+            total += losses.sum().item()
+            count += losses.numel()
     if group is not None:
         total, count = group.sum([total, count])
     return total / max(1, count)
