@@ -26,7 +26,10 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--calibration", default=None)
     p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--stream", action="store_true", help="emulate --stream (layers read from disk one at a time)")
+    p.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
+                   help="emulate --stream (layers read from disk one at a time; emulate's default where it applies)")
+    p.add_argument("--no-stream", dest="stream", action="store_const", const=False,
+                   help="emulate --no-stream (the whole model loaded)")
     p.add_argument("--max-shard-size", default=None, help="emulate --max-shard-size (default: emulate's)")
     p.add_argument("--adapter-layers", default="2,2", help="emulate --adapter-layers")
     p.add_argument("--spill-above", default=None, help="emulate --spill-above, with --stream (default: emulate's)")

@@ -63,7 +63,7 @@ def _build(folder: Path, method: str, windows: int, extra: list, stats_dtype=Non
     settings += [f"stats_dtype={stats_dtype}"] if stats_dtype and name == "gradot" else []
     settings += [f"batch_size={batch}"] if batch and name == "gradot" else []
     cmd = [PY, str(ROOT / "bench" / "measure_build.py"), str(folder / "model"), name, str(folder / f"emu-{method}"),
-           "--calibration", str(folder / "public.txt"), "--set", *settings] + (["--stream"] if mode == "stream" else []) + extra
+           "--calibration", str(folder / "public.txt"), "--set", *settings] + (["--stream"] if mode == "stream" else ["--no-stream"]) + extra
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     record = json.loads(run.stdout.strip().splitlines()[-1])
     record["phases"] = {name: float(sec) for name, sec in PHASE.findall(run.stderr)}

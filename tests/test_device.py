@@ -194,7 +194,8 @@ def test_token_budget_scores_what_row_batches_score(tokenizer):
     examples = [{"context": " ".join(SENTENCES[i % 4].split()[:2 + 2 * i]), "choices": ["red", "blue sky", "the cat sat"],
                  "gold": i % 3, "id": i} for i in range(6)]
     shapes = []
-    model.register_forward_pre_hook(lambda mod, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    model.model.register_forward_pre_hook(  # the backbone: the head runs only where a token is scored
+        lambda mod, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
 
     def run(budget):
         shapes.clear()

@@ -72,8 +72,9 @@ def test_gradot_points_share_one_calibration_sweep(base, text_file, tmp_path, mo
 
     model, task = base
     calls = []
-    real = gradot.capture_boundaries
-    monkeypatch.setattr(gradot, "capture_boundaries", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("capture_boundaries", "capture_boundaries_layerwise"):  # in memory or streamed (the default)
+        real = getattr(gradot, name)
+        monkeypatch.setattr(gradot, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     record = run_frontier(model, "gradot", task, None, tmp_path / "work", tmp_path / "chosen", values=[0.3, 0.6],
                           lambdas=[0.0, 4.0], fixed={"seq_len": 16, "num_sequences": 4, "batch_size": 2},
                           calibration=text_file, min_delta=-100, **QUIET)

@@ -122,7 +122,7 @@ def test_every_method_builds_streamed_and_not_finetunes_and_plugs(method, smol, 
     from offsite.plug import plug
 
     settings, streams = METHODS[method]
-    emu = emulate(smol, tmp_path / "emu", method=method, adapter_layers="2,2", **settings)
+    emu = emulate(smol, tmp_path / "emu", method=method, adapter_layers="2,2", stream=False, **settings)
     if streams:  # the streamed build writes the very same package
         streamed = emulate(smol, tmp_path / "emu-streamed", method=method, adapter_layers="2,2", stream=True,
                            **settings)

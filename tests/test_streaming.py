@@ -72,11 +72,12 @@ def test_a_streamed_uniform_build_writes_the_same_package_for_every_family(saved
 
     for model_type in FAMILIES:
         path, _ = saved_model(model_type, 5)
-        whole = emulate(str(path), tmp_path / model_type / "whole", adapter_layers="1,1", emulator_layers=2)
+        whole = emulate(str(path), tmp_path / model_type / "whole", adapter_layers="1,1", emulator_layers=2,
+                        stream=False)
         streamed = emulate(str(path), tmp_path / model_type / "streamed", adapter_layers="1,1", emulator_layers=2,
                            stream=True, max_shard_size="30KB")
         whole_sharded = emulate(str(path), tmp_path / model_type / "sharded", adapter_layers="1,1",
-                                emulator_layers=2, max_shard_size="30KB")
+                                emulator_layers=2, max_shard_size="30KB", stream=False)
         a, b, c = (json.loads((p / "manifest.json").read_text()) for p in (whole, streamed, whole_sharded))
         assert a["artifact_id"] != c["artifact_id"] and len(c["tensors"]) > 1, model_type
         assert b["artifact_id"] == c["artifact_id"], model_type
@@ -95,7 +96,7 @@ def test_a_streamed_build_writes_the_same_package(model_type, method, settings, 
     common = dict(method=method, adapter_layers="1,1", calibration=text_file, **settings)
     if method in ("gradot", "crash", "distill"):
         common.update(seq_len=16, num_sequences=4, batch_size=2)
-    whole = emulate(str(path), tmp_path / "whole", **common)
+    whole = emulate(str(path), tmp_path / "whole", stream=False, **common)
     streamed = emulate(str(path), tmp_path / "streamed", stream=True, **common)
     a, b = (json.loads((p / "manifest.json").read_text()) for p in (whole, streamed))
     assert b["run"]["stream"] is True and "stream" not in a["run"]
@@ -143,7 +144,7 @@ def test_a_streamed_build_holds_one_layer_and_spills_to_a_scratch_folder(method,
 
     path, _ = saved_model("llama", 6)
     common = dict(method=method, adapter_layers="1,1", calibration=text_file, max_shard_size="40KB", **settings)
-    whole = emulate(str(path), tmp_path / "out" / "whole", **common)
+    whole = emulate(str(path), tmp_path / "out" / "whole", stream=False, **common)
     most, spilled, materialize, resident = [0], [], StreamedModel.materialize, []
 
     def counting(self, index):
@@ -174,7 +175,7 @@ def test_a_streamed_build_holds_one_layer_and_spills_to_a_scratch_folder(method,
 def test_a_streamed_build_checks_the_layers_it_copies_and_the_spill_setting(saved_model, tmp_path):
     path, model = saved_model("llama", 6)
     with pytest.raises(OffsiteError, match="spill_above .* applies to streamed builds only"):
-        emulate(str(path), tmp_path / "e", adapter_layers="1,1", spill_above="1GB")
+        emulate(str(path), tmp_path / "e", adapter_layers="1,1", spill_above="1GB", stream=False)
     with pytest.raises(OffsiteError, match="spill_above must be a number of bytes"):
         emulate(str(path), tmp_path / "e", adapter_layers="1,1", stream=True, spill_above=-1.5)
     with torch.no_grad():  # an adapter layer: read for the first time while the package is written
@@ -236,3 +237,49 @@ def test_the_sweep_hands_over_the_only_references_to_a_layers_statistics(saved_m
 
     backward_sweep(model, family, bounds, [1, 2], on_layer, torch.float32, with_grad=False)
     assert freed == [True, True]
+
+
+def test_builds_stream_by_default_and_hold_one_layer_and_one_tensor(saved_model, text_file, tmp_path, monkeypatch,
+                                                                    capsys):
+    """With no memory flag, a method that can stream streams (default shard size): at most one decoder
+    layer has real values, and the writer holds at most one tensor it read back. A method that cannot
+    stream loads the model whole and says so in one line; --no-stream loads it whole too."""
+    import weakref
+
+    from offsite.cli import main
+
+    path, _ = saved_model("llama", 6)
+    most, alive, reader = [0], [], StreamedModel.emulator_reader
+    materialize = StreamedModel.materialize
+
+    def counting(self, index):
+        layer = materialize(self, index)
+        most[0] = max(most[0], len(self.live))
+        return layer
+
+    def tracking(self, sources):
+        read = reader(self, sources)
+
+        def one_at_a_time(names):
+            assert len(names) == 1, f"{len(names)} tensors read back at once"
+            assert all(ref() is None for ref in alive), "a tensor read back earlier is still alive"
+            values = read(names)
+            alive.extend(weakref.ref(v) for v in values.values())
+            return values
+        return one_at_a_time
+
+    monkeypatch.setattr(StreamedModel, "materialize", counting)
+    monkeypatch.setattr(StreamedModel, "emulator_reader", tracking)
+    out = emulate(str(path), tmp_path / "default", adapter_layers="1,1", method="gradot",
+                  calibration=text_file, param_budget=0.3, seq_len=16, num_sequences=4, batch_size=2)
+    assert json.loads((out / "manifest.json").read_text())["run"]["stream"] is True
+    assert most[0] == 1 and len(alive) > 0
+    capsys.readouterr()
+    assert main(["emulate", "--model", str(path), "--method", "scaleot", "--calibration", str(text_file),
+                 "--adapter-layers", "1,1", "--set", "steps=1", "seq_len=16", "num_sequences=4", "batch_size=2",
+                 "--out", str(tmp_path / "scaleot")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "loading the whole model" in line]
+    assert len(notes) == 1 and "method 'scaleot' cannot stream" in notes[0]
+    assert main(["emulate", "--model", str(path), "--no-stream", "--adapter-layers", "1,1", "--emulator-layers", "2",
+                 "--out", str(tmp_path / "whole")]) == 0
+    assert "stream" not in json.loads((tmp_path / "whole" / "manifest.json").read_text())["run"]

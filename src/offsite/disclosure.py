@@ -80,7 +80,7 @@ def fingerprint_middle(model, family, split, stream=None, on_layer=None) -> list
     Args:
         stream: a :class:`offsite.streaming.StreamedModel` (``model`` is its skeleton): each middle
             layer is read, fingerprinted and released in turn.
-        on_layer: ``on_layer(layer)`` called while each middle layer holds its values (the workflow
+        on_layer: ``on_layer(index, layer)`` called while each middle layer holds its values (the workflow
             checks them for NaN there, so a streamed layer is read once for both).
 
     Returns:
@@ -96,7 +96,7 @@ def fingerprint_middle(model, family, split, stream=None, on_layer=None) -> list
             for name, p in named_layer_parameters(model, family, [i]).items():
                 prints.append(TensorPrint(i, name[len(prefix):], role_of.get(id(p)), tensor_key(p), p.numel()))
             if on_layer is not None:
-                on_layer(layers[i])
+                on_layer(i, layers[i])
     return prints
 
 

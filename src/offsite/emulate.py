@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -13,11 +14,11 @@ from .disclosure import disclose, fingerprint_middle, guard_middle
 from .emulator import BuildInputs, available_methods, get_builder
 from .errors import OffsiteError
 from .families import count_parameters, describe, get_family
-from .identity import model_identity
+from .identity import model_identity, weight_files
 from .loading import load_model, load_tokenizer
 from .streaming import StreamedModel
 from .package import save_emulator
-from .progress import phase
+from .progress import phase, showing
 from .split import make_split
 
 
@@ -34,7 +35,7 @@ def settings_of(config) -> dict:
 def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtype: str = "auto",
             calibration=None, overwrite: bool = False, allow_verbatim_middle: bool = False, sign_key=None,
             device="auto", selection: dict | None = None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
-            stream: bool = False, spill_above=DEFAULT_SPILL, **method_settings) -> Path:
+            stream: bool | None = None, spill_above=DEFAULT_SPILL, **method_settings) -> Path:
     """Build an emulator package from a base model.
 
     Args:
@@ -55,7 +56,9 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
             by shard in Hugging Face's sharded layout.
         stream: read the base model's decoder layers from its safetensors files one at a time instead of
             loading the model (:mod:`offsite.streaming`; methods with ``supports_stream``). The package
-            is the same bitwise; recorded under ``run``. No emulator layer is held either: changed
+            is the same bitwise; recorded under ``run``. None (the default): stream whenever the method
+            can and the model is a checkpoint of safetensors files, else load it whole and say why in
+            one line (:func:`choose_stream`); True: stream or refuse; False: load the whole model. No emulator layer is held either: changed
             layers are parked in a scratch folder beside ``out`` (removed at the end), kept ones stay
             on disk, and each shard's tensors are read back only while it is written.
         spill_above: with ``stream``, calibration activations beyond this many bytes (or e.g.
@@ -74,8 +77,13 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
     guard_output(Path(out), "emulator", overwrite, inputs)  # refuse a bad --out before minutes of work
     parse_size(max_shard_size)  # and a bad shard size
     spill = None if spill_above is None else parse_size(spill_above, "spill_above", minimum=0)
+    if stream is None:
+        stream, why_not = choose_stream(model, builder)
+        if why_not and showing():
+            print(f"[offsite] loading the whole model: {why_not}", file=sys.stderr)
     if not stream and spill_above != DEFAULT_SPILL:
-        raise OffsiteError("spill_above (--spill-above) applies to streamed builds only; add --stream")
+        raise OffsiteError("spill_above (--spill-above) applies to streamed builds only, and this build loads "
+                           "the whole model (--no-stream, or a method or model that cannot stream)")
     if stream and not builder.supports_stream:
         streams = [m for m in available_methods() if get_builder(m).supports_stream]
         why = getattr(builder, "stream_refusal", None) or "it needs the model in memory"
@@ -98,6 +106,25 @@ def emulate(model: str, out, method: str = "uniform", adapter_layers="2,2", dtyp
             source.close()  # parked layers and spilled activations
 
 
+def choose_stream(model: str, builder) -> tuple:
+    """Whether a build streams by default: ``(True, None)``, or ``(False, why it loads the model whole)``.
+
+    Streaming holds one decoder layer instead of the model and writes the same package, so it is
+    the default wherever it applies: a method with ``supports_stream`` and a base model whose
+    weights are ``.safetensors`` files (a folder, or a hub id in the local cache). A ``.gguf`` file
+    or ``.bin`` weights must be loaded (dequantised, unpickled) whole.
+    """
+    from .gguf_input import is_gguf
+
+    if not builder.supports_stream:
+        return False, f"method '{builder.name}' cannot stream ({builder.stream_refusal or 'it needs the model in memory'})"
+    if is_gguf(model):
+        return False, f"{model} is a .gguf file, which is dequantised whole (offsite models convert writes a folder that streams)"
+    if not weight_files(model):
+        return False, f"{model} has no .safetensors weight files to read layer by layer"
+    return True, None
+
+
 def _build_and_write(base, tokenizer, source, model, out, method, builder, config, adapter_layers, dtype,
                      calibration, overwrite, allow_verbatim_middle, sign_key, where, selection, max_shard_size,
                      inputs, started) -> Path:
@@ -112,7 +139,11 @@ def _build_and_write(base, tokenizer, source, model, out, method, builder, confi
     full_params = count_parameters(base)
 
     # now: builders edit the base model in place
-    layer_check = (lambda layer: check_finite(layer.state_dict(), f"base model {model}")) if source else None
+    def layer_check(i, layer):  # the model's own tensor names in the message, as in memory
+        prefix = family.layer_param_prefix(i)
+        check_finite({prefix + k: v for k, v in layer.state_dict().items()}, f"base model {model}")
+
+    layer_check = layer_check if source else None
     before = fingerprint_middle(base, family, split, stream=source, on_layer=layer_check)
     with phase(f"build the {method} emulator"):
         plan, emulator = builder.build(base, family, split, config,

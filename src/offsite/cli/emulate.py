@@ -72,11 +72,15 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-verbatim-middle", action="store_true",
                    help="write the package even if middle layers leave unchanged (e.g. every middle layer kept); "
                         "only for packages that are never shipped")
-    p.add_argument("--stream", action="store_true",
-                   help="read the base model's decoder layers from its .safetensors files one at a time instead of "
-                        "loading the whole model (uniform, crash, distill, gradot): for models larger than memory; same package")
+    streaming = p.add_mutually_exclusive_group()
+    streaming.add_argument("--stream", dest="stream", action="store_const", const=True, default=None,
+                           help="read the base model's decoder layers from its .safetensors files one at a time "
+                                "(the default wherever the method and the model allow it; with this flag, refuse "
+                                "otherwise): memory of one layer, same package")
+    streaming.add_argument("--no-stream", dest="stream", action="store_const", const=False,
+                           help="load the whole base model (can be faster when it fits in memory)")
     p.add_argument("--spill-above", default=None, metavar="SIZE",
-                   help="with --stream: calibration activations beyond SIZE (e.g. 2GB, 0 = all) go to a scratch "
+                   help="streamed builds: calibration activations beyond SIZE (e.g. 2GB, 0 = all) go to a scratch "
                         "folder beside --out, so memory does not grow with depth (default 2GB)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
     group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
