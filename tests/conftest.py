@@ -12,9 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Base-model fingerprints are cached per weight file; keep the suite's cache out of the user's home.
 if "OFFSITE_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["OFFSITE_CACHE_DIR"] = tempfile.mkdtemp(prefix="offsite-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["OFFSITE_CACHE_DIR"], True)  # leave no cache behind in /tmp
 
 import json  # noqa: E402
 
