@@ -188,3 +188,26 @@ def test_zero_steps_is_refused_before_any_work(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("must be" in err or "expects" in err), err
+
+
+def test_each_method_is_a_subcommand_with_only_its_own_settings(saved_model, tmp_path, capsys):
+    """`offsite emulate gradot --help` lists GradOT's settings with their defaults and no other
+    method's; `offsite emulate uniform ...` builds what the older `--method uniform` spelling builds."""
+    with pytest.raises(SystemExit):
+        main(["emulate", "gradot", "--help"])
+    text = capsys.readouterr().out
+    assert "--param-budget" in text and "(default: 4.0)" in text and "--emulator-layers" not in text
+    assert "--harmonizer-rank" not in text and "--kd-weight" not in text
+    path, _ = saved_model("llama", 6)
+    common = ["--model", str(path), "--adapter-layers", "1,1", "--no-stream"]
+    assert main(["emulate", "uniform", *common, "--emulator-layers", "2", "--out", str(tmp_path / "a")]) == 0
+    assert main(["emulate", "--method", "uniform", *common, "--emulator-layers", "2", "--out", str(tmp_path / "b")]) == 0
+    assert read_manifest(tmp_path / "a")["artifact_id"] == read_manifest(tmp_path / "b")["artifact_id"]
+    capsys.readouterr()
+    assert main(["emulate", "--method", "crash", "uniform", *common, "--out", str(tmp_path / "c")]) == 2
+    assert main(["emulate", "--emulator-layers", "2", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "give the method once" in err[0] and "--model is required" in err[1]
+    with pytest.raises(SystemExit):  # another method's setting is not a flag of this one
+        main(["emulate", "gradot", *common, "--emulator-layers", "2", "--out", str(tmp_path / "e")])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()

@@ -138,3 +138,20 @@ def test_a_build_tokenises_the_calibration_text_once(saved_model, text_file, mon
     plan, _ = builder.build(model, get_family(model), make_split(6, "1,1"), config,
                             BuildInputs(calibration=text_file, tokenizer=tok))
     assert calls == ["distill"] and plan["distill"]["steps"] == 2 and list(plan)[-1] == "distill"
+
+
+def test_the_registry_refuses_duplicates_and_strangers():
+    from offsite.emulator.base import register
+
+    with pytest.raises(ValueError, match="'uniform' is already registered"):
+        @register
+        class Impostor(EmulatorBuilder):
+            name = "uniform"
+            config_cls = dict
+    with pytest.raises(TypeError, match="EmulatorBuilder subclass"):
+        register(dict)
+    with pytest.raises(TypeError, match="non-empty name"):
+        @register
+        class Nameless(EmulatorBuilder):
+            config_cls = dict
+    assert type(get_builder("uniform")).__name__ != "Impostor"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 
-def add_out(parser, help_text: str = "output folder") -> None:
+def add_out(parser, help_text: str = "output folder", required: bool = True) -> None:
     """``--out``, ``--overwrite`` and ``--sign-key`` of a command that writes an artifact."""
-    parser.add_argument("--out", required=True, help=help_text)
+    parser.add_argument("--out", required=required, help=help_text)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it is already an artifact of the same kind (never an input)")
     parser.add_argument("--sign-key", default=None, metavar="KEY",

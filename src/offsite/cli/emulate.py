@@ -1,8 +1,11 @@
-"""``offsite emulate``: base model -> emulator package.
+"""``offsite emulate METHOD``: base model -> emulator package.
 
-Every field of every registered method's config dataclass becomes a flag (``steps`` ->
-``--steps``), with the field's docstring as help, so a new method's settings need no CLI code.
-A flag is passed only when given, and only to a method that has that setting.
+Each registered method is a subcommand whose flags are the fields of its own config dataclass
+(``steps`` -> ``--steps``), with the field's docstring as help, its annotation as the metavar and its
+default shown, so ``offsite emulate gradot --help`` lists GradOT's settings and nothing else and a
+new method's settings need no CLI code. A flag is passed only when given; the config checks its
+type. The older spelling ``offsite emulate --method M`` keeps one merged namespace of every
+method's flags, each refused for a method that lacks it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,8 @@ import inspect
 import textwrap
 
 
-
 def workflow_arguments() -> set:
     """The arguments :func:`offsite.emulate.emulate` takes itself, read off its signature."""
-    import inspect
-
     from ..emulate import emulate
 
     return {name for name, param in inspect.signature(emulate).parameters.items()
@@ -55,12 +55,12 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def add_parser(sub) -> None:
-    from ..emulator import available_methods
+def add_common(p, legacy: bool = False) -> None:
+    """The workflow's own arguments (every method's); ``legacy``: not required by argparse, because
+    ``offsite emulate --method M`` shares its parser with the per-method subcommands."""
+    from .common import add_out, add_shard_size
 
-    p = sub.add_parser("emulate", help="build an emulator package from a base model (model owner)")
-    p.add_argument("--model", required=True, help="base model: local folder or hub id")
-    p.add_argument("--method", default="uniform", choices=available_methods(), help="emulator method")
+    p.add_argument("--model", required=not legacy, help="base model: local folder, hub id or .gguf file")
     p.add_argument("--adapter-layers", default="2,2",
                    help="'a,b' = first a and last b layers, or 'idx:0,5,18,23' (default 2,2)")
     p.add_argument("--calibration", default=None,
@@ -83,14 +83,51 @@ def add_parser(sub) -> None:
                    help="streamed builds: calibration activations beyond SIZE (e.g. 2GB, 0 = all) go to a scratch "
                         "folder beside --out, so memory does not grow with depth (default 2GB)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings as KEY=VALUE")
-    group = p.add_argument_group("method settings (each applies to the methods named in brackets)")
+    add_out(p, "emulator package folder to write", required=not legacy)
+    add_shard_size(p)
+
+
+def add_method_settings(p, method: str) -> None:
+    """One flag per field of ``method``'s config: its own help text, its type and its default."""
+    from ..emulator import get_builder
+
+    cls = get_builder(method).config_cls
+    docs, own = field_docs(cls), workflow_arguments() | {"set"}
+    group = p.add_argument_group(f"{method} settings (given ones only reach the method; the rest keep their default)")
+    for f in dataclasses.fields(cls):
+        if f.name in own:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else "(computed)"
+        kind = str(f.type).replace(" ", "").replace("typing.", "")
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"setting_{f.name}", default=None,
+                           metavar=kind.upper(),
+                           help=f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%"))
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    from ..emulator import available_methods, get_builder
+
+    p = sub.add_parser("emulate", help="build an emulator package from a base model (model owner)",
+                       description="offsite emulate METHOD --model M --out E [settings]: build an emulator "
+                                   "package; `offsite emulate METHOD --help` lists that method's settings. "
+                                   "`offsite emulate --method M ...` is the older spelling, kept as an alias.")
+    add_common(p, legacy=True)
+    p.add_argument("--method", default=None, choices=available_methods(),
+                   help="emulator method (older spelling of the METHOD subcommand; default uniform)")
+    group = p.add_argument_group("method settings of the older spelling (each applies to the methods in brackets)")
     for name, (help_text, owners) in sorted(method_settings().items()):
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None, metavar="V",
                            help=f"[{', '.join(owners)}] {help_text}".replace("%", "%%"))
-    from .common import add_out, add_shard_size
-
-    add_out(p, "emulator package folder to write")
-    add_shard_size(p)
+    methods = p.add_subparsers(dest="method_command", metavar="METHOD", required=False)
+    for method in available_methods():
+        doc = (type(get_builder(method)).__doc__ or "").strip().splitlines()
+        mp = methods.add_parser(method, help=doc[0] if doc else method)
+        add_common(mp)
+        add_method_settings(mp, method)
+        mp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or phase timings on stderr (the final cost line and errors stay)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +137,12 @@ def run(args) -> int:
     from ..errors import OffsiteError
     from .common import parse_settings, refuse_workflow_arguments
 
+    if args.method_command and args.method:
+        raise OffsiteError(f"give the method once: `offsite emulate {args.method_command} ...` or --method, not both")
+    method = args.method_command or args.method or "uniform"
+    for flag in ("model", "out"):
+        if getattr(args, flag) is None:
+            raise OffsiteError(f"--{flag} is required (offsite emulate {method} --model M --out E)")
     settings = refuse_workflow_arguments(parse_settings(args.set), emulate, {"selection": None})
     device = resolve_device(args.device)  # an unavailable device costs nothing and writes nothing
     known = method_settings()
@@ -107,11 +150,11 @@ def run(args) -> int:
         value = getattr(args, f"setting_{name}", None)
         if value is None:
             continue
-        if args.method not in owners:
+        if method not in owners:
             raise OffsiteError(f"--{name.replace('_', '-')} is a setting of {', '.join(owners)}, "
-                               f"not of method '{args.method}'")
+                               f"not of method '{method}'")
         settings[name] = parse_settings([f"{name}={value}"])[name]
-    out = emulate(args.model, args.out, method=args.method, adapter_layers=args.adapter_layers, dtype=args.dtype,
+    out = emulate(args.model, args.out, method=method, adapter_layers=args.adapter_layers, dtype=args.dtype,
                   calibration=args.calibration, overwrite=args.overwrite,
                   allow_verbatim_middle=args.allow_verbatim_middle, sign_key=args.sign_key, device=device,
                   max_shard_size=args.max_shard_size, stream=args.stream,

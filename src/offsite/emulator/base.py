@@ -144,7 +144,20 @@ class EmulatorBuilder:
 
 
 def register(cls: type) -> type:
-    """Class decorator registering a builder under ``cls.name``."""
+    """Class decorator registering a builder under ``cls.name``.
+
+    Raises:
+        TypeError: ``cls`` is not an :class:`EmulatorBuilder` subclass with a name and a config class.
+        ValueError: another class already holds the name (silently replacing a method would change
+            what every package of that name means).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, EmulatorBuilder)) or cls is EmulatorBuilder:
+        raise TypeError(f"register() takes an EmulatorBuilder subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name or cls.config_cls is None:
+        raise TypeError(f"{cls.__name__} needs a non-empty name and a config_cls to be registered")
+    held = _REGISTRY.get(cls.name)
+    if held is not None and type(held).__qualname__ != cls.__qualname__:  # a module reload re-registers itself
+        raise ValueError(f"emulator method {cls.name!r} is already registered by {type(held).__qualname__}")
     _REGISTRY[cls.name] = cls()
     return cls
 
