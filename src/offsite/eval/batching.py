@@ -2,9 +2,11 @@
 
 :func:`offsite.eval.scoring.score_token_pairs` sorts its rows longest first and right-pads every
 batch to its longest row, so a batch of ``rows`` rows of width ``w`` costs ``rows * w`` token
-positions of compute and ``rows * w * vocab`` logits of memory. A fixed ``batch_size`` suits the
-CPU, which is busy whatever the batch; on a GPU one fixed count is too small for short rows (idle
-cores) and too large for long ones (out of memory). A token budget fixes the product instead.
+positions of compute and activations (the logits are made only at the continuation tokens, in
+chunks: :mod:`offsite.token_loss`; with ``logits="full"`` they are ``rows * w * vocab``). A fixed
+``batch_size`` suits the CPU, which is busy whatever the batch; on a GPU one fixed count is too
+small for short rows (idle cores) and too large for long ones (out of memory). A token budget fixes
+the product instead.
 
 Rule for a budget ``B`` (``max_batch_tokens``): a batch starts at the next row and takes the rows
 after it while ``rows * (widest row so far) <= B``; a batch has at least one row, so a row wider
