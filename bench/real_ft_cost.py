@@ -2,7 +2,7 @@
 
 Usage (from the repository root; the model from ``offsite models prepare smollm2-135m``, or --model DIR):
     .venv/bin/python bench/real_ft_cost.py [--model DIR] [--task sciq] [--batch-size 8]
-        [--warmup 1] [--steps 5] [--modes full_ft,emu_ft] [--configs before,logits,after]
+        [--warmup 1] [--steps 5] [--modes full_ft,emu_ft,emu_lora,full_lora] [--configs before,logits,after]
         [--work runs/real_ft_cost] [--out bench/results/real_ft_cost]
 
 What runs: the fine-tunes of ``offsite report --tasks sciq --full-ft --adapter-layers 2,2`` on the
@@ -43,7 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 MODES = {"full_ft": "full model, every decoder block (report's Full FT)",
-         "emu_ft": "uniform emulator, 2+2 adapter (the data owner's run)"}
+         "emu_ft": "uniform emulator, 2+2 adapter (the data owner's run)",
+         "emu_lora": "uniform emulator, LoRA r=8 on the 2+2 adapter (OT + LoRA)",
+         "full_lora": "full model, LoRA r=8 on every decoder block (the LoRA baseline)"}
+LORA = {"emu_lora": {"lora": True, "lora_r": 8}, "full_lora": {"lora": True, "lora_r": 8}}
 CONFIGS = {"before": {"logits": "full", "pass_tokens": 0}, "logits": {"logits": "scored", "pass_tokens": 0},
            "after": {"logits": "scored", "pass_tokens": None}}
 
@@ -84,7 +87,8 @@ def child(spec: dict) -> dict:
     load = os.getloadavg()[0]
     out = ft.finetune(spec["package"], spec["data"], spec["out"], overwrite=True, resume=False, format="prompt",
                       batch_size=spec["batch"], max_steps=spec["warmup"] + spec["steps"], lr=1e-4, val_fraction=0.0,
-                      save_every=10 ** 9, seed=0, progress=False, device="cpu", **CONFIGS[spec["config"]])
+                      save_every=10 ** 9, seed=0, progress=False, device="cpu", **CONFIGS[spec["config"]],
+                      **LORA.get(spec["mode"], {}))
     log = json.loads((Path(out) / "training_log.json").read_text())
     steps = [marks["ends"][0] - marks["start"]] + [b - a for a, b in zip(marks["ends"], marks["ends"][1:])]
     cpu = [marks["cpu"][0] - marks["cpu_start"]] + [b - a for a, b in zip(marks["cpu"], marks["cpu"][1:])]
@@ -114,14 +118,15 @@ def _packages(model: str, work: Path, modes) -> dict:
     from offsite.eval.protocol import full_package
 
     packages = {}
-    if "full_ft" in modes:
+    if {"full_ft", "full_lora"} & set(modes):
         whole = work / "emulator-full"
-        packages["full_ft"] = whole if (whole / "manifest.json").is_file() else full_package(model, work, "cpu")
-    if "emu_ft" in modes:
+        whole = whole if (whole / "manifest.json").is_file() else full_package(model, work, "cpu")
+        packages.update(dict.fromkeys({"full_ft", "full_lora"} & set(modes), whole))
+    if {"emu_ft", "emu_lora"} & set(modes):
         emu = work / "emulator-uniform"
         if not (emu / "manifest.json").is_file():
             emulate(model, emu, method="uniform", adapter_layers="2,2", overwrite=True, device="cpu")
-        packages["emu_ft"] = emu
+        packages.update(dict.fromkeys({"emu_ft", "emu_lora"} & set(modes), emu))
     return packages
 
 
