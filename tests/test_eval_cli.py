@@ -121,3 +121,39 @@ def test_bad_limit_is_refused(data_dir, tmp_path, capsys):
     rc = main(["eval", "--model", "m", "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "0",
                "--out", str(tmp_path / "x.json")])
     assert rc == 2 and "--limit must be a positive integer" in capsys.readouterr().err
+
+
+def test_eval_scores_a_causal_lm_outside_the_families(mc_task, tmp_path, tokenizer, capsys):
+    """Scoring an untouched model needs no knowledge of its layers: an OLMo 2 folder (no offsite
+    family) is scored, with the log-likelihoods of one plain forward pass per choice; emulating it
+    or plugging an adapter into it is still refused in one line."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = AutoConfig.for_model("olmo2", vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                               num_hidden_layers=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = tmp_path / "olmo2"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    template, folder = mc_task
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(path), "--tasks", template, "--limit", "5", "--details", "--out", str(out)]) == 0
+    details = next(iter(json.loads(out.read_text())["details"].values()))
+    rows = [json.loads(line) for line in (folder / "validation.jsonl").read_text().splitlines()][:5]
+    for row, got in zip(rows, details):
+        for choice, ll in zip(row["choices"], got["loglik"]):
+            ctx = tok(f"Question: {row['question']}\nAnswer:")["input_ids"]
+            ids = tok(f"Question: {row['question']}\nAnswer: {choice}")["input_ids"]
+            assert ids[:len(ctx)] == ctx  # the choice is a continuation of the context's tokens
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), -1)
+            want = sum(logp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids)))
+            assert abs(want - ll) <= 1e-4 * max(1.0, abs(want)), (row["id"], choice)
+    capsys.readouterr()
+    assert main(["emulate", "uniform", "--model", str(path), "--out", str(tmp_path / "emu")]) == 2
+    assert "unsupported architecture model_type='olmo2'" in capsys.readouterr().err

@@ -56,13 +56,16 @@ def load_config(name_or_path: str):
                            f"{hint}: {str(exc).splitlines()[0]}") from None
 
 
-def load_model(name_or_path: str, dtype="auto", device: str | None = None):
+def load_model(name_or_path: str, dtype="auto", device: str | None = None, any_architecture: bool = False):
     """Load a supported causal LM and, when present, its tokenizer.
 
     Args:
         name_or_path: local folder, hub id, or ``.gguf`` file (dequantised; ``"auto"`` is fp32 there).
         dtype: ``"auto"`` (the checkpoint's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: where to put the model (default CPU).
+        any_architecture: accept a causal LM outside offsite's families (scoring an untouched model
+            needs no knowledge of its layers); otherwise unsupported ones are refused before any
+            weight is read.
 
     Returns:
         ``(model, tokenizer_or_None)``; the model is in eval mode.
@@ -72,7 +75,8 @@ def load_model(name_or_path: str, dtype="auto", device: str | None = None):
     if is_gguf(name_or_path):
         return load_gguf(name_or_path, dtype=dtype, device=device)
     config = load_config(name_or_path)
-    get_family(config)  # refuse unsupported architectures before reading weights
+    if not any_architecture:
+        get_family(config)  # refuse unsupported architectures before reading weights
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
     if device:
         model.to(device)

@@ -70,7 +70,9 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         keep = [] if adapter is None else claimed_adapter_layers(adapter, load_config(model).num_hidden_layers)
         full, tokenizer = load_offloaded(model, dtype=dtype, device=where, keep=keep)
     else:
-        full, tokenizer = load_model(model, dtype=dtype, device=where)
+        # An untouched full model or a plugged folder is scored as lm-eval would score any causal LM;
+        # only plugging an adapter in needs the architecture's family.
+        full, tokenizer = load_model(model, dtype=dtype, device=where, any_architecture=adapter is None)
     info = {"kind": kind, "path": str(model), "adapter": adapter, **({"stream": True} if stream else {})}
     if adapter is not None:
         from .plug import plug_into
