@@ -64,6 +64,7 @@ def test_the_interval_comes_from_the_setting_or_the_environment(monkeypatch):
         progress.set_heartbeat(0)
 
 
+@pytest.mark.slow  # a whole `offsite finetune` process: its import alone is seconds
 def test_finetune_with_stderr_in_a_file_shows_step_loss_rate_and_eta(small_emulator, text_file, tmp_path):
     """``offsite finetune`` in the background: its log file gets progress lines, not one redrawn row."""
     log = tmp_path / "finetune.log"
