@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--render", action="store_true")
     p.add_argument("--full-zs", type=float, default=None,
                    help="full zero-shot acc measured before on the same questions (skips scoring it)")
+    p.add_argument("--finetune-s", type=float, default=None, help="fine-tune seconds of a run resumed at scoring")
     p.add_argument("--no-emu-zs", action="store_true", help="skip emulator zero-shot (saves minutes on 2 cores)")
     args = p.parse_args()
     os.chdir(ROOT)
@@ -113,7 +114,10 @@ def main() -> int:
         ft = {"batch_size": BATCH, "val_limit": 64, "eval_every": max(1, ft["max_steps"] // 4), **ft}
         t0 = time.time()
         emu_dir, adapter = work / f"emulator-{name}", work / f"adapter-{name}"
-        emulate(model, emu_dir, method=method, adapter_layers=adapter_layers, overwrite=True, **settings)
+        # a run stopped after its fine-tune finished (both artifacts complete) resumes at the scoring
+        resumed = (emu_dir / "manifest.json").exists() and (adapter / "manifest.json").exists()
+        if not resumed:
+            emulate(model, emu_dir, method=method, adapter_layers=adapter_layers, overwrite=True, **settings)
         built = time.time() - t0
         params = json.loads((emu_dir / "manifest.json").read_text())["parameters"]
         cell = {"method": method, "emulate": settings, "adapter_layers": adapter_layers, "finetune": ft,
@@ -121,8 +125,10 @@ def main() -> int:
         cell["emu_zs"] = None if args.no_emu_zs else score_with(emu_dir, None, "sciq", args.data_dir, "validation",
                                                                   LIMIT, BATCH, "cpu")["acc"]
         t1 = time.time()
-        finetune(emu_dir, data, adapter, format=fmt, overwrite=True, progress=True, device="cpu", **ft)
-        cell["finetune_s"] = round(time.time() - t1, 1)
+        if not resumed:
+            finetune(emu_dir, data, adapter, format=fmt, overwrite=True, progress=True, device="cpu", **ft)
+        cell["finetune_s"] = args.finetune_s if resumed else round(time.time() - t1, 1)
+        cell["resumed_at_scoring"] = resumed
         cell["finetune_log"] = _train_log(adapter)
         cell["emu_ft"] = score_with(emu_dir, adapter, "sciq", args.data_dir, "validation", LIMIT, BATCH, "cpu")["acc"]
         cell["plug_in"] = score_with(model, adapter, "sciq", args.data_dir, "validation", LIMIT, BATCH, "cpu")["acc"]
@@ -197,7 +203,7 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {c['method']} | {json.dumps(c['emulate'])} | {c['adapter_layers']} | "
                      f"{c['emulator_parameters']['emulator'] / 1e6:.1f} | {c['finetune']['max_steps']} | {c['finetune']['lr']:g} | "
                      f"{pct(c['emu_zs'])} | {pct(c['emu_ft'])} | {pct(c['plug_in'])} | "
-                     f"{c['plug_in_minus_full_zs'] * 100:+.1f} | {c['delta'] * 100:+.1f} | {c['finetune_s']:.0f} |")
+                     f"{c['plug_in_minus_full_zs'] * 100:+.1f} | {c['delta'] * 100:+.1f} | {c['finetune_s'] or float('nan'):.0f} |")
     if r.get("earlier"):
         lines += ["", "Measured before, same questions and protocol (`offsite report`), for comparison:", ""]
         lines += [f"- {k}: " + ", ".join(f"{n} {v * 100:.1f}" for n, v in row.items()) for k, row in r["earlier"].items()]
