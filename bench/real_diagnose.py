@@ -60,6 +60,10 @@ VARIANTS["crash-share"] = ("crash", {"share": True}, "2,2")
 VARIANTS["uniform-6-ad3.3"] = ("uniform", {"emulator_layers": 6}, "3,3")
 VARIANTS["uniform-6-ad4.4"] = ("uniform", {"emulator_layers": 6}, "4,4")
 VARIANTS["uniform-10-ad4.4"] = ("uniform", {"emulator_layers": 10}, "4,4")
+# the adapter on top only (the bottom adapter's gradient does not transfer at any uniform size)
+VARIANTS["uniform-10-ad0.4"] = ("uniform", {"emulator_layers": 10}, "0,4")
+VARIANTS["uniform-6-ad0.4"] = ("uniform", {"emulator_layers": 6}, "0,4")
+VARIANTS["uniform-10-ad0.2"] = ("uniform", {"emulator_layers": 10}, "0,2")
 VARIANTS["distill-10-300"] = ("distill", {"emulator_layers": 10, "steps": 300}, "2,2")
 
 CACHED = {"scaleot", "gradot"}  # methods whose expensive part is shared between variants through cache_dir
@@ -74,6 +78,8 @@ def main() -> int:
     p.add_argument("--text-windows", type=int, default=16)
     p.add_argument("--out", default="bench/results/real_diagnose")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--drop-scan", action="store_true",
+                   help="also: the full model's text and mc loss with each single middle layer (2,2 split) removed")
     args = p.parse_args()
     os.chdir(ROOT)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -149,6 +155,10 @@ def main() -> int:
                 q.requires_grad_(False)
         return {k: (v / c if c else None) for k, (v, c) in tot.items()}, g, n
 
+    def measure_loss(model, batches):
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        return sum(float(token_losses(model, b)[0].sum()) for b in batches) / n
+
     def compare(g_full, g_emu, names):
         cat_f, cat_e = torch.cat(g_full), torch.cat(g_emu)
 
@@ -193,7 +203,24 @@ def main() -> int:
             print(f"full model, adapter {adapter_spec}: {json.dumps(results['full'][key])}", flush=True)
         return full_cache[adapter_spec]
 
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    if args.drop_scan:
+        from offsite.families import get_layers, set_layers
+
+        scan = results.setdefault("drop_scan", {})
+        layers = list(get_layers(full, family))
+        for i in range(2, len(layers) - 2):
+            if str(i) in scan:
+                continue
+            keep = [j for j in range(len(layers)) if j != i]
+            dropped = copy.deepcopy(full)
+            set_layers(dropped, family, [get_layers(dropped, family)[j] for j in keep], keep)
+            with torch.no_grad():
+                scan[str(i)] = {s: measure_loss(dropped, b) for s, b in sets.items()}
+            del dropped
+            save(results, out)
+            print(f"drop layer {i}: {scan[str(i)]}", flush=True)
+
+    names = args.only.split(",") if args.only else ([] if args.drop_scan else list(VARIANTS))
     caches = {m: str(cache_root / m) for m in CACHED}
     for name in names:
         if name in results["rows"]:
@@ -291,6 +318,11 @@ def render(r: dict) -> str:
                      f"{lo['mc']['eos']:.3f} | {row['grad_text']['overall']['cos']:.3f} | {gm['overall']['cos']:.3f} | "
                      f"{gm['overall']['sign_agree']:.3f} | {gm['overall']['norm_ratio']:.2f} | {per} | "
                      f"{row['build_s']:.0f} |")
+    if r.get("drop_scan"):
+        lines += ["", "## The full model with one middle layer removed (`--drop-scan`)", "",
+                  "| layer removed | " + " | ".join(r["drop_scan"]) + " |", "|---|" + "---|" * len(r["drop_scan"]),
+                  "| text loss | " + " | ".join(f"{v['text']:.2f}" for v in r["drop_scan"].values()) + " |",
+                  "| mc loss | " + " | ".join(f"{v['mc']:.2f}" for v in r["drop_scan"].values()) + " |"]
     return "\n".join(lines) + "\n"
 
 
