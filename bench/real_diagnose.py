@@ -65,6 +65,12 @@ VARIANTS["uniform-10-ad0.4"] = ("uniform", {"emulator_layers": 10}, "0,4")
 VARIANTS["uniform-6-ad0.4"] = ("uniform", {"emulator_layers": 6}, "0,4")
 VARIANTS["uniform-10-ad0.2"] = ("uniform", {"emulator_layers": 10}, "0,2")
 VARIANTS["distill-10-300"] = ("distill", {"emulator_layers": 10, "steps": 300}, "2,2")
+# Uniform drop with the middle layers chosen by hand (plan built here, applied by the uniform method):
+# the drop scan found layers 2, 11 and 24 carry most of the loss; keep them and spread the rest.
+KEEP = {"keep10": [2, 5, 8, 11, 14, 17, 20, 22, 24, 27], "keep6": [2, 7, 11, 16, 20, 24]}
+for _name, _kept in KEEP.items():
+    for _adapter in ("2,2", "0,4"):
+        VARIANTS[f"uniform-{_name}-ad{_adapter.replace(',', '.')}"] = ("uniform-keep", {"kept": _kept}, _adapter)
 
 CACHED = {"scaleot", "gradot"}  # methods whose expensive part is shared between variants through cache_dir
 
@@ -229,11 +235,18 @@ def main() -> int:
         method, settings, adapter_spec = VARIANTS[name]
         split, adapter, g_full = full_side(adapter_spec)
         t0 = time.time()
-        builder = get_builder(method)
-        extra = {"cache_dir": caches[method]} if method in CACHED else {}
-        config = builder.make_config(**settings, **extra)
-        plan, emu = builder.build(copy.deepcopy(full), family, split, config, BuildInputs(calibration=None,
-                                                                                          tokenizer=tok))
+        if method == "uniform-keep":  # a hand-chosen plan, applied as uniform drop applies its own
+            from offsite.emulator.base import layer_entries
+
+            builder = get_builder("uniform")
+            plan = {"layers": layer_entries(split, settings["kept"]), "emulator_layers": len(settings["kept"])}
+            emu = builder.apply(copy.deepcopy(full), family, split, plan)
+        else:
+            builder = get_builder(method)
+            extra = {"cache_dir": caches[method]} if method in CACHED else {}
+            config = builder.make_config(**settings, **extra)
+            plan, emu = builder.build(copy.deepcopy(full), family, split, config, BuildInputs(calibration=None,
+                                                                                              tokenizer=tok))
         emu.eval()
         build_s = time.time() - t0
         layer_map = [e["source"] for e in plan["layers"]]
