@@ -130,7 +130,8 @@ def test_finetune_never_deletes_what_sits_at_its_checkpoint_path(emu, tmp_path, 
     verify_artifact(tmp_path / "pkg.ckpt")
 
 
-@pytest.mark.parametrize("flag,value", [("--max-grad-norm", "-1"), ("--epochs", "-1"), ("--lora-alpha", "-1"),
+@pytest.mark.parametrize("flag,value", [("--max-grad-norm", "-1"), ("--epochs", "-1"), ("--epochs", "nan"),
+                                        ("--max-grad-norm", "nan"), ("--lora-alpha", "-1"),
                                         ("--warmup-steps", "-3"), ("--weight-decay", "-1")])
 def test_finetune_settings_out_of_range_are_refused(emu, tmp_path, text_file, flag, value, capsys):
     _, folder = emu

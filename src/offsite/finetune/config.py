@@ -114,7 +114,7 @@ class FinetuneConfig:
         # A negative clipping norm makes torch flip every gradient (ascent); the rest would train nothing
         # or crash inside AdamW/PEFT after the emulator is loaded.
         for name in ("max_grad_norm", "epochs", "lora_alpha"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too: it compares false with everything
                 raise OffsiteError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay"):
             if getattr(self, name) < 0:
