@@ -49,6 +49,15 @@ CELLS = {
     "uniform-10-ad0.4": ("uniform", {"emulator_layers": 10}, "0,4", {"max_steps": 100, "lr": 1e-4}),
     "uniform-6-ad0.4": ("uniform", {"emulator_layers": 6}, "0,4", {"max_steps": 100, "lr": 1e-4}),
     "uniform-10-ad2.2": ("uniform", {"emulator_layers": 10}, "2,2", {"max_steps": 100, "lr": 1e-4}),
+    # 18 of 26 keeps layer 11, the one whose removal alone costs 2.1 nats (uniform 16 drops it)
+    "uniform-18": ("uniform", {"emulator_layers": 18}, "2,2", {"max_steps": 100, "lr": 1e-4}),
+    # only the top adapter trains (finetune --train-adapter top): the bottom one's gradient does not transfer
+    "uniform-18-top": ("uniform", {"emulator_layers": 18}, "2,2",
+                       {"max_steps": 100, "lr": 1e-4, "train_adapter": "top"}),
+    "uniform-24-top": ("uniform", {"emulator_layers": 24}, "2,2",
+                       {"max_steps": 100, "lr": 1e-4, "train_adapter": "top"}),
+    "distill-10-top": ("distill", {"emulator_layers": 10, "kd_scale": "token"}, "2,2",
+                       {"max_steps": 100, "lr": 1e-4, "train_adapter": "top"}),
 }
 
 
@@ -139,7 +148,8 @@ def main() -> int:
         cell["commands"] = [
             f"offsite emulate --model SMOL --method {method} --adapter-layers {adapter_layers} {flags} --out E",
             f"offsite finetune --emulator E --data sciq.train.jsonl --format {fmt} --max-steps {ft['max_steps']} "
-            f"--lr {ft['lr']} --batch-size {BATCH} --eval-every {ft['eval_every']} --out A",
+            f"--lr {ft['lr']} --batch-size {BATCH} --eval-every {ft['eval_every']} "
+            f"--train-adapter {ft.get('train_adapter', 'all')} --out A",
             f"offsite eval --model E --adapter A --tasks sciq --limit {LIMIT} --out emu_ft.json",
             f"offsite eval --model SMOL --adapter A --tasks sciq --limit {LIMIT} --out plug_in.json"]
         results["cells"][name] = cell
@@ -200,7 +210,7 @@ def render(r: dict) -> str:
              "plug-in | plug-in − full ZS | Δ plug-in − emu FT | fine-tune s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in r.get("cells", {}).items():
-        lines.append(f"| {name} | {c['method']} | {json.dumps(c['emulate'])} | {c['adapter_layers']} | "
+        lines.append(f"| {name} | {c['method']} | {json.dumps(c['emulate'])} | {c['adapter_layers']}{'' if c['finetune'].get('train_adapter', 'all') == 'all' else ' (' + c['finetune']['train_adapter'] + ' trains)'} | "
                      f"{c['emulator_parameters']['emulator'] / 1e6:.1f} | {c['finetune']['max_steps']} | {c['finetune']['lr']:g} | "
                      f"{pct(c['emu_zs'])} | {pct(c['emu_ft'])} | {pct(c['plug_in'])} | "
                      f"{c['plug_in_minus_full_zs'] * 100:+.1f} | {c['delta'] * 100:+.1f} | {c['finetune_s'] or float('nan'):.0f} |")

@@ -27,6 +27,37 @@ def test_normalised_mse_is_scale_free_and_zero_for_a_copy():
     assert normalised_mse(3 * t + 1, t).item() == pytest.approx(normalised_mse(30 * t + 10, 10 * t).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("scale", ["global", "token"])
+def test_normalised_mse_both_scales_are_scale_free_and_zero_for_a_copy(scale):
+    t = torch.randn(2, 5, 8)
+    assert normalised_mse(t, t, scale).item() == 0
+    assert normalised_mse(torch.zeros_like(t), t, scale).item() == pytest.approx(1.0)
+    assert normalised_mse(3 * t, t, scale).item() == pytest.approx(normalised_mse(30 * t, 10 * t, scale).item(), rel=1e-5)
+
+
+def test_token_scale_weighs_every_position_when_the_first_token_is_massive():
+    # A real LM's first token carries a massive activation (SmolLM2: ~140x the other positions).
+    t = torch.randn(1, 8, 16)
+    t[:, 0] *= 140.0
+    wrong_rest = t.clone()
+    wrong_rest[:, 1:] = 0  # copies the massive token only
+    wrong_first = t.clone()
+    wrong_first[:, 0] = 0  # copies every ordinary token
+    # global: missing seven ordinary positions costs almost nothing next to missing the one massive one
+    assert normalised_mse(wrong_rest, t, "global") < 0.01 * normalised_mse(wrong_first, t, "global")
+    # token: each position counts once, so missing seven costs seven times missing one
+    assert normalised_mse(wrong_rest, t, "token").item() == pytest.approx(
+        7 * normalised_mse(wrong_first, t, "token").item(), rel=1e-5)
+
+
+def test_distill_refuses_an_unknown_kd_scale():
+    from offsite.emulator.distill import DistillConfig
+    from offsite.errors import OffsiteError
+
+    with pytest.raises(OffsiteError, match="kd_scale must be 'token' or 'global'"):
+        DistillConfig(kd_scale="layer")
+
+
 def test_kd_points_are_the_middle_to_adapter_handovers():
     assert kd_points([0, 1, 3, 6, 7], make_split(8, "2,2")) == [("in", 6)]
     assert kd_points([0, 2, 3], make_split(4, "1,0")) == [("out", 3)]

@@ -65,6 +65,29 @@ def test_training_lowers_validation_loss_and_keeps_the_best(saved_model, tmp_pat
     assert {k.split(".")[2] for k in tensors} == {"0", "1", "4", "5"}  # full-model numbering
 
 
+@pytest.mark.parametrize("part, trained", [("top", {"4", "5"}), ("bottom", {"0", "1"})])
+def test_train_adapter_part_trains_only_that_part(saved_model, tmp_path, text_file, part, trained):
+    path, _ = saved_model("llama", 6)
+    base = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    emu = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+    out = finetune(emu, text_file, tmp_path / "ad", max_steps=3, lr=3e-3, block_size=16, batch_size=4,
+                   train_adapter=part, progress=False)
+    _, tensors = load_adapter(out)
+    assert {k.split(".")[2] for k in tensors} == {"0", "1", "4", "5"}  # the whole adapter travels back
+    changed = {k.split(".")[2] for k, v in tensors.items() if not torch.equal(v, base[k])}
+    assert changed == trained  # the frozen part is bitwise the base model's
+
+
+def test_train_adapter_refuses_a_part_the_split_lacks(saved_model, tmp_path, text_file):
+    path, _ = saved_model("llama", 6)
+    emu = emulate(str(path), tmp_path / "emu", emulator_layers=1, adapter_layers="0,2")
+    with pytest.raises(OffsiteError, match="train_adapter='bottom': this emulator has no adapter layer there"):
+        finetune(emu, text_file, tmp_path / "ad", max_steps=1, block_size=16, train_adapter="bottom", progress=False)
+    assert not (tmp_path / "ad").exists()
+    with pytest.raises(OffsiteError, match="train_adapter 'middle' unknown; allowed: all, top, bottom"):
+        finetune(emu, text_file, tmp_path / "ad", max_steps=1, train_adapter="middle", progress=False)
+
+
 def test_resume_reproduces_an_uninterrupted_run(saved_model, tmp_path, text_file, monkeypatch):
     path, _ = saved_model("llama", 6)
     emu = emulate(str(path), tmp_path / "emu", emulator_layers=1)

@@ -61,6 +61,9 @@ class DistillConfig:
     """Linear warmup steps."""
     kd_weight: float = 30.0
     """Weight of the normalised-MSE hidden-state loss (OT: 30)."""
+    kd_scale: str = "token"
+    """How the hidden-state error is normalised: "token" (each position by its own rms) or "global"
+    (OT: one rms over the whole batch, which a first-token massive activation dominates)."""
     lm_weight: float = 1.0
     """Weight of the language-modelling loss (OT: 1)."""
     batch_size: int = 4
@@ -84,6 +87,8 @@ class DistillConfig:
         for name in ("kd_weight", "lm_weight", "max_grad_norm"):
             if not math.isfinite(float(getattr(self, name))) or float(getattr(self, name)) < 0:
                 raise OffsiteError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.kd_scale not in ("token", "global"):
+            raise OffsiteError(f"kd_scale must be 'token' or 'global', got {self.kd_scale!r}")
         if self.kd_weight == 0 and self.lm_weight == 0:
             raise OffsiteError("kd_weight and lm_weight are both 0: there is nothing to train on")
 
@@ -161,22 +166,23 @@ def _body(model):
     return getattr(model, model.base_model_prefix, model)
 
 
-def distill_gap(student, family, batches: list, targets: list, student_points: list) -> float:
+def distill_gap(student, family, batches: list, targets: list, student_points: list,
+                scale: str = "token") -> float:
     """Mean normalised MSE between student middle outputs and the teacher's ``targets`` (no grad)."""
     total = 0.0
     with torch.no_grad():
         for ids, target in zip(batches, targets):
-            total += _kd_loss(student, family, ids, target, student_points).item()
+            total += _kd_loss(student, family, ids, target, student_points, scale).item()
     return total / len(batches)
 
 
-def _kd_loss(student, family, ids, target: list, student_points, lm_out: list | None = None):
+def _kd_loss(student, family, ids, target: list, student_points, scale: str, lm_out: list | None = None):
     """KD term for one batch against its teacher ``target``; with ``lm_out`` a list, the LM loss is appended."""
     with capture_hidden(student, family, **_hooks(student_points)) as s_store:
         out = student(input_ids=ids, labels=ids if lm_out is not None else None, use_cache=False)
     if lm_out is not None:
         lm_out.append(out.loss)
-    terms = [normalised_mse(s_store[s], t) for s, t in zip(student_points, target)]
+    terms = [normalised_mse(s_store[s], t, scale) for s, t in zip(student_points, target)]
     return torch.stack(terms).mean()
 
 
@@ -232,7 +238,7 @@ class Distill(EmulatorBuilder):
         """
         points, s_points, skipped = kd_plan(split, plan)
         record = {"steps": 0, "kd_weight": config.kd_weight, "lm_weight": config.lm_weight,
-                  "points": [f"{k}:{i}" for k, i in points]}
+                  "kd_scale": config.kd_scale, "points": [f"{k}:{i}" for k, i in points]}
         if skipped is not None:
             record["skipped"] = skipped
             return record
@@ -244,7 +250,7 @@ class Distill(EmulatorBuilder):
         trainable = [p for layer in middle for p in layer.parameters()]
         # moved once: calibration batches are CPU token ids and the probe runs before and after training
         probe = [b.to(model_device(emulator)) for b in batches[: min(2, len(batches))]]
-        record["gap_before"] = distill_gap(emulator, family, probe, targets, s_points)
+        record["gap_before"] = distill_gap(emulator, family, probe, targets, s_points, config.kd_scale)
         from ..finetune.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
 
         for p in trainable:
@@ -262,7 +268,7 @@ class Distill(EmulatorBuilder):
             lm = []
             ids, target = next(data)
             with precision.autocast():
-                kd = _kd_loss(emulator, family, ids, target, s_points, lm_out=lm)
+                kd = _kd_loss(emulator, family, ids, target, s_points, config.kd_scale, lm_out=lm)
                 loss = config.lm_weight * lm[0] + config.kd_weight * kd
             precision.backward(loss)
             precision.clip(optimizer, trainable, config.max_grad_norm)
@@ -277,5 +283,5 @@ class Distill(EmulatorBuilder):
         record.update(steps=config.steps, seconds=round(time.time() - started, 2),
                       lm_first=history[0][0], kd_first=history[0][1],
                       lm_final=sum(h[0] for h in tail) / len(tail), kd_final=sum(h[1] for h in tail) / len(tail),
-                      gap_after=distill_gap(emulator, family, probe, targets, s_points))
+                      gap_after=distill_gap(emulator, family, probe, targets, s_points, config.kd_scale))
         return record

@@ -11,6 +11,8 @@ from ..token_loss import MODES as LOGITS
 from .dp import ACCOUNTANTS
 from .schedule import SCHEDULES
 
+TRAIN_ADAPTER = ("all", "top", "bottom")
+
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -34,6 +36,11 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: list | None = None
     """Module names LoRA targets; default every linear of the adapter layers."""
+    train_adapter: str = "all"
+    """Which adapter layers train: all, top (those above the middle) or bottom (those below it); the
+    others stay frozen and travel back unchanged. On SmolLM2-135M the bottom adapter's gradient through
+    an emulator has cosine ~0 with its gradient through the full model at every emulator measured,
+    while the top adapter's reaches 0.8-0.95 (bench/results/real_diagnose)."""
     lr: float = 1e-4
     weight_decay: float = 0.0
     epochs: float = 1.0
@@ -100,6 +107,8 @@ class FinetuneConfig:
             raise OffsiteError(f"precision {self.precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
         if self.pass_tokens is not None and self.pass_tokens < 0:
             raise OffsiteError(f"pass_tokens must be >= 0 (0 = whole micro-batches), got {self.pass_tokens}")
+        if self.train_adapter not in TRAIN_ADAPTER:
+            raise OffsiteError(f"train_adapter {self.train_adapter!r} unknown; allowed: {', '.join(TRAIN_ADAPTER)}")
         for name in ("batch_size", "grad_accum", "block_size", "lora_r"):
             if getattr(self, name) < 1:
                 raise OffsiteError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -92,7 +92,7 @@ def select(emu, cfg, precision, scope: str = "adapter") -> tuple:
     model = emu.model
     model.requires_grad_(False)
     layers = get_layers(model, emu.family)
-    positions = emu.adapter_positions if scope == "adapter" else list(range(len(layers)))
+    positions = adapter_part(emu, cfg.train_adapter) if scope == "adapter" else list(range(len(layers)))
     if cfg.lora:
         from ..lora import wrap_lora
 
@@ -113,6 +113,24 @@ def select(emu, cfg, precision, scope: str = "adapter") -> tuple:
             p.requires_grad_(True)
             params[f"{emu.family.layers}.{pos}.{name}"] = p
     return params, None, trained
+
+
+def adapter_part(emu, part: str) -> list:
+    """Emulator positions of the adapter layers that train: ``all``, ``top`` (above the first middle
+    layer) or ``bottom`` (below it).
+
+    Raises:
+        OffsiteError: the chosen part holds no adapter layer (e.g. ``bottom`` with split ``0,4``).
+    """
+    roles = [e["role"] for e in emu.manifest["plan"]["layers"]]
+    first_middle = roles.index("emulator") if "emulator" in roles else len(roles)
+    chosen = {"all": emu.adapter_positions,
+              "top": [i for i in emu.adapter_positions if i > first_middle],
+              "bottom": [i for i in emu.adapter_positions if i < first_middle]}[part]
+    if not chosen:
+        raise OffsiteError(f"train_adapter={part!r}: this emulator has no adapter layer there (adapter layers "
+                           f"{list(emu.split.adapter)} of {emu.split.num_layers}); choose all or the other part")
+    return chosen
 
 
 def prepare(emu, data, cfg) -> Prepared:
