@@ -42,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (method, settings, adapter_layers)
 VARIANTS = {}
-for k in (6, 10, 16, 20, 24):
+for k in (6, 10, 12, 16, 18, 20, 24):
     VARIANTS[f"uniform-{k}"] = ("uniform", {"emulator_layers": k}, "2,2")
 for k in (6, 10):
-    VARIANTS[f"distill-{k}"] = ("distill", {"emulator_layers": k, "steps": 100}, "2,2")
+    # measured before kd_scale existed, i.e. with OT's global scale
+    VARIANTS[f"distill-{k}"] = ("distill", {"emulator_layers": k, "steps": 100, "kd_scale": "global"}, "2,2")
+    VARIANTS[f"distill-{k}-token"] = ("distill", {"emulator_layers": k, "steps": 100, "kd_scale": "token"}, "2,2")
 VARIANTS["scaleot-a0.75"] = ("scaleot", {"alpha": 0.75, "beta": 0.2}, "2,2")  # the default
 VARIANTS["scaleot-a0.5"] = ("scaleot", {"alpha": 0.5, "beta": 0.2}, "2,2")
 VARIANTS["scaleot-a0.25"] = ("scaleot", {"alpha": 0.25, "beta": 0.2}, "2,2")
@@ -64,10 +66,18 @@ VARIANTS["uniform-10-ad4.4"] = ("uniform", {"emulator_layers": 10}, "4,4")
 VARIANTS["uniform-10-ad0.4"] = ("uniform", {"emulator_layers": 10}, "0,4")
 VARIANTS["uniform-6-ad0.4"] = ("uniform", {"emulator_layers": 6}, "0,4")
 VARIANTS["uniform-10-ad0.2"] = ("uniform", {"emulator_layers": 10}, "0,2")
-VARIANTS["distill-10-300"] = ("distill", {"emulator_layers": 10, "steps": 300}, "2,2")
+VARIANTS["distill-10-300"] = ("distill", {"emulator_layers": 10, "steps": 300, "kd_scale": "global"}, "2,2")
 # Uniform drop with the middle layers chosen by hand (plan built here, applied by the uniform method):
 # the drop scan found layers 2, 11 and 24 carry most of the loss; keep them and spread the rest.
-KEEP = {"keep10": [2, 5, 8, 11, 14, 17, 20, 22, 24, 27], "keep6": [2, 7, 11, 16, 20, 24]}
+KEEP = {"keep10": [2, 5, 8, 11, 14, 17, 20, 22, 24, 27], "keep6": [2, 7, 11, 16, 20, 24],
+        # sensitivity of the bottom adapter's gradient: the whole middle (must give cosine ~1), and the
+        # whole middle less one harmless layer (14: +0.10 nats alone) or the critical one (11: +2.1)
+        "keep26": list(range(2, 28)), "drop14": [i for i in range(2, 28) if i != 14],
+        "drop11": [i for i in range(2, 28) if i != 11],
+        # the sink chain (massive activation at token 0: layer 2 writes ~650, layers 9-10 remove it,
+        # layer 11 writes ~22700 that lasts to layer 28) kept whole, the rest spread or cut as a block
+        "sink10": [2, 9, 10, 11, 13, 16, 19, 22, 25, 27], "sink6": [2, 9, 10, 11, 19, 27],
+        "sink14": [2, 5, 8, 9, 10, 11, 13, 15, 17, 19, 21, 23, 25, 27], "block10": list(range(2, 12))}
 for _name, _kept in KEEP.items():
     for _adapter in ("2,2", "0,4"):
         VARIANTS[f"uniform-{_name}-ad{_adapter.replace(',', '.')}"] = ("uniform-keep", {"kept": _kept}, _adapter)
@@ -84,6 +94,9 @@ def main() -> int:
     p.add_argument("--text-windows", type=int, default=16)
     p.add_argument("--out", default="bench/results/real_diagnose")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--sink-detach", action="store_true",
+                   help="stop the gradient through token 0 (the attention sink) where it leaves the bottom adapter, "
+                        "in the full model and the emulator alike; rows are named VARIANT+sd")
     p.add_argument("--drop-scan", action="store_true",
                    help="also: the full model's text and mc loss with each single middle layer (2,2 split) removed")
     args = p.parse_args()
@@ -142,6 +155,10 @@ def main() -> int:
             q.requires_grad_(False)
             q.grad = None
         params = [list(layers[i].parameters()) for i in positions]
+        hook = None
+        bottom = [i for i in positions if i < len(layers) // 2]
+        if args.sink_detach and bottom:
+            hook = layers[max(bottom)].register_forward_hook(_detach_sink)
         for group in params:
             for q in group:
                 q.requires_grad_(True)
@@ -154,6 +171,8 @@ def main() -> int:
             for key, m in (("all", torch.ones_like(tg, dtype=torch.bool)), ("answer", tg != eos), ("eos", tg == eos)):
                 tot[key][0] += float(lo[m].sum())
                 tot[key][1] += int(m.sum())
+        if hook is not None:
+            hook.remove()
         g = [torch.cat([q.grad.detach().float().flatten() for q in group]) for group in params]
         for group in params:
             for q in group:
@@ -176,6 +195,7 @@ def main() -> int:
         return {"overall": one(cat_f, cat_e), "per_layer": {str(i): one(a, b) for i, a, b in zip(names, g_full, g_emu)}}
 
     full_cache = {}
+    suffix = "+sd" if args.sink_detach else ""
     # the full model's gradients, ScaleOT's scores + harmonizers and GradOT's terms, reused between
     # variants and reruns (outside the repository)
     cache_root = Path(tempfile.gettempdir()) / "offsite-real-diagnose-cache"
@@ -185,8 +205,8 @@ def main() -> int:
             split = make_split(full.config.num_hidden_layers, adapter_spec)
             adapter = list(split.adapter)
             t0 = time.time()
-            stored = cache_root / f"full-grads-ad{adapter_spec}.pt"  # reruns skip the full model's passes
-            if stored.exists() and f"full-ad{adapter_spec}" in results.get("full", {}):
+            stored = cache_root / f"full-grads-ad{adapter_spec}{suffix}.pt"  # reruns skip the full model's passes
+            if stored.exists() and f"full-ad{adapter_spec}{suffix}" in results.get("full", {}):
                 full_cache[adapter_spec] = (split, adapter, torch.load(stored))
                 return full_cache[adapter_spec]
             g, loss, floor = {}, {}, {}
@@ -200,7 +220,7 @@ def main() -> int:
             full_cache[adapter_spec] = (split, adapter, g)
             stored.parent.mkdir(parents=True, exist_ok=True)
             torch.save(g, stored)
-            key = f"full-ad{adapter_spec}"
+            key = f"full-ad{adapter_spec}{suffix}"
             if key not in results.get("full", {}):
                 results.setdefault("full", {})[key] = {
                     "loss": loss,
@@ -229,7 +249,7 @@ def main() -> int:
     names = args.only.split(",") if args.only else ([] if args.drop_scan else list(VARIANTS))
     caches = {m: str(cache_root / m) for m in CACHED}
     for name in names:
-        if name in results["rows"]:
+        if name + suffix in results["rows"]:
             print(f"{name}: done before, skipped", flush=True)
             continue
         method, settings, adapter_spec = VARIANTS[name]
@@ -261,12 +281,22 @@ def main() -> int:
             row["loss"][s], g_emu, _ = measure(emu, positions, b)
             row[f"grad_{s}"] = compare(g_full[s], g_emu, adapter)
         row["seconds"] = round(time.time() - t0, 1)
-        results["rows"][name] = row
+        row["sink_detach"] = bool(args.sink_detach)
+        results["rows"][name + suffix] = row
         save(results, out)
-        print(f"{name}: {json.dumps(row)}", flush=True)
+        print(f"{name + suffix}: {json.dumps(row)}", flush=True)
         del emu
     write(results, out)
     return 0
+
+
+def _detach_sink(module, inputs, output):
+    """Forward hook: the layer's output with token 0's hidden state cut from the gradient."""
+    import torch
+
+    hidden = output[0] if isinstance(output, tuple) else output
+    hidden = torch.cat([hidden[:, :1].detach(), hidden[:, 1:]], dim=1)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def token_losses(model, batch):
