@@ -88,6 +88,28 @@ def test_train_adapter_refuses_a_part_the_split_lacks(saved_model, tmp_path, tex
         finetune(emu, text_file, tmp_path / "ad", max_steps=1, train_adapter="middle", progress=False)
 
 
+def test_init_adapter_starts_from_that_adapter_and_refuses_another_emulators(saved_model, tmp_path, text_file):
+    path, _ = saved_model("llama", 6)
+    emu = emulate(str(path), tmp_path / "emu", emulator_layers=1)
+    first = finetune(emu, text_file, tmp_path / "a1", max_steps=2, lr=3e-3, block_size=16, progress=False)
+    # zero steps from a starting adapter writes that adapter back, bitwise
+    again = finetune(emu, text_file, tmp_path / "a2", max_steps=0, block_size=16, init_adapter=str(first),
+                     progress=False)
+    _, t1 = load_adapter(first)
+    _, t2 = load_adapter(again)
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    # an adapter of another emulator of the same model is refused, and nothing is written
+    other = emulate(str(path), tmp_path / "emu2", emulator_layers=0)
+    with pytest.raises(OffsiteError, match="emulator"):
+        finetune(other, text_file, tmp_path / "a3", max_steps=1, block_size=16, init_adapter=str(first),
+                 progress=False)
+    assert not (tmp_path / "a3").exists()
+    lora = finetune(emu, text_file, tmp_path / "l1", max_steps=1, block_size=16, lora=True, progress=False)
+    with pytest.raises(OffsiteError, match="only a full adapter"):
+        finetune(emu, text_file, tmp_path / "a4", max_steps=1, block_size=16, init_adapter=str(lora),
+                 progress=False)
+
+
 def test_resume_reproduces_an_uninterrupted_run(saved_model, tmp_path, text_file, monkeypatch):
     path, _ = saved_model("llama", 6)
     emu = emulate(str(path), tmp_path / "emu", emulator_layers=1)

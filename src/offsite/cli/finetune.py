@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lora", action="store_true", help="train LoRA on the adapter layers instead of all weights")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--init-adapter", default=None,
+                   help="start from this adapter artifact (trained on the same emulator) instead of the emulator's own")
     p.add_argument("--train-adapter", default="all", choices=["all", "top", "bottom"],
                    help="which adapter layers train; the others stay frozen (default all)")
     p.add_argument("--max-steps", type=steps, default=None, help="optimizer steps (overrides --epochs)")
@@ -82,7 +84,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..finetune import finetune
 
-    keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "train_adapter", "max_steps", "epochs", "lr", "batch_size",
+    keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "init_adapter", "train_adapter", "max_steps", "epochs", "lr", "batch_size",
             "grad_accum", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
             "gradient_checkpointing", "logits", "pass_tokens", "eval_every", "save_every", "resume", "device", "seed", "progress",
             "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import save_full_adapter, save_lora_adapter
+from ..adapters import copy_into_layers, load_adapter, save_full_adapter, save_lora_adapter
 from ..artifacts import guard_output
 from ..device import resolve_device
 from ..errors import OffsiteError
@@ -71,7 +71,7 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
         from . import dp
 
         dp.require_opacus()  # a missing extra is refused before any work or output
-    inputs = [emulator, data, cfg.val_data]
+    inputs = [emulator, data, cfg.val_data, cfg.init_adapter]
     if world > 1:
         guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before joining the group
         guard_checkpoint(checkpoint_dir(out), inputs)
@@ -88,6 +88,8 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     torch.manual_seed(cfg.seed)
     emu = load_emulator(emulator, device=device, trusted_keys=trusted_keys)
     model = emu.model
+    if cfg.init_adapter is not None:
+        start_from(emu, cfg.init_adapter, trusted_keys)
     precision = precision_policy(cfg.precision, base_dtype(model), device)
     params, peft_model, trained = select(emu, cfg, precision, "adapter")
     run = prepare(emu, data, cfg)
@@ -138,6 +140,17 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     if group is not None:
         group.barrier()
     return path
+
+
+def start_from(emu, path, trusted_keys=None) -> None:
+    """Copy a full adapter artifact trained on ``emu`` (checked: same emulator, every layer's shapes
+    and dtypes) into ``emu``'s adapter layers."""
+    manifest, tensors = load_adapter(path, emulator_id=emu.artifact_id, trusted_keys=trusted_keys)
+    if manifest["kind"] != "adapter":
+        raise OffsiteError(f"init_adapter {path} is a {manifest['kind']} artifact; only a full adapter "
+                           "(finetune without --lora) can be a starting point")
+    copy_into_layers(emu.model, emu.family, manifest, tensors, path,
+                     positions=dict(zip(emu.split.adapter, emu.adapter_positions)), target_split=emu.split)
 
 
 def make_config(settings: dict) -> FinetuneConfig:

@@ -36,6 +36,10 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: list | None = None
     """Module names LoRA targets; default every linear of the adapter layers."""
+    init_adapter: str | None = None
+    """An adapter artifact trained on this same emulator to start from (default: the emulator's own
+    adapter layers); e.g. one the model owner tuned on public text, so that the data owner's run
+    begins where the emulator's shortfall is already absorbed."""
     train_adapter: str = "all"
     """Which adapter layers train: all, top (those above the middle) or bottom (those below it); the
     others stay frozen and travel back unchanged. On SmolLM2-135M the bottom adapter's gradient through

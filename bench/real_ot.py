@@ -1,0 +1,269 @@
+"""The offsite-tuning table on a real model: SmolLM2-135M-Instruct, five tasks, all five methods (issue 24 item 3).
+
+Usage (from the repository root; each cell is resumable and written to results.json when it ends):
+    .venv/bin/python bench/real_ot.py CELL [CELL ...]      # e.g. full-zs uniform-default full-ft-1e-4
+    .venv/bin/python bench/real_ot.py --list               # the cells and what each runs
+    .venv/bin/python bench/real_ot.py --render             # results.md + ot.png from results.json
+
+Protocol (as the OT and GradOT papers' tables): fine-tuning data is ONE mixture of the training sets
+of PIQA, ARC-Easy, ARC-Challenge, SciQ and OpenBookQA (the first ``--per-task`` questions of each,
+shuffled with seed 0, in each task's own prompt template); every model is scored on the first
+``--limit`` validation questions of each task (acc; the standard error is printed beside each
+number). Every fine-tune (full FT, adapter on an emulator, LoRA) gets the same data, steps, batch and
+schedule; full FT's lr is searched over FULL_FT_LRS and the run with the lowest held-out training
+loss (5% of the mixture, never a validation question) is the row. Rows per method: emulator
+zero-shot, emulator FT, plug-in, Δ = plug-in − emulator FT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "openbookqa")
+FULL_FT_LRS = (3e-5, 1e-4)
+# Fine-tune settings of every row (the adapter's defaults): batch 8, cosine, 5% held out.
+FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "val_limit": 64}
+# The emulator size every method is also measured at (item 3b): the parameter share of uniform drop
+# keeping 18 of 26 middle layers on SmolLM2 (0.69 of the middle), the smallest uniform size that
+# keeps layer 11 (bench/results/real_diagnose).
+MATCHED = {"uniform": {"emulator_layers": 18}, "distill": {"emulator_layers": 18},
+           "crash": {"emulator_layers": 18}, "scaleot": {"alpha": 0.3},
+           "gradot": {"param_budget": 0.69}}
+METHODS = ("uniform", "distill", "crash", "scaleot", "gradot")
+
+
+def cells() -> dict:
+    """name -> what the cell runs: ``kind`` plus its settings."""
+    out = {"full-zs": {"kind": "full-zs"}}
+    for lr in FULL_FT_LRS:
+        out[f"full-ft-{lr:g}"] = {"kind": "full-ft", "lr": lr}
+    for m in METHODS:
+        out[f"{m}-default"] = {"kind": "method", "method": m, "emulate": {}, "finetune": {}}
+        out[f"{m}-matched"] = {"kind": "method", "method": m, "emulate": MATCHED[m], "finetune": {}}
+    out["uniform-default-lora"] = {"kind": "method", "method": "uniform", "emulate": {}, "finetune": {"lora": True}}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("cells", nargs="*")
+    p.add_argument("--model", default=None, help="base model folder (default: offsite models path smollm2-135m)")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--per-task", type=int, default=500, help="training questions per task in the mixture")
+    p.add_argument("--limit", type=int, default=200, help="validation questions scored per task")
+    p.add_argument("--workdir", default="runs/real_ot")
+    p.add_argument("--out", default="bench/results/real_ot")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--render", action="store_true")
+    args = p.parse_args()
+    os.chdir(ROOT)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    known = cells()
+    if args.list:
+        print("\n".join(f"{k}: {json.dumps(v)}" for k, v in known.items()))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+    if args.render:
+        write(results, out)
+        return 0
+    unknown = [c for c in args.cells if c not in known]
+    if unknown:
+        p.error(f"unknown cells {unknown}; see --list")
+    setup = {"model": "SmolLM2-135M-Instruct, fp32 (offsite models path smollm2-135m)", "tasks": list(TASKS),
+             "per_task_train": args.per_task, "limit": args.limit, "finetune": FINETUNE}
+    if results.get("setup", setup) != setup:
+        sys.exit(f"{path} holds cells of another setup ({results['setup']}); use another --out")
+    results["setup"] = setup
+
+    import torch
+
+    torch.set_num_threads(2)
+    model = args.model or _smol_path()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = mixture(args.data_dir, work, args.per_task)
+    for name in args.cells:
+        if name in results["cells"]:
+            print(f"{name}: done before, skipped", flush=True)
+            continue
+        t0 = time.time()
+        cell = run_cell(known[name], name, model, data, work, args)
+        cell["seconds"] = round(time.time() - t0, 1)
+        results["cells"][name] = cell
+        save(results, out)
+        write(results, out)
+        print(f"{name}: {json.dumps(cell)}", flush=True)
+    return 0
+
+
+def mixture(data_dir, work: Path, per_task: int) -> Path:
+    """The five tasks' first ``per_task`` training questions, each in its own prompt, shuffled (seed 0)."""
+    from offsite.eval.tasks import get_task
+
+    rows = [{"prompt": q, "completion": a} for t in TASKS
+            for q, a in get_task(t).finetune_pairs(data_dir, "train", limit=per_task)]
+    random.Random(0).shuffle(rows)
+    path = work / f"mixture-{per_task}.jsonl"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+    return path
+
+
+def score_all(model_dir, adapter, args) -> dict:
+    """``{task: {"acc", "n", "se"}}`` of a model (or emulator package) with ``adapter`` applied in memory."""
+    from offsite.eval.protocol import headline, score_with
+
+    scores = {}
+    for t in TASKS:
+        acc = headline(score_with(str(model_dir), adapter, t, args.data_dir, "validation", args.limit, 8, "cpu"))[0]
+        scores[t] = {"acc": acc, "n": args.limit, "se": math.sqrt(acc * (1 - acc) / args.limit)}
+    return scores
+
+
+def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) -> dict:
+    from offsite.emulate import emulate
+    from offsite.eval.protocol import full_package
+    from offsite.finetune import finetune
+
+    if spec["kind"] == "full-zs":
+        return {"scores": score_all(model, None, args)}
+    ft = {**FINETUNE, "eval_every": FINETUNE["max_steps"] // 4, "progress": True, "device": "cpu"}
+    if spec["kind"] == "full-ft":
+        adapter = work / f"adapter-{name}"
+        t0 = time.time()
+        finetune(full_package(model, work, "cpu"), data, adapter, format="prompt", overwrite=True,
+                 **{**ft, "lr": spec["lr"]})
+        return {"lr": spec["lr"], "finetune_s": round(time.time() - t0, 1), "val_loss": _best_val(adapter),
+                "scores": score_all(model, adapter, args)}
+    emu_dir, adapter = work / f"emulator-{name}", work / f"adapter-{name}"
+    t0 = time.time()
+    emulate(model, emu_dir, method=spec["method"], overwrite=True, **spec["emulate"])
+    cell = {"method": spec["method"], "emulate": spec["emulate"], "finetune": {**ft, **spec["finetune"]},
+            "build_s": round(time.time() - t0, 1),
+            "parameters": json.loads((emu_dir / "manifest.json").read_text())["parameters"],
+            "emu_zs": score_all(emu_dir, None, args)}
+    t0 = time.time()
+    finetune(emu_dir, data, adapter, format="prompt", overwrite=True, **cell["finetune"])
+    cell["finetune_s"] = round(time.time() - t0, 1)
+    cell["val_loss"] = _best_val(adapter)
+    cell["emu_ft"] = score_all(emu_dir, adapter, args)
+    cell["plug_in"] = score_all(model, adapter, args)
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in spec["emulate"].items())
+    cell["commands"] = [f"offsite emulate {spec['method']} --model SMOL {flags} --out E",
+                        f"offsite finetune --emulator E --data mixture.jsonl --format prompt --max-steps "
+                        f"{FINETUNE['max_steps']} --out A" + (" --lora" if spec["finetune"].get("lora") else ""),
+                        "offsite eval --model E|SMOL --adapter A --tasks " + ",".join(TASKS) + f" --limit {args.limit}"]
+    return cell
+
+
+def _best_val(adapter: Path):
+    log = adapter / "training_log.json"
+    return json.loads(log.read_text()).get("best_val_loss") if log.exists() else None
+
+
+def _smol_path() -> str:
+    import subprocess
+
+    done = subprocess.run([str(ROOT / ".venv/bin/offsite"), "models", "path", "smollm2-135m"], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def save(results: dict, out: Path) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+
+
+def average(scores: dict | None):
+    return None if not scores else sum(s["acc"] for s in scores.values()) / len(scores)
+
+
+def write(results: dict, out: Path) -> None:
+    (out / "results.md").write_text(render(results))
+    plot(results, out / "ot.png")
+
+
+def render(r: dict) -> str:
+    c = r.get("cells", {})
+    s = r.get("setup", {})
+
+    def cellfmt(scores, t):
+        if not scores or t not in scores:
+            return "—"
+        return f"{scores[t]['acc'] * 100:.1f} ±{scores[t]['se'] * 100:.1f}"
+
+    def row(label, scores):
+        avg = average(scores)
+        return (f"| {label} | " + " | ".join(cellfmt(scores, t) for t in TASKS)
+                + f" | {'—' if avg is None else f'{avg * 100:.1f}'} |")
+
+    lines = ["# Offsite-tuning on SmolLM2-135M-Instruct: the OT table (issue 24)", "",
+             f"`python bench/real_ot.py CELL ...` on 2 CPU cores. Fine-tuned on one mixture of the five training "
+             f"sets ({s.get('per_task_train')} questions each, {5 * (s.get('per_task_train') or 0)} in all), "
+             f"scored on the first {s.get('limit')} validation questions of each task (acc ± standard error). "
+             f"Every fine-tune: {json.dumps(s.get('finetune'))}. Cells not yet run show —.", "",
+             "| row | " + " | ".join(TASKS) + " | avg |", "|---|" + "---|" * (len(TASKS) + 1)]
+    zs = c.get("full-zs", {}).get("scores")
+    lines.append(row("full zero-shot", zs))
+    fts = {k: v for k, v in c.items() if k.startswith("full-ft-")}
+    best = min(fts, key=lambda k: fts[k]["val_loss"] if fts[k]["val_loss"] is not None else math.inf) if fts else None
+    for k, v in fts.items():
+        lines.append(row(f"full fine-tuning, lr {v['lr']:g}{' (chosen: lowest held-out loss)' if k == best else ''}",
+                         v["scores"]))
+    for name, v in c.items():
+        if "method" not in v:
+            continue
+        size = v["parameters"]["emulator"] / 1e6
+        label = f"{name} ({size:.1f}M params{'; ' + json.dumps(v['emulate']) if v['emulate'] else ''})"
+        lines.append(row(f"{label}: emulator ZS", v["emu_zs"]))
+        lines.append(row(f"{label}: emulator FT", v["emu_ft"]))
+        lines.append(row(f"**{label}: plug-in**", v["plug_in"]))
+        d = average(v["plug_in"]) - average(v["emu_ft"])
+        lines.append(f"| {label}: Δ plug-in − emu FT | " + " | ".join(
+            f"{(v['plug_in'][t]['acc'] - v['emu_ft'][t]['acc']) * 100:+.1f}" for t in TASKS) + f" | {d * 100:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    methods = {k: v for k, v in r.get("cells", {}).items() if "method" in v}
+    if not methods:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, v in methods.items():
+        x, y = average(v["emu_ft"]) * 100, average(v["plug_in"]) * 100
+        ax.scatter(x, y)
+        ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    zs = r["cells"].get("full-zs", {}).get("scores")
+    if zs:
+        ax.axhline(average(zs) * 100, color="grey", ls="--", lw=1, label="full zero-shot")
+        ax.axvline(average(zs) * 100, color="grey", ls=":", lw=1)
+    ax.set_xlabel("emulator FT, average acc (lower = more private)")
+    ax.set_ylabel("plug-in, average acc (higher = more useful)")
+    ax.set_title("OT on SmolLM2-135M-Instruct, 5 tasks")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
