@@ -161,26 +161,14 @@ def main() -> int:
 
 
 def _train_log(adapter: Path) -> dict:
-    """The fine-tune's train/val loss log from the adapter's manifest or settings, if recorded."""
-    for name in ("manifest.json", "settings.json"):
-        f = adapter / name
-        if f.exists():
-            data = json.loads(f.read_text())
-            found = _find(data, "train")
-            if isinstance(found, dict) or isinstance(found, list):
-                return {"found_in": name, "log": _find(data, "log") or found}
-    return {}
-
-
-def _find(obj, key):
-    if isinstance(obj, dict):
-        if key in obj:
-            return obj[key]
-        for v in obj.values():
-            r = _find(v, key)
-            if r is not None:
-                return r
-    return None
+    """The fine-tune's validation losses and every 10th training loss (finetune's training_log.json)."""
+    f = adapter / "training_log.json"
+    if not f.exists():
+        return {}
+    log = json.loads(f.read_text())
+    return {"val": [round(v["loss"], 4) for v in log.get("val", [])],
+            "train_every_10": [round(v["loss"], 4) for v in log.get("train", [])[::10]],
+            "best_val_loss": log.get("best_val_loss")}
 
 
 def _smol_path() -> str:
