@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import textwrap
 
 
 def add_out(parser, help_text: str = "output folder", required: bool = True) -> None:
@@ -83,3 +86,17 @@ def refuse_workflow_arguments(settings: dict, workflow, flags: dict | None = Non
 
 def print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def field_docs(cls) -> dict:
+    """Attribute docstrings of a dataclass (the string right under each field), by field name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -10,10 +10,10 @@ method's flags, each refused for a method that lacks it.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
-import textwrap
+
+from .common import field_docs
 
 
 def workflow_arguments() -> set:
@@ -39,20 +39,6 @@ def method_settings() -> dict:
             help_text, owners = out.get(f.name, (docs.get(f.name, ""), []))
             out[f.name] = (help_text or docs.get(f.name, ""), owners + [method])
     return out
-
-
-def field_docs(cls) -> dict:
-    """Attribute docstrings of a dataclass (the string right under each field), by field name."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def add_common(p, legacy: bool = False) -> None:

@@ -7,6 +7,8 @@ offsite.cli finetune ...`` (``--batch-size`` is then the global batch; see
 
 from __future__ import annotations
 
+import dataclasses
+
 from .common import steps
 
 
@@ -74,6 +76,7 @@ def add_parser(sub) -> None:
                     help="per-example clipping bound C (default --max-grad-norm)")
     dp.add_argument("--dp-accountant", default=None, choices=["rdp", "prv"],
                     help="Opacus accountant bounding epsilon (default rdp)")
+    add_remaining_settings(p)
     add_out(p, "adapter artifact folder to write")
     from .common import add_trust
 
@@ -81,15 +84,34 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from ..finetune import finetune
+def add_remaining_settings(p) -> None:
+    """A flag for every :class:`FinetuneConfig` field the flags above do not cover (read off the
+    dataclass: its docstring as help, its default shown; passed only when given)."""
+    import argparse
 
-    keys = ["format", "task", "val_data", "lora", "lora_r", "lora_alpha", "init_adapter", "train_adapter", "max_steps", "epochs", "lr", "batch_size",
-            "grad_accum", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "block_size", "precision",
-            "gradient_checkpointing", "logits", "pass_tokens", "eval_every", "save_every", "resume", "device", "seed", "progress",
-            "dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant"]
+    from ..finetune import FinetuneConfig
+    from .common import field_docs
+
+    covered = {a.dest for a in p._actions}
+    docs = field_docs(FinetuneConfig)
+    group = p.add_argument_group("more settings (the rest of FinetuneConfig)")
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in covered:
+            continue
+        flag, text = f"--{f.name.replace('_', '-')}", f"{docs.get(f.name, '')} (default: {f.default})".strip()
+        kind = str(f.type).replace(" ", "")
+        extra = ({"action": "store_true"} if kind == "bool" else
+                 {"nargs": "+", "metavar": "NAME"} if kind.startswith("list") else
+                 {"type": {"int": int, "float": float}.get(kind.split("|")[0], str), "metavar": kind.upper()})
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **extra)
+
+
+def run(args) -> int:
+    from ..finetune import FinetuneConfig, finetune
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, sign_key=args.sign_key,
-                   trusted_keys=args.trusted_keys, **{k: getattr(args, k) for k in keys})
+                   trusted_keys=args.trusted_keys, **{k: v for k, v in vars(args).items() if k in fields})
     from ..finetune.distributed import writes
 
     if writes():

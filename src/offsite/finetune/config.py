@@ -34,6 +34,7 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
     lora_targets: list | None = None
     """Module names LoRA targets; default every linear of the adapter layers."""
     init_adapter: str | None = None
@@ -78,6 +79,7 @@ class FinetuneConfig:
     resume: bool = True
     """Resume from <out>.ckpt when it exists and matches the settings."""
     keep_checkpoint: bool = False
+    """Keep <out>.ckpt after the artifact is written (default: removed)."""
     device: str = "auto"
     seed: int = 0
     progress: bool = True
