@@ -61,6 +61,7 @@ VARIANTS["gradot-0.6-lam0"] = ("gradot", {"param_budget": 0.6, "lambda_attn": 0.
 for lam in (1.0, 16.0, 1e6):
     VARIANTS[f"gradot-0.6-lam{lam:g}"] = ("gradot", {"param_budget": 0.6, "lambda_attn": lam, "lambda_mlp": lam},
                                           "2,2")
+VARIANTS["gradot-0.25-lam0"] = ("gradot", {"param_budget": 0.25, "lambda_attn": 0.0, "lambda_mlp": 0.0}, "2,2")
 for scoring in ("magnitude", "random"):
     VARIANTS[f"gradot-0.6-{scoring}"] = ("gradot", {"param_budget": 0.6, "scoring": scoring}, "2,2")
 VARIANTS["crash"] = ("crash", {}, "2,2")
