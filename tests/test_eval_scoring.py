@@ -150,6 +150,23 @@ def test_shared_context_path_equals_flat_path(tok, family):
         assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_context_uses_the_cache_under_the_installed_name(tok, family):
+    import warnings
+
+    m = tiny_model(tok, family)
+    ctx, conts = tok.encode("Question: is the sky blue? Answer:"), [tok.encode(" yes"), tok.encode(" no way")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5.24+ warns on the old name past_key_values
+        got = scoring.score_shared_context(m.eval(), ctx, conts)
+    assert got is not None  # the cached path ran; None would mean the cache was lost
+    for (ll, _), cont in zip(got, conts):
+        ids = torch.tensor([ctx + cont])
+        logp = torch.log_softmax(m(input_ids=ids).logits[0, :-1].float(), -1)
+        naive = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+        assert ll == pytest.approx(naive, abs=1e-4)
+
+
 def test_left_truncation_matches_naive(tok):
     m = tiny_model(tok, max_positions=24)  # the long question (q2) no longer fits
     res = scoring.score_multiple_choice(m, tok, QUESTIONS, shared_context=True, progress=False)

@@ -23,6 +23,7 @@ import string
 
 import torch
 
+from ..families.kv_cache import cache_kwargs, returned_cache
 from ..progress import bar as progress_bar
 from .scoring import eval_mode, loglikelihood, model_device, resolve_max_length, tok_encode
 
@@ -95,8 +96,8 @@ def _greedy_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: in
     cache, step_ids, step_pos = None, ids, positions
     for _ in range(max_new_tokens):
         extra = {"position_ids": step_pos} if takes_positions else {}  # Bloom (ALiBi) reads the mask
-        out = model(input_ids=step_ids, attention_mask=mask, past_key_values=cache, use_cache=True, **extra)
-        cache = getattr(out, "past_key_values", None)
+        out = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache), **extra)
+        cache = returned_cache(out)
         nxt = out.logits[:, -1].argmax(-1)  # [B]
         for row, tok in enumerate(nxt.tolist()):
             if done[row]:

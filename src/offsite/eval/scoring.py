@@ -40,6 +40,7 @@ import math
 import torch
 
 from ..errors import OffsiteError
+from ..families.kv_cache import cache_kwargs, returned_cache
 from ..progress import bar as progress_bar
 from ..token_loss import target_logprobs
 from .batching import plan_batches, resolve_batch_tokens
@@ -206,7 +207,7 @@ def score_shared_context(model, ctx: list[int], conts: list[list[int]],
     if len(ctx) > 1:
         prefix = torch.tensor([ctx[:-1]], dtype=torch.long, device=device)  # [1, len(ctx) - 1]
         out = model(input_ids=prefix, use_cache=True, **_keep_last_logit(model))
-        cache = getattr(out, "past_key_values", None)
+        cache = returned_cache(out)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             return None
         if len(conts) > 1:
@@ -217,7 +218,7 @@ def score_shared_context(model, ctx: list[int], conts: list[list[int]],
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     # Positions continue from the cache length, so no position ids or mask are needed.
-    return _score_rows(model, ids.to(device), [len(r) for r in rows], conts, logits, past_key_values=cache,
+    return _score_rows(model, ids.to(device), [len(r) for r in rows], conts, logits, **cache_kwargs(model, cache),
                        use_cache=cache is not None)
 
 
