@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from realbench import ROOT, save, smol_path  # noqa: E402 (bench/ is on sys.path when run as a script)
 LIMIT, TRAIN_LIMIT, BATCH = 200, 2000, 8
 
 # name -> (emulate settings, compensation steps, compensation lr, task fine-tune settings)
@@ -62,7 +62,7 @@ def main() -> int:
     from offsite.finetune import finetune
 
     torch.set_num_threads(2)
-    model = args.model or _smol_path()
+    model = args.model or smol_path()
     task_data, fmt = train_file("sciq", args.data_dir, work, TRAIN_LIMIT)
     public = wikitext_train_text(args.data_dir, work)
     for name in args.cells:
@@ -90,9 +90,7 @@ def main() -> int:
         cell["plug_in_delta"] = score(full, tok, "sciq", args.data_dir, "validation", LIMIT, BATCH)["acc"]
         cell["seconds"] = round(time.time() - t0, 1)
         results["cells"][name] = cell
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(path)
+        save(results, out)
         print(f"{name}: {json.dumps(cell)}", flush=True)
     return 0
 
@@ -114,13 +112,6 @@ def delta_plugged(model: str, a_c: Path, a_d: Path):
     full.eval()
     return full, tok
 
-
-def _smol_path() -> str:
-    import subprocess
-
-    done = subprocess.run([str(ROOT / ".venv/bin/offsite"), "models", "path", "smollm2-135m"], capture_output=True,
-                          text=True, check=True)
-    return done.stdout.strip().splitlines()[-1]
 
 
 if __name__ == "__main__":

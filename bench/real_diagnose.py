@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from realbench import ROOT, save, smol_path  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 # name -> (method, settings, adapter_layers)
 VARIANTS = {}
@@ -129,7 +129,7 @@ def main() -> int:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model_dir = args.model or _smol_path()
+    model_dir = args.model or smol_path()
     full, tok = load_model(model_dir)
     full.eval()
     family = get_family(full)
@@ -322,18 +322,6 @@ def token_losses(model, batch):
     return torch.cat(parts), targets
 
 
-def _smol_path() -> str:
-    import subprocess
-
-    done = subprocess.run([str(ROOT / ".venv/bin/offsite"), "models", "path", "smollm2-135m"], capture_output=True,
-                          text=True, check=True)
-    return done.stdout.strip().splitlines()[-1]
-
-
-def save(results: dict, out: Path) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out / "results.json")
 
 
 def write(results: dict, out: Path) -> None:

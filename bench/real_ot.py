@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from realbench import ROOT, save, smol_path  # noqa: E402 (bench/ is on sys.path when run as a script)
 TASKS = ("piqa", "arc_easy", "arc_challenge", "sciq", "openbookqa")
 FULL_FT_LRS = (3e-5, 1e-4)
 # Fine-tune settings of every row (the adapter's defaults): batch 8, cosine, 5% held out.
@@ -89,7 +89,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(2)
-    model = args.model or _smol_path()
+    model = args.model or smol_path()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = mixture(args.data_dir, work, args.per_task)
@@ -174,18 +174,6 @@ def _best_val(adapter: Path):
     return json.loads(log.read_text()).get("best_val_loss") if log.exists() else None
 
 
-def _smol_path() -> str:
-    import subprocess
-
-    done = subprocess.run([str(ROOT / ".venv/bin/offsite"), "models", "path", "smollm2-135m"], capture_output=True,
-                          text=True, check=True)
-    return done.stdout.strip().splitlines()[-1]
-
-
-def save(results: dict, out: Path) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out / "results.json")
 
 
 def average(scores: dict | None):

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from realbench import ROOT, save, smol_path  # noqa: E402 (bench/ is on sys.path when run as a script)
 LIMIT, TRAIN_LIMIT, BATCH = 200, 2000, 8
 
 # name -> (method, emulate settings, adapter layers, finetune settings)
@@ -96,7 +96,7 @@ def main() -> int:
     from offsite.loading import load_model
 
     torch.set_num_threads(2)
-    model = args.model or _smol_path()
+    model = args.model or smol_path()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     data, fmt = train_file("sciq", args.data_dir, work, TRAIN_LIMIT)
@@ -171,18 +171,6 @@ def _train_log(adapter: Path) -> dict:
             "best_val_loss": log.get("best_val_loss")}
 
 
-def _smol_path() -> str:
-    import subprocess
-
-    done = subprocess.run([str(ROOT / ".venv/bin/offsite"), "models", "path", "smollm2-135m"], capture_output=True,
-                          text=True, check=True)
-    return done.stdout.strip().splitlines()[-1]
-
-
-def save(results: dict, out: Path) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out / "results.json")
 
 
 def pct(x) -> str:
