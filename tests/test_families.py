@@ -11,6 +11,7 @@ from offsite.emulate import emulate
 from offsite.errors import OffsiteError
 from offsite.families import (FAMILIES, get_family, get_layers, get_submodule, layer_linears,
                               supported_model_types)
+from offsite.families.kv_cache import cache_kwargs, returned_cache
 from offsite.finetune import finetune
 from offsite.package import load_emulator
 from offsite.plug import plug
@@ -73,8 +74,8 @@ class TestConformance:
             uncached = stock.generate(x, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
             assert torch.equal(cached, uncached)
             # one cached decoding step equals the uncached logits of the same position
-            past = stock(x[:, :-1], use_cache=True).past_key_values
-            step = stock(x[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+            past = returned_cache(stock(x[:, :-1], use_cache=True))
+            step = stock(x[:, -1:], use_cache=True, **cache_kwargs(stock, past)).logits[:, -1]
             assert torch.allclose(step, stock(x).logits[:, -1], atol=1e-5)
         # the package holds none of the dropped middle layers' weights
         full = unique_state_dict(model)
