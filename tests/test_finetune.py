@@ -1,5 +1,6 @@
 """Fine-tuning: data formats, learning, resumption, and the CLI spine end to end."""
 
+import dataclasses
 import json
 
 import pytest
@@ -165,3 +166,21 @@ def test_cli_emulate_finetune_plug_end_to_end(model_type, saved_model, tmp_path,
     x = torch.randint(4, 100, (1, 8))
     with torch.no_grad():
         assert torch.equal(plugged(x).logits, mem(x).logits)
+
+
+def test_cli_reaches_every_finetune_setting_and_passes_only_the_given_ones(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(emulator, data, out, **kwargs):
+        seen.update(kwargs)
+        return out
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    assert main(["finetune", "--emulator", "E", "--data", "D", "--out", str(tmp_path / "A"), "--val-limit", "3",
+                 "--keep-checkpoint", "--lora-targets", "q_proj", "v_proj", "--train-adapter", "top"]) == 0
+    assert seen["val_limit"] == 3 and seen["keep_checkpoint"] is True
+    assert seen["lora_targets"] == ["q_proj", "v_proj"] and seen["train_adapter"] == "top"
+    assert "val_fraction" not in seen and "lora_dropout" not in seen  # not given: the config's default applies
+    from offsite.finetune import FinetuneConfig
+    ft.make_config({k: v for k, v in seen.items() if k not in ("overwrite", "sign_key", "trusted_keys")})
+    assert {f.name for f in dataclasses.fields(FinetuneConfig)} >= set(seen) - {"overwrite", "sign_key", "trusted_keys"}

@@ -29,7 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--init-adapter", default=None,
                    help="start from this adapter artifact (trained on the same emulator) instead of the emulator's own")
-    p.add_argument("--train-adapter", default="all", choices=["all", "top", "bottom"],
+    from ..finetune.config import TRAIN_ADAPTER
+
+    p.add_argument("--train-adapter", default="all", choices=TRAIN_ADAPTER,
                    help="which adapter layers train; the others stay frozen (default all)")
     p.add_argument("--max-steps", type=steps, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
