@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=runs/audit_demo
 OUT=bench/results/audit_demo
-.venv/bin/offsite demo --prepare-only --quiet --workdir "$W" > /dev/null
+.venv/bin/offsite demo --world --prepare-only --quiet --workdir "$W" > /dev/null
 # The quiz under a folder named for it, so that tables label it "quiz".
 mkdir -p "$W/quiz"
 cp "$W/data/train.jsonl" "$W/data/validation.jsonl" "$W/data/test.jsonl" "$W/quiz/"

@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=runs/compare_methods_demo
-.venv/bin/offsite demo --prepare-only --quiet --workdir "$WORK" > /dev/null
+.venv/bin/offsite demo --world --prepare-only --quiet --workdir "$WORK" > /dev/null
 # The quiz under a folder named for it, so that tables label it "quiz".
 mkdir -p "$WORK/quiz"
 cp "$WORK/data/train.jsonl" "$WORK/data/validation.jsonl" "$WORK/data/test.jsonl" "$WORK/quiz/"

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=runs/choose_defaults/seed0
 OUT=bench/results/frontier_cli_demo
-.venv/bin/offsite demo --prepare-only --quiet --workdir "$W" > /dev/null
+.venv/bin/offsite demo --world --prepare-only --quiet --workdir "$W" > /dev/null
 mkdir -p "$W/quiz"
 cp "$W/data/train.jsonl" "$W/data/validation.jsonl" "$W/data/test.jsonl" "$W/quiz/"
 .venv/bin/offsite --quiet frontier --model "$W/model" --method gradot --tasks "$W/quiz/{split}.jsonl" \

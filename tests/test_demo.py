@@ -87,5 +87,34 @@ def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
     from offsite.cli import main
 
     before = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
-    assert main(["demo", "--quick", "--prepare-only", "--quiet", "--workdir", str(tmp_path)]) == 0
+    assert main(["demo", "--world", "--quick", "--prepare-only", "--quiet", "--workdir", str(tmp_path)]) == 0
     assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_real_demo_without_the_data_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from offsite.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
+    monkeypatch.delenv("OFFSITE_DATA_DIR", raising=False)
+    monkeypatch.setenv("OFFSITE_SHARED", str(tmp_path / "nowhere"))
+    assert main(["demo", "--workdir", "w"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the offline SciQ data" in err[0] and "--data-dir" in err[0] and "--world" in err[0]
+    assert not (tmp_path / "w").exists()
+    (tmp_path / "d").mkdir()
+    assert main(["demo", "--world", "--data-dir", "d", "--workdir", "w"]) == 2  # --data-dir means nothing there
+    assert "reads no data" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("world", [True, False])
+def test_the_table_and_the_plot_show_every_row(world, tmp_path):
+    from offsite.demo import format_table, plot_result
+
+    acc = {"full_zs": 0.73, "emulator_zs": 0.5, "emulator_ft": 0.6, "plug_in": 0.76}
+    result = {"world": world, "accuracy": acc, "delta": 0.16, "chance": 0.25, "test_questions": 120, "task": "sciq",
+              "test_split": "validation", "model": "smollm2-135m", "emulator": {"plan": 18}}
+    table = format_table(result)
+    assert [line.split()[-1] for line in table.splitlines()[2:6]] == ["73.0%", "50.0%", "60.0%", "76.0%"]
+    assert "+16.0" in table and ("never saw" in table) == world and ("18 middle layers" in table) != world
+    png = plot_result(result, tmp_path / "r.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

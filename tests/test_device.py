@@ -146,7 +146,7 @@ def test_report_on_cpu_gives_the_default_report(saved_model, mc_task, tmp_path):
 def test_demo_cli_on_cpu_gives_the_default_demo(tmp_path, monkeypatch, capsys):
     default = run_demo(tmp_path / "default", settings=TINY_DEMO, progress=False, **DEFAULT)
     monkeypatch.setattr("offsite.demo.pipeline.settings_for", lambda quick, seed=0: TINY_DEMO)
-    assert main(["demo", "--workdir", str(tmp_path / "cpu"), "--quiet", "--device", "cpu"]) == 0
+    assert main(["demo", "--world", "--workdir", str(tmp_path / "cpu"), "--quiet", "--device", "cpu"]) == 0
     cpu = json.loads((tmp_path / "cpu" / "results.json").read_text())
     assert cpu["accuracy"] == default["accuracy"] and cpu["device"] == "cpu"
     assert (tmp_path / "cpu" / "model" / "model.safetensors").read_bytes() == \

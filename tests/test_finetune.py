@@ -99,6 +99,14 @@ def test_init_adapter_starts_from_that_adapter_and_refuses_another_emulators(sav
     _, t1 = load_adapter(first)
     _, t2 = load_adapter(again)
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    # the resume key holds the starting adapter by content: its artifact_id, not where it lies
+    from offsite.artifacts import read_manifest
+    from offsite.finetune import _resumable, make_config, start_from
+    from offsite.package import load_emulator
+
+    start_id = start_from(load_emulator(emu, device="cpu"), str(first))
+    assert start_id == read_manifest(first)["artifact_id"]
+    assert _resumable(make_config({"init_adapter": str(first)}), start_id)["init_adapter"] == start_id
     # an adapter of another emulator of the same model is refused, and nothing is written
     other = emulate(str(path), tmp_path / "emu2", emulator_layers=0)
     with pytest.raises(OffsiteError, match="emulator"):

@@ -162,3 +162,20 @@ def test_gguf_input_gives_the_same_emulator_and_scores(smol, data_dir, full_scor
     acc = json.loads(out.read_text())["results"]["sciq"]["acc"]
     _, full_details = full_scores
     assert acc == pytest.approx(sum(d["acc"] for d in full_details[:20]) / 20)
+
+
+def test_the_demo_runs_offsite_tuning_on_the_real_model_at_the_defaults(smol, data_dir, full_scores, tmp_path):
+    from offsite.cli import main
+    from offsite.emulator.uniform import default_emulator_layers
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--quiet", "--workdir", str(out), "--data-dir", str(data_dir)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    acc = result["accuracy"]
+    assert set(acc) == {"full_zs", "emulator_zs", "emulator_ft", "plug_in"} and not result["world"]
+    assert result["emulator"]["plan"] == default_emulator_layers(26)  # the default emulator, no flags
+    _, full_details = full_scores  # the demo's full ZS is the model's own score on the same questions
+    assert acc["full_zs"] == pytest.approx(sum(d["acc"] for d in full_details[:result["test_questions"]])
+                                           / result["test_questions"], abs=1e-4)
+    assert acc["emulator_zs"] < acc["full_zs"]  # privacy before tuning
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG" and (out / "plugged" / "config.json").is_file()

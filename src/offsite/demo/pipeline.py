@@ -24,10 +24,6 @@ import torch
 from .pretrain import PretrainConfig, is_pretrained, pretrain
 from .world import generate_world, write_world
 
-ROWS = [("full_zs", "full ZS"), ("emulator_zs", "emulator ZS"), ("emulator_ft", "emulator FT"),
-        ("plug_in", "plug-in"), ("full_ft", "full FT")]
-
-
 @dataclasses.dataclass
 class DemoSettings:
     """Sizes and schedules of one demo run."""
@@ -124,7 +120,7 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
     lap("evaluate", t0)
     seconds["total"] = round(time.time() - started, 1)
 
-    result = {"accuracy": accuracy, "delta": round(accuracy["plug_in"] - accuracy["emulator_ft"], 4),
+    result = {"world": True, "accuracy": accuracy, "delta": round(accuracy["plug_in"] - accuracy["emulator_ft"], 4),
               "test_questions": sum(1 for _ in open(paths["test"], encoding="utf-8")),
               "chance": round(1 / len(json.loads(paths["test"].read_text().splitlines()[0])["choices"]), 4),
               "settings": dataclasses.asdict(s), "seed": seed, "quick": quick, "device": str(where),
@@ -173,14 +169,3 @@ def score(model: str, adapter: str | None, test_file, progress: bool = False, de
     m, tokenizer, _ = load_for_eval(model, adapter, device=device)
     out = evaluate(m, tokenizer, [str(test_file)], data_dir=None, split="test", progress=progress)
     return round(out["results"][str(test_file)]["acc"], 4)
-
-
-def format_table(result: dict) -> str:
-    """The five-number table (four without full FT) plus the privacy gap, as plain text."""
-    acc, width = result["accuracy"], 26
-    lines = [f"{'setting':<{width}}{'accuracy':>9}", "-" * (width + 9)]
-    lines += [f"{label:<{width}}{acc[key] * 100:>8.1f}%" for key, label in ROWS if key in acc]
-    lines += ["-" * (width + 9), f"{'Δ (plug-in − emulator FT)':<{width}}{result['delta'] * 100:>+8.1f}",
-              f"chance {result['chance'] * 100:.0f}%, {result['test_questions']} test questions "
-              "about people the fine-tuning never saw"]
-    return "\n".join(lines)

@@ -88,8 +88,7 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     torch.manual_seed(cfg.seed)
     emu = load_emulator(emulator, device=device, trusted_keys=trusted_keys)
     model = emu.model
-    if cfg.init_adapter is not None:
-        start_from(emu, cfg.init_adapter, trusted_keys)
+    start_id = None if cfg.init_adapter is None else start_from(emu, cfg.init_adapter, trusted_keys)
     precision = precision_policy(cfg.precision, base_dtype(model), device)
     params, peft_model, trained = select(emu, cfg, precision, "adapter")
     run = prepare(emu, data, cfg)
@@ -105,7 +104,7 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     ckpt = checkpoint_dir(out)
     # Under several processes rank 0 alone writes; the key leaves the process count out, so a checkpoint
     # resumes under any number of them (the global batch makes the steps the same).
-    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg)), cfg, private,
+    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg, start_id)), cfg, private,
                                writer=main)
     if main:
         recover_checkpoint(ckpt)
@@ -142,15 +141,16 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     return path
 
 
-def start_from(emu, path, trusted_keys=None) -> None:
+def start_from(emu, path, trusted_keys=None) -> str:
     """Copy a full adapter artifact trained on ``emu`` (checked: same emulator, every layer's shapes
-    and dtypes) into ``emu``'s adapter layers."""
+    and dtypes) into ``emu``'s adapter layers; returns the adapter's ``artifact_id``."""
     manifest, tensors = load_adapter(path, emulator_id=emu.artifact_id, trusted_keys=trusted_keys)
     if manifest["kind"] != "adapter":
         raise OffsiteError(f"init_adapter {path} is a {manifest['kind']} artifact; only a full adapter "
                            "(finetune without --lora) can be a starting point")
     copy_into_layers(emu.model, emu.family, manifest, tensors, path,
                      positions=dict(zip(emu.split.adapter, emu.adapter_positions)), target_split=emu.split)
+    return manifest["artifact_id"]
 
 
 def make_config(settings: dict) -> FinetuneConfig:
@@ -162,15 +162,20 @@ def make_config(settings: dict) -> FinetuneConfig:
     return FinetuneConfig(**settings)
 
 
-def _resumable(cfg: FinetuneConfig) -> dict:
-    """Settings that must match for a checkpoint to be resumed (not cosmetic ones)."""
+def _resumable(cfg: FinetuneConfig, start_id: str | None = None) -> dict:
+    """Settings that must match for a checkpoint to be resumed (not cosmetic ones); ``start_id`` is the
+    ``artifact_id`` of the ``init_adapter`` started from, which stands in the key for its path."""
     # save_every only says when checkpoints are written (the RNG state travels with them), and
     # val_data's path is left out: the run key holds the sha256 of its content instead.
     # DP-SGD's settings enter only when it is on: a run without it keeps the key it always had, and a
     # DP-SGD run never resumes a checkpoint whose steps were not private (or were private otherwise).
     # logits and pass_tokens only say how the same loss is computed (equal up to rounding; token_loss, parts).
+    # init_adapter enters by content (its artifact_id), as val_data does: a moved adapter still resumes
+    # and another one written to the same path does not.
     skip = {"resume", "keep_checkpoint", "progress", "device", "save_every", "val_data", "logits", "pass_tokens"}
-    return {k: v for k, v in recorded(cfg).items() if k not in skip}
+    settings = {k: v for k, v in recorded(cfg).items() if k not in skip}
+    settings["init_adapter"] = start_id
+    return settings
 
 
 def _name(dtype) -> str | None:
