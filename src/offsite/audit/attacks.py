@@ -43,9 +43,7 @@ from ..errors import OffsiteError
 from ..families import get_layers
 from ..finetune import finetune, make_config
 from ..finetune.loop import prepare, select, train
-from ..package import load_emulator
-from ..precision import base_dtype
-from ..precision import policy as precision_policy
+from ..finetune.session import open_session
 
 ATTACKS = {
     "adapter": "(a) adapter-only FT (offsite finetune)",
@@ -123,10 +121,8 @@ def run_attack(attack: str, emulator, data, fmt: str, settings: dict, budget: st
     if attack == "recovery" and public is None:
         raise OffsiteError("attack 'recovery' needs public text: pass --public FILE (.txt, .gz or .jsonl)")
     cfg = make_config({**settings, "format": fmt})
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # as finetune: the same seed before the same load
-    emu = load_emulator(emulator, device=device)
-    precision = precision_policy(cfg.precision, base_dtype(emu.model), device)
+    session = open_session(emulator, cfg, resolve_device(cfg.device))  # as finetune sets its run up
+    device, emu, precision = session.device, session.emu, session.precision
     record = {"attack": attack, "what": ATTACKS[attack], "budget": budget, "stages": []}
     peft_model = None
     for stage, steps in plan:

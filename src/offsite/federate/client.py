@@ -49,13 +49,10 @@ def trainable(party, emulator, local_cfg, trusted_keys=None) -> None:
     """
     from ..device import resolve_device
     from ..finetune.loop import select
-    from ..package import load_emulator
-    from ..precision import base_dtype, policy
+    from ..finetune.session import open_session
 
-    party.device = resolve_device(local_cfg.device)
-    torch.manual_seed(local_cfg.seed)
-    party.emu = load_emulator(emulator, device=party.device, trusted_keys=trusted_keys)
-    party.precision = policy(local_cfg.precision, base_dtype(party.emu.model), party.device)
+    session = open_session(emulator, local_cfg, resolve_device(local_cfg.device), trusted_keys)
+    party.device, party.emu, party.precision = session.device, session.emu, session.precision
     party.params, party.peft_model, party.trained = select(party.emu, local_cfg, party.precision, "adapter")
 
 

@@ -26,21 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from ..adapters import copy_into_layers, load_adapter, save_full_adapter, save_lora_adapter
 from ..artifacts import guard_output
 from ..device import resolve_device
 from ..errors import OffsiteError
-from ..package import load_emulator
-from ..precision import base_dtype
-from ..precision import policy as precision_policy
 from . import distributed
 from .checkpoint import (checkpoint_dir, guard_checkpoint, load_checkpoint, recover_checkpoint, remove_checkpoint,
                          run_key, save_checkpoint)
 from .config import FinetuneConfig, recorded
 from .loop import State, check_finite, prepare, select
 from .loop import train as train_loop
+from .session import open_session
 
 __all__ = ["finetune", "FinetuneConfig"]
 
@@ -85,11 +81,9 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
         guard_output(Path(out), "lora" if cfg.lora else "adapter", overwrite, inputs)  # before any work
         guard_checkpoint(checkpoint_dir(out), inputs)
     main = group is None or group.main
-    torch.manual_seed(cfg.seed)
-    emu = load_emulator(emulator, device=device, trusted_keys=trusted_keys)
-    model = emu.model
+    session = open_session(emulator, cfg, device, trusted_keys)
+    emu, model, precision = session.emu, session.emu.model, session.precision
     start_id = None if cfg.init_adapter is None else start_from(emu, cfg.init_adapter, trusted_keys)
-    precision = precision_policy(cfg.precision, base_dtype(model), device)
     params, peft_model, trained = select(emu, cfg, precision, "adapter")
     run = prepare(emu, data, cfg)
     if group is not None and len(run.train) < world:
