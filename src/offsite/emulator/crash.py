@@ -157,7 +157,7 @@ class CrashConfig:
     """Settings of CRaSh (clustering, removing, sharing)."""
 
     emulator_layers: int | None = None
-    """Clusters K = distinct middle layers kept; default 25% of the middle (uniform.DEFAULT_KEEP_FRACTION)."""
+    """Clusters K = distinct middle layers kept; default 70% of the middle (uniform.DEFAULT_KEEP_FRACTION)."""
     share: bool = False
     """Repeat kept layers in the removed positions, restoring the original depth."""
     tie_shared: bool = True

@@ -52,7 +52,7 @@ class DistillConfig:
     """Settings of OT-KD (distilled uniform-drop emulator)."""
 
     emulator_layers: int | None = None
-    """Middle layers the student keeps (uniform positions); default 25% of the middle (uniform.DEFAULT_KEEP_FRACTION)."""
+    """Middle layers the student keeps (uniform positions); default 70% of the middle (uniform.DEFAULT_KEEP_FRACTION)."""
     steps: int = 100
     """Distillation steps (one calibration batch each)."""
     lr: float = 1e-4
