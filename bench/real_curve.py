@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from real_transfer import BATCH, TRAIN_LIMIT, _train_log  # noqa: E402 (bench/ is on sys.path as a script)
-from realbench import ROOT, save, smol_path  # noqa: E402
+from realbench import begin, save, smol_path  # noqa: E402
 
 LIMIT = 200
 SELECT_FROM_END = 400  # the selection questions are the first LIMIT of the training split's last 400
@@ -70,13 +69,9 @@ def main() -> int:
     p.add_argument("--out", default="bench/results/real_curve")
     p.add_argument("--render", action="store_true")
     args = p.parse_args()
-    os.chdir(ROOT)
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out, work = Path(args.out), Path(args.workdir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, results = begin(args.out, {"sizes": {}})
+    work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {"sizes": {}}
     if args.render:
         render(results, out)
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,3 +22,16 @@ def save(results: dict, out: Path) -> None:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(out / "results.json")
+
+
+def begin(out: str, empty: dict) -> tuple:
+    """Work from the repository root with the hub switched off; ``(out folder, results so far)``.
+
+    The results are ``out/results.json`` when a run before left one (a rerun resumes), else ``empty``.
+    """
+    os.chdir(ROOT)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    return folder, json.loads(path.read_text()) if path.exists() else empty

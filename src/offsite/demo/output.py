@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 ROWS = [("full_zs", "full ZS"), ("emulator_zs", "emulator ZS"), ("emulator_ft", "emulator FT"),
@@ -43,7 +44,7 @@ def plot_result(result: dict, path) -> Path | None:
     ax.axhline(result["chance"] * 100, color="black", lw=1, ls=":", label="chance")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"offsite-tuning: {_about(result)}", fontsize=8)
+    ax.set_title(textwrap.fill(f"offsite-tuning: {_about(result)}", 80), fontsize=8)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
