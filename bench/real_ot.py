@@ -182,8 +182,9 @@ def average(scores: dict | None):
     return None if not scores else sum(s["acc"] for s in scores.values()) / len(scores)
 
 
-NOTE = ("Uniform drop's default keeps 70% of the middle since bench/real_curve.py chose it (18 of 26 here), so its "
-        "default row is uniform-matched; uniform-6 is the earlier default (25%).")
+NOTE = ("Layer-drop methods (uniform, distill, crash) keep 70% of the middle by default since bench/real_curve.py "
+        "chose it (18 of 26 here, the matched size), so for them the default and the matched row are one emulator; "
+        "uniform-6 is the earlier default (25%).")
 
 
 def write(results: dict, out: Path) -> None:
