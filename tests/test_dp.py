@@ -129,13 +129,15 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(emu, text_file):
 @pytest.mark.parametrize("lora", [False, True])
 def test_only_the_trained_parameters_change(emu, tmp_path, text_file, monkeypatch, lora):
     seen = {}
-    real = ft.load_emulator
+    import offsite.finetune.session as session
+
+    real = session.load_emulator
 
     def spy(*args, **kwargs):
         seen["emu"] = real(*args, **kwargs)
         return seen["emu"]
 
-    monkeypatch.setattr(ft, "load_emulator", spy)
+    monkeypatch.setattr(session, "load_emulator", spy)
     finetune(emu, text_file, tmp_path / "ad", max_steps=3, dp_epsilon=8.0, lora=lora, lora_r=2, **DP)
     trained = seen["emu"]
     fresh = real(emu)

@@ -192,3 +192,20 @@ def test_cli_reaches_every_finetune_setting_and_passes_only_the_given_ones(monke
     from offsite.finetune import FinetuneConfig
     ft.make_config({k: v for k, v in seen.items() if k not in ("overwrite", "sign_key", "trusted_keys")})
     assert {f.name for f in dataclasses.fields(FinetuneConfig)} >= set(seen) - {"overwrite", "sign_key", "trusted_keys"}
+
+
+def test_the_resume_key_leaves_out_exactly_the_declared_runtime_and_by_content_settings():
+    from offsite.finetune import _resumable, make_config
+    from offsite.finetune.config import resume_settings
+
+    base = make_config({})
+    declared = {f.name: f.metadata["resume_key"] for f in dataclasses.fields(base) if "resume_key" in f.metadata}
+    assert declared == {"val_data": "content", "init_adapter": "content", "logits": "runtime",
+                        "pass_tokens": "runtime", "save_every": "runtime", "resume": "runtime",
+                        "keep_checkpoint": "runtime", "device": "runtime", "progress": "runtime"}
+    assert not set(declared) & set(resume_settings(base))
+    runtime = make_config({"device": "cpu", "progress": False, "pass_tokens": 0, "keep_checkpoint": True,
+                           "val_data": "elsewhere.jsonl", "init_adapter": "moved/adapter"})
+    assert _resumable(runtime, "id") == _resumable(base, "id")  # paths and runtime choices: same key
+    assert _resumable(make_config({"lr": 3e-4}), "id") != _resumable(base, "id")
+    assert _resumable(base, "other") != _resumable(base, "id")  # another starting adapter's content

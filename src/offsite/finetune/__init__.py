@@ -33,7 +33,7 @@ from ..errors import OffsiteError
 from . import distributed
 from .checkpoint import (checkpoint_dir, guard_checkpoint, load_checkpoint, recover_checkpoint, remove_checkpoint,
                          run_key, save_checkpoint)
-from .config import FinetuneConfig, recorded
+from .config import FinetuneConfig, recorded, resume_settings
 from .loop import State, check_finite, prepare, select
 from .loop import train as train_loop
 from .session import open_session
@@ -157,19 +157,12 @@ def make_config(settings: dict) -> FinetuneConfig:
 
 
 def _resumable(cfg: FinetuneConfig, start_id: str | None = None) -> dict:
-    """Settings that must match for a checkpoint to be resumed (not cosmetic ones); ``start_id`` is the
-    ``artifact_id`` of the ``init_adapter`` started from, which stands in the key for its path."""
-    # save_every only says when checkpoints are written (the RNG state travels with them), and
-    # val_data's path is left out: the run key holds the sha256 of its content instead.
+    """Settings that must match for a checkpoint to be resumed; ``start_id`` is the ``artifact_id`` of the
+    ``init_adapter`` started from, which stands in the key for its path (as val_data's sha256 does)."""
+    # Which settings are runtime-only or enter by content is declared on FinetuneConfig's fields.
     # DP-SGD's settings enter only when it is on: a run without it keeps the key it always had, and a
     # DP-SGD run never resumes a checkpoint whose steps were not private (or were private otherwise).
-    # logits and pass_tokens only say how the same loss is computed (equal up to rounding; token_loss, parts).
-    # init_adapter enters by content (its artifact_id), as val_data does: a moved adapter still resumes
-    # and another one written to the same path does not.
-    skip = {"resume", "keep_checkpoint", "progress", "device", "save_every", "val_data", "logits", "pass_tokens"}
-    settings = {k: v for k, v in recorded(cfg).items() if k not in skip}
-    settings["init_adapter"] = start_id
-    return settings
+    return {**resume_settings(cfg), "init_adapter": start_id}
 
 
 def _name(dtype) -> str | None:

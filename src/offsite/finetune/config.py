@@ -14,6 +14,18 @@ from .schedule import SCHEDULES
 TRAIN_ADAPTER = ("all", "top", "bottom")
 
 
+def _runtime(default):
+    """A setting that says how a run executes, not what it computes: left out of the resume key, so a
+    checkpoint resumes whatever it is now (the loss is the same up to float rounding)."""
+    return dataclasses.field(default=default, metadata={"resume_key": "runtime"})
+
+
+def _by_content(default=None):
+    """A file setting that enters the resume key by its content, not by its path: a moved file still
+    resumes, another file at the same path does not (offsite.finetune.checkpoint.run_key)."""
+    return dataclasses.field(default=default, metadata={"resume_key": "content"})
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
     """Every setting of ``offsite finetune``; defaults follow Offsite-Tuning's recipe where it has one."""
@@ -22,7 +34,7 @@ class FinetuneConfig:
     """Data format: text, prompt or mc."""
     task: str | None = None
     """For --format mc: build prompts with this evaluation task's spec (same prompts as offsite eval)."""
-    val_data: str | None = None
+    val_data: str | None = _by_content(None)
     """Validation file in the same format; default: hold out val_fraction of the training data."""
     val_fraction: float = 0.05
     """Share of training examples held out for validation when val_data is absent (0 = no validation)."""
@@ -37,7 +49,7 @@ class FinetuneConfig:
     """Dropout on the LoRA branch's input."""
     lora_targets: list | None = None
     """Module names LoRA targets; default every linear of the adapter layers."""
-    init_adapter: str | None = None
+    init_adapter: str | None = _by_content(None)
     """An adapter artifact trained on this same emulator to start from (default: the emulator's own
     adapter layers); e.g. one the model owner tuned on public text, so that the data owner's run
     begins where the emulator's shortfall is already absorbed."""
@@ -66,25 +78,25 @@ class FinetuneConfig:
     bf16 models, else none (fp16 models: the adapter computes in fp32, with loss scaling). fp32: no
     autocast, each layer in its own dtype. bf16: bf16 autocast. fp16: fp16 autocast + loss scaling."""
     gradient_checkpointing: bool = False
-    logits: str = "scored"
+    logits: str = _runtime("scored")
     """scored: the LM head and the loss only at the tokens that are scored (the answer of mc/prompt
     data; text in chunks of positions); full: logits for every position, the model's own loss (the
     path before offsite.token_loss). Equal up to float rounding; scored needs far less memory."""
-    pass_tokens: int | None = None
+    pass_tokens: int | None = _runtime(None)
     """Padded tokens per forward/backward pass: a micro-batch runs in parts of similar length within
     this budget (offsite.finetune.parts; same examples per step, same loss up to rounding). None =
     auto: 512 on CPU, whole micro-batches on accelerators; 0 = whole micro-batches."""
     eval_every: int | None = None
     """Validate every N steps and at the end (default: 5 times per run); the best validation loss wins."""
-    save_every: int | None = None
+    save_every: int | None = _runtime(None)
     """Write a resumable checkpoint every N steps (default: every 10 minutes of training)."""
-    resume: bool = True
+    resume: bool = _runtime(True)
     """Resume from <out>.ckpt when it exists and matches the settings."""
-    keep_checkpoint: bool = False
+    keep_checkpoint: bool = _runtime(False)
     """Keep <out>.ckpt after the artifact is written (default: removed)."""
-    device: str = "auto"
+    device: str = _runtime("auto")
     seed: int = 0
-    progress: bool = True
+    progress: bool = _runtime(True)
     dp_epsilon: float | None = None
     """DP-SGD (offsite.finetune.dp) to this target epsilon: the noise multiplier is chosen so that the
     run ends at an epsilon within 0.01 below it (at dp_delta). Excludes dp_noise_multiplier."""
@@ -176,6 +188,13 @@ class FinetuneConfig:
 
 DP_FIELDS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant")
 """Settings of DP-SGD; left out of recorded settings and resume keys of a run without it (so those stay as before)."""
+
+
+def resume_settings(cfg: FinetuneConfig) -> dict:
+    """The recorded settings a checkpoint must match to be resumed: all but those declared ``_runtime``
+    or ``_by_content`` (the run key holds the content of the latter)."""
+    keep = {f.name for f in dataclasses.fields(cfg) if "resume_key" not in f.metadata}
+    return {k: v for k, v in recorded(cfg).items() if k in keep}
 
 
 def recorded(cfg: FinetuneConfig) -> dict:
