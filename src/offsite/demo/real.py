@@ -81,6 +81,7 @@ def run_real_demo(workdir, *, data_dir=None, settings: RealDemoSettings | None =
     """
     import torch
 
+    from ..artifacts import read_manifest
     from ..device import resolve_device
     from ..emulate import emulate
     from ..eval.protocol import score_with, train_file
@@ -134,7 +135,7 @@ def run_real_demo(workdir, *, data_dir=None, settings: RealDemoSettings | None =
     seconds["evaluate"] = round(time.time() - t0, 1)
     seconds["total"] = round(time.time() - started, 1)
 
-    manifest = json.loads((Path(emulator) / "manifest.json").read_text())
+    manifest = read_manifest(emulator)
     result = {"world": False, "model": s.model, "task": TASK, "accuracy": accuracy,
               "delta": round(accuracy["plug_in"] - accuracy["emulator_ft"], 4), "test_questions": s.questions,
               "test_split": "validation", "chance": 0.25, "emulator": {"plan": manifest.get("plan", {}).get(

@@ -23,7 +23,7 @@ import string
 
 import torch
 
-from ..families.kv_cache import cache_kwargs, returned_cache
+from ..families.kv_cache import cache_name, returned_cache
 from ..progress import bar as progress_bar
 from .scoring import eval_mode, loglikelihood, model_device, resolve_max_length, tok_encode
 
@@ -91,12 +91,13 @@ def _greedy_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: in
     # Left padding shifts real tokens, so positions must come from the mask, not the column index.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    cache_arg = cache_name(model)  # once, not per generated token
     new_tokens = [[] for _ in encoded]
     done = [False] * len(encoded)
     cache, step_ids, step_pos = None, ids, positions
     for _ in range(max_new_tokens):
         extra = {"position_ids": step_pos} if takes_positions else {}  # Bloom (ALiBi) reads the mask
-        out = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache), **extra)
+        out = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **{cache_arg: cache}, **extra)
         cache = returned_cache(out)
         nxt = out.logits[:, -1].argmax(-1)  # [B]
         for row, tok in enumerate(nxt.tolist()):

@@ -12,10 +12,15 @@ from __future__ import annotations
 import inspect
 
 
+def cache_name(model) -> str:
+    """The name ``model.forward`` takes its cache under: ``cache`` or ``past_key_values``. A loop that
+    passes the cache step after step asks once (reading a signature costs more than a dict lookup)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model, cache) -> dict:
-    """``{name: cache}`` under the name ``model.forward`` takes (``cache`` or ``past_key_values``)."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    """``{name: cache}`` under the name ``model.forward`` takes (:func:`cache_name`)."""
+    return {cache_name(model): cache}
 
 
 def returned_cache(out):

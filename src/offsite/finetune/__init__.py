@@ -98,8 +98,8 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     ckpt = checkpoint_dir(out)
     # Under several processes rank 0 alone writes; the key leaves the process count out, so a checkpoint
     # resumes under any number of them (the global batch makes the steps the same).
-    checkpoints = _Checkpoints(ckpt, run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg, start_id)), cfg, private,
-                               writer=main)
+    key = run_key(emu.artifact_id, data, cfg.val_data, _resumable(cfg, start_id))
+    checkpoints = _Checkpoints(ckpt, key, cfg, private, writer=main)
     if main:
         recover_checkpoint(ckpt)
     if group is not None:
