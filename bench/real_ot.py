@@ -12,7 +12,10 @@ shuffled with seed 0, in each task's own prompt template); every model is scored
 number). Every fine-tune (full FT, adapter on an emulator, LoRA) gets the same data, steps, batch and
 schedule; full FT's lr is searched over FULL_FT_LRS and the run with the lowest held-out training
 loss (5% of the mixture, never a validation question) is the row. Rows per method: emulator
-zero-shot, emulator FT, plug-in, Δ = plug-in − emulator FT.
+zero-shot, emulator FT, plug-in, Δ = plug-in − emulator FT. Cells ``audit-METHOD`` run ``offsite audit``'s
+attacks (full-emulator FT, LoRA everywhere, recovery pre-training on public text then full FT; budget
+``same``) on the method's default emulator with the same mixture and steps; the privacy margin is the
+plug-in minus the strongest attack.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ def cells() -> dict:
         out[f"{m}-default"] = {"kind": "method", "method": m, "emulate": {}, "finetune": {}}
         out[f"{m}-matched"] = {"kind": "method", "method": m, "emulate": MATCHED[m], "finetune": {}}
     out["uniform-default-lora"] = {"kind": "method", "method": "uniform", "emulate": {}, "finetune": {"lora": True}}
+    for m in METHODS:  # offsite audit's attacks on the method's default emulator, same data and steps
+        # uniform-matched is the default emulator too (18 of 26 layers), run under that name.
+        of = "uniform-matched" if m == "uniform" else f"{m}-default"
+        out[f"audit-{m}"] = {"kind": "audit", "method": m, "of": of}
     # The layer-drop default before bench/real_curve.py chose 70% of the middle: 25%, 6 of 26 here.
     out["uniform-6"] = {"kind": "method", "method": "uniform", "emulate": {"emulator_layers": 6}, "finetune": {}}
     return out
@@ -150,6 +157,8 @@ def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) ->
                  **{**ft, "lr": spec["lr"]})
         return {"lr": spec["lr"], "finetune_s": round(time.time() - t0, 1), "val_loss": _best_val(adapter),
                 "scores": score_all(model, adapter, args)}
+    if spec["kind"] == "audit":
+        return run_audit_cell(spec, model, data, work, args)
     emu_dir, adapter = work / f"emulator-{name}", work / f"adapter-{name}"
     t0 = time.time()
     emulate(model, emu_dir, method=spec["method"], overwrite=True, **spec["emulate"])
@@ -168,6 +177,41 @@ def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) ->
                         f"offsite finetune --emulator E --data mixture.jsonl --format prompt --max-steps "
                         f"{FINETUNE['max_steps']} --out A" + (" --lora" if spec["finetune"].get("lora") else ""),
                         "offsite eval --model E|SMOL --adapter A --tasks " + ",".join(TASKS) + f" --limit {args.limit}"]
+    return cell
+
+
+def run_audit_cell(spec: dict, model: str, data: Path, work: Path, args) -> dict:
+    """The data owner's attacks (``offsite audit``, budget ``same``) on a method's default emulator.
+
+    Each attack trains on the same mixture with the same steps, lr and batch as the honest adapter and
+    is scored on the five tasks; attack (a), the honest adapter, is the method cell's emulator FT row.
+    The strongest attack is the one with the highest average accuracy.
+    """
+    from offsite.audit import resolve_public
+    from offsite.audit.attacks import run_attack
+    from offsite.emulate import emulate
+    from offsite.eval.protocol import score
+
+    emu_dir = work / f"emulator-{spec['of']}"
+    if not (emu_dir / "manifest.json").exists():  # the method cell's emulator, rebuilt when it was removed
+        emulate(model, emu_dir, method=spec["method"], overwrite=True)
+    settings = {**FINETUNE, "eval_every": FINETUNE["max_steps"] // 4, "progress": True, "device": "cpu"}
+    public = resolve_public(None)
+    cell = {"method": spec["method"], "emulator_of": spec["of"], "budget": "same", "attacks": {}}
+    for attack in ("full", "lora", "recovery"):
+        t0 = time.time()
+        done = run_attack(attack, emu_dir, data, "prompt", settings, "same", public)
+        scores = {t: {"acc": (acc := score(done.model, done.tokenizer, t, args.data_dir, "validation", args.limit,
+                                           8)["acc"]), "n": args.limit, "se": math.sqrt(acc * (1 - acc) / args.limit)}
+                  for t in TASKS}
+        cell["attacks"][attack] = {"scores": scores, "steps": done.record["steps"],
+                                   "trainable_parameters": done.record["trainable_parameters"],
+                                   "seconds": round(time.time() - t0, 1)}
+        print(f"audit {spec['method']}: {attack} avg {average(scores) * 100:.1f}", flush=True)
+        del done
+    cell["strongest"] = max(cell["attacks"], key=lambda a: average(cell["attacks"][a]["scores"]))
+    cell["command"] = (f"offsite audit --emulator E --model SMOL --tasks {','.join(TASKS)} --budget same "
+                       f"(here on one mixture of the five training sets, as every row)")
     return cell
 
 
@@ -221,7 +265,7 @@ def render(r: dict) -> str:
         lines.append(row(f"full fine-tuning, lr {v['lr']:g}{' (chosen: lowest held-out loss)' if k == best else ''}",
                          v["scores"]))
     for name, v in c.items():
-        if "method" not in v:
+        if "plug_in" not in v:
             continue
         size = v["parameters"]["emulator"] / 1e6
         label = f"{name} ({size:.1f}M params{'; ' + json.dumps(v['emulate']) if v['emulate'] else ''})"
@@ -231,11 +275,24 @@ def render(r: dict) -> str:
         d = average(v["plug_in"]) - average(v["emu_ft"])
         lines.append(f"| {label}: Δ plug-in − emu FT | " + " | ".join(
             f"{(v['plug_in'][t]['acc'] - v['emu_ft'][t]['acc']) * 100:+.1f}" for t in TASKS) + f" | {d * 100:+.1f} |")
+    for name, v in c.items():
+        if "attacks" not in v:
+            continue
+        for attack, a in v["attacks"].items():
+            star = attack == v["strongest"]
+            label = f"{name}: attack {attack} ({a['trainable_parameters'] / 1e6:.1f}M trained, {a['steps']} steps)"
+            lines.append(row(f"**{label}, the strongest**" if star else label, a["scores"]))
+        plug = c.get(v["emulator_of"], {}).get("plug_in")
+        if plug:
+            margin = average(plug) - average(v["attacks"][v["strongest"]]["scores"])
+            lines.append(f"| {name}: privacy margin = plug-in − strongest attack | " + " | ".join(
+                f"{(plug[t]['acc'] - v['attacks'][v['strongest']]['scores'][t]['acc']) * 100:+.1f}" for t in TASKS)
+                + f" | {margin * 100:+.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(r: dict, path: Path) -> None:
-    methods = {k: v for k, v in r.get("cells", {}).items() if "method" in v}
+    methods = {k: v for k, v in r.get("cells", {}).items() if "plug_in" in v}
     if not methods:
         return
     import matplotlib
@@ -248,6 +305,12 @@ def plot(r: dict, path: Path) -> None:
         x, y = average(v["emu_ft"]) * 100, average(v["plug_in"]) * 100
         ax.scatter(x, y)
         ax.annotate(k, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for k, v in r.get("cells", {}).items():  # the strongest attack moves a method's point right
+        if "attacks" in v and v["emulator_of"] in methods:
+            x = average(v["attacks"][v["strongest"]]["scores"]) * 100
+            y = average(methods[v["emulator_of"]]["plug_in"]) * 100
+            ax.scatter(x, y, marker="x", color="black")
+            ax.annotate(f"{k} ({v['strongest']})", (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
     zs = r["cells"].get("full-zs", {}).get("scores")
     if zs:
         ax.axhline(average(zs) * 100, color="grey", ls="--", lw=1, label="full zero-shot")
