@@ -46,7 +46,7 @@ POINTS = {
 
 def world(work: Path, seed: int) -> tuple:
     """The demo world of ``seed`` (reused when prepared): ``(model folder, task template, corpus)``."""
-    from offsite.demo.pipeline import prepare, settings_for
+    from offsite.experiments.demo.pipeline import prepare, settings_for
 
     paths, _ = prepare(work, settings_for(False, seed), seed, progress=False)
     quiz = work / "quiz"
@@ -57,7 +57,7 @@ def world(work: Path, seed: int) -> tuple:
 
 
 def point(model, task, corpus, workdir: Path, method: str, settings: dict, seed: int, split: str) -> dict:
-    from offsite.report import run_report
+    from offsite.experiments.report import run_report
 
     if method in ("scaleot", "gradot"):
         settings = {**settings, "cache_dir": str(workdir.parent / f"{method}-cache")}
@@ -111,7 +111,7 @@ def pick(rows: list, min_delta: float) -> dict:
 
 
 def judge(args, out: Path, chosen: dict) -> dict:
-    from offsite.audit import run_audit
+    from offsite.experiments.audit import run_audit
 
     rows = []
     gradot_ratio = chosen["gradot"]["params_ratio"]

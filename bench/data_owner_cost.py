@@ -20,10 +20,10 @@ OPT-1.3B as in the paper, keeping layers 2,5,7,10,13,16,18,21; 2-3-2 for OPT-125
 (the same adapter, every middle layer kept: ``--emulator-layers M --allow-verbatim-middle``), which
 is the full model with the adapter layers marked. Each mode then trains in a fresh process:
 
-* ``ot``: emulator, full adapter FT (``offsite.finetune.finetune``, i.e. ``offsite finetune``);
+* ``ot``: emulator, full adapter FT (``offsite.workflows.finetune.finetune``, i.e. ``offsite finetune``);
 * ``ot_lora``: emulator, LoRA on the adapter layers (``finetune(lora=True)``);
 * ``ft``: full model, every parameter (embeddings and head included) with AdamW: the loop of
-  ``finetune`` (:func:`offsite.finetune.loop.train`) called directly with
+  ``finetune`` (:func:`offsite.training.loop.train`) called directly with
   ``select(scope="emulator")``, as ``offsite audit``'s attacks do (``finetune`` itself only ever
   trains the adapter layers);
 * ``ft_lora``: full model, LoRA on every decoder layer (the paper's "FT + LoRA"; same direct call);
@@ -221,8 +221,8 @@ def train_one(spec: dict) -> dict:
     import torch.optim.optimizer as optim_hooks
 
     torch.set_num_threads(spec["threads"])
-    import offsite.finetune as ft
-    from offsite.finetune import loop
+    import offsite.workflows.finetune as ft
+    from offsite.training import loop
 
     mode = MODES[spec["mode"]]
     cuda = spec["device"].startswith("cuda")
@@ -259,14 +259,14 @@ def train_one(spec: dict) -> dict:
     attn = None
     if mode["scope"] == "adapter":  # the data owner's command, unchanged
         out = ft.finetune(spec["package"], spec["data"], spec["out"], overwrite=True, resume=False, **settings)
-        path = "offsite.finetune.finetune"
+        path = "offsite.workflows.finetune.finetune"
         log = json.loads((Path(out) / "training_log.json").read_text())
         losses = [row["loss"] for row in log.get("train", [])]
     else:  # every weight (or LoRA on every layer): the same loop, as offsite audit's attacks call it
-        from offsite.device import resolve_device
-        from offsite.package import load_emulator
-        from offsite.precision import base_dtype
-        from offsite.precision import policy as precision_policy
+        from offsite.core.device import resolve_device
+        from offsite.emulator.package import load_emulator
+        from offsite.core.precision import base_dtype
+        from offsite.core.precision import policy as precision_policy
 
         cfg = ft.make_config(settings)
         device = resolve_device(cfg.device)
@@ -276,7 +276,7 @@ def train_one(spec: dict) -> dict:
         params, _, _ = loop.select(emu, cfg, precision, "emulator")
         run = loop.prepare(emu, spec["data"], cfg)
         state = loop.train(emu.model, params, precision, run, cfg, device)
-        path = "offsite.finetune.loop.train (select scope 'emulator')"
+        path = "offsite.training.loop.train (select scope 'emulator')"
         losses = [row["loss"] for row in state.log["train"]]
         attn = getattr(emu.model.config, "_attn_implementation", None)
     steps = [marks["ends"][0] - marks["start"]] + [b - a for a, b in zip(marks["ends"], marks["ends"][1:])]
@@ -309,7 +309,7 @@ def _rel(path) -> str:
 
 
 def _floor_gib() -> float:
-    code = ("import resource, torch, transformers, offsite, offsite.finetune, offsite.package; "
+    code = ("import resource, torch, transformers, offsite, offsite.workflows.finetune, offsite.emulator.package; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
     return float(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout)
 
@@ -573,8 +573,8 @@ def render(r: dict) -> str:
              f"block {s['block_size']} tokens (the OT paper's cost script: 1 x 512), AdamW lr {s['lr']}, precision "
              f"{s['precision']}, LoRA r {s['lora_r']} on every linear of the chosen layers, {s['warmup']} warmup step "
              f"not timed + {s['steps']} timed steps (headline: the median), {s['threads']} threads. OT rows run "
-             "`offsite.finetune.finetune` on the emulator package; `ft` and `ft_lora` call its loop "
-             "(`offsite.finetune.loop.train`) on the full package with `select(scope=\"emulator\")` (every weight, "
+             "`offsite.workflows.finetune.finetune` on the emulator package; `ft` and `ft_lora` call its loop "
+             "(`offsite.training.loop.train`) on the full package with `select(scope=\"emulator\")` (every weight, "
              "embeddings and head included; or LoRA on every layer); `full_adapter*` run `finetune` on the full "
              f"package. The {mem_name} is "
              + ("`torch.cuda.max_memory_allocated` over the training steps (weights included, reset after loading)"
@@ -742,7 +742,7 @@ def _comparison(r: dict, paper: dict) -> list:
 
 
 def plot(r: dict, path: Path) -> None:
-    from offsite.plotting import pyplot
+    from offsite.core.plotting import pyplot
 
     plt = pyplot()
     if plt is None:

@@ -6,7 +6,7 @@ Usage (from the repository root):
     .venv/bin/python bench/federated_demo.py --list      # the setting names --only takes
     .venv/bin/python bench/federated_demo.py --replot    # summary.md + PNG again from results.json
 
-One world and base model (``offsite.demo.pipeline.prepare`` with the default demo settings, seed 0),
+One world and base model (``offsite.experiments.demo.pipeline.prepare`` with the default demo settings, seed 0),
 one emulator built as ``offsite demo`` builds it (uniform drop, adapter 2+2, 1 of 4 middle layers
 kept), then one adapter per setting, each plugged into the full model and scored on the test
 people (whose facts only pretraining taught):
@@ -73,11 +73,11 @@ def plan(quick: bool) -> dict:
 def run_setting(name: str, spec: dict, emulator: Path, paths: dict, work: Path, seed: int) -> dict:
     """Train one adapter with the library's workflow, plug it, score plug-in and emulator FT."""
     from offsite.artifacts.manifest import read_manifest
-    from offsite.demo.pipeline import score
-    from offsite.errors import OffsiteError
+    from offsite.experiments.demo.pipeline import score
+    from offsite.core.errors import OffsiteError
     from offsite.federate import federate
-    from offsite.finetune import finetune
-    from offsite.plug import plug
+    from offsite.workflows.finetune import finetune
+    from offsite.workflows.plug import plug
 
     where = work / name
     settings = {**spec["settings"], "format": "mc", "val_data": str(paths["validation"]), "seed": seed}
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from offsite.demo.pipeline import prepare, score, settings_for
-    from offsite.emulate import emulate
+    from offsite.experiments.demo.pipeline import prepare, score, settings_for
+    from offsite.workflows.emulate import emulate
 
     torch.set_num_threads(1)  # tiny model: one thread is fastest on a small shared CPU (and each client has one)
     started = time.time()
@@ -385,7 +385,7 @@ def _pct(x: float) -> str:
 
 
 def plot(record: dict, path: Path) -> None:
-    from offsite.plotting import pyplot
+    from offsite.core.plotting import pyplot
 
     plt = pyplot()
     if plt is None:

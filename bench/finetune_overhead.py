@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     import torch
     from conftest import make_model, make_tokenizer
 
-    import offsite.finetune as ft
+    import offsite.workflows.finetune as ft
     from offsite.cli.common import parse_settings
-    from offsite.emulate import emulate
+    from offsite.workflows.emulate import emulate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)

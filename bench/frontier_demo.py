@@ -45,7 +45,7 @@ FINETUNE = {"max_steps": 200, "lr": 3e-4, "batch_size": 16}
 
 def run_point(model, task, calibration, workdir: Path, method: str, settings: dict, seed: int) -> dict:
     """One emulator through the report protocol; returns its sizes and the four accuracies."""
-    from offsite.report import run_report
+    from offsite.experiments.report import run_report
 
     report = run_report(model, [task], data_dir=None, workdir=workdir, methods=[method], split="test",
                         method_settings={method: settings}, calibration=calibration,
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from offsite.demo.pipeline import prepare, settings_for
+    from offsite.experiments.demo.pipeline import prepare, settings_for
 
     torch.set_num_threads(1)  # tiny model: one thread is fastest on a small shared CPU
     work, out = Path(args.workdir), Path(args.out)

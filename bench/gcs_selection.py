@@ -66,8 +66,8 @@ def main() -> int:
     from offsite.emulator.gradot import select
     from offsite.eval.gradients import adapter_gradient_cosine
     from offsite.families import get_family
-    from offsite.loading import load_model
-    from offsite.split import make_split
+    from offsite.model.loading import load_model
+    from offsite.model.split import make_split
 
     torch.set_num_threads(2)
     started = time.time()

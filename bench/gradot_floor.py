@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     from offsite.calibration import calibration_batches
     from offsite.families import get_family, get_layers, layer_linears
     from offsite.families.linears import linear_weight
-    from offsite.loading import load_model
-    from offsite.split import make_split
+    from offsite.model.loading import load_model
+    from offsite.model.split import make_split
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")

@@ -67,8 +67,8 @@ def main() -> int:
     from offsite.calibration import calibration_batches
     from offsite.eval.gradients import adapter_gradient_cosine
     from offsite.families import get_family
-    from offsite.loading import load_model
-    from offsite.package import load_emulator
+    from offsite.model.loading import load_model
+    from offsite.emulator.package import load_emulator
 
     variants = {"uniform": ("uniform", {"emulator_layers": 4}),
                 "gradot": ("gradot", {"param_budget": args.budget}),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     from offsite.cli.common import parse_settings
-    from offsite.emulate import emulate
+    from offsite.workflows.emulate import emulate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")

@@ -35,7 +35,7 @@ def merge(reports: list) -> dict:
 
 
 def main(out: str, *paths: str) -> int:
-    from offsite.report import format_report, plot_report
+    from offsite.experiments.report import format_report, plot_report
 
     report = merge([json.loads(Path(p).read_text()) for p in paths])
     root = Path(out)

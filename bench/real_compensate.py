@@ -57,9 +57,9 @@ def main() -> int:
 
     import torch
 
-    from offsite.emulate import emulate
-    from offsite.eval.protocol import score, score_with, train_file, wikitext_train_text
-    from offsite.finetune import finetune
+    from offsite.workflows.emulate import emulate
+    from offsite.experiments.protocol import score, score_with, train_file, wikitext_train_text
+    from offsite.workflows.finetune import finetune
 
     torch.set_num_threads(2)
     model = args.model or smol_path()
@@ -99,8 +99,8 @@ def delta_plugged(model: str, a_c: Path, a_d: Path):
     """The full model with ``W_orig + (W_d - W_c)`` in its adapter layers (both artifacts checked)."""
     import torch
 
-    from offsite.adapters import load_adapter
-    from offsite.loading import load_model
+    from offsite.adapters.artifact import load_adapter
+    from offsite.model.loading import load_model
 
     full, tok = load_model(model)
     _, comp = load_adapter(a_c)

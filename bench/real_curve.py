@@ -78,8 +78,8 @@ def main() -> int:
 
     import torch
 
-    from offsite.emulate import emulate
-    from offsite.eval.protocol import score_with, train_file
+    from offsite.workflows.emulate import emulate
+    from offsite.experiments.protocol import score_with, train_file
 
     torch.set_num_threads(2)
     model = args.model or smol_path()
@@ -95,7 +95,7 @@ def main() -> int:
         results["full_zs"] = score_with(model, None, "sciq", str(sel), "validation", LIMIT, BATCH, "cpu")["acc"]
         save(results, out)
     print(f"full zero-shot on the selection questions: {results['full_zs']}", flush=True)
-    from offsite.finetune import finetune
+    from offsite.workflows.finetune import finetune
 
     for spec in args.cells or [str(n) for n in SIZES]:
         if spec in results["sizes"]:

@@ -120,12 +120,13 @@ def main() -> int:
     import torch
 
     from offsite.calibration import calibration_batches
-    from offsite.data import collate, encode_pairs, prompt_pairs
+    from offsite.data.examples import collate, encode_pairs
+    from offsite.data.examples import prompt_pairs
     from offsite.emulator import get_builder
     from offsite.emulator.inputs import BuildInputs
     from offsite.families import count_parameters, get_family
-    from offsite.loading import load_model
-    from offsite.split import make_split
+    from offsite.model.loading import load_model
+    from offsite.model.split import make_split
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -7,18 +7,18 @@ Usage (from the repository root; the model from ``offsite models prepare smollm2
 
 What runs: the fine-tunes of ``offsite report --tasks sciq --full-ft --adapter-layers 2,2`` on the
 same training file (the task's ``train`` split as prompt/completion pairs, ``--train-limit`` of
-them; loss on the answer tokens only), each through ``offsite.finetune.finetune`` in a fresh process:
+them; loss on the answer tokens only), each through ``offsite.workflows.finetune.finetune`` in a fresh process:
 
 * ``full_ft``: the report's Full FT row: every decoder block of the full model trains (an
-  ``adapter_layers="all"`` package, :func:`offsite.eval.protocol.full_package`; embeddings and the
+  ``adapter_layers="all"`` package, :func:`offsite.experiments.protocol.full_package`; embeddings and the
   tied head stay frozen, as they do for adapters);
 * ``emu_ft``: the data owner's run: the 2+2 adapter against the uniform emulator at its default size.
 
 Each mode runs in three configurations (:data:`CONFIGS`): ``before`` = ``logits="full",
 pass_tokens=0``, the code path before issue 23 (every position through the 49,152-wide head, HF's
 own loss, the micro-batch padded to its longest example); ``logits`` = ``logits="scored"`` alone
-(the head on the answer tokens only, ``offsite.token_loss``); ``after`` = the defaults now, scored
-logits and the micro-batch in parts of similar length (``offsite.finetune.parts``, 512 padded
+(the head on the answer tokens only, ``offsite.data.token_loss``); ``after`` = the defaults now, scored
+logits and the micro-batch in parts of similar length (``offsite.training.parts``, 512 padded
 tokens per pass on CPU). Same examples in the same order and the same optimizer steps (seed 0),
 validation off, no checkpoint due, so a step is one forward, backward, clip and AdamW step.
 
@@ -63,8 +63,8 @@ def child(spec: dict) -> dict:
     import torch
     import torch.optim.optimizer as optim_hooks
 
-    import offsite.finetune as ft
-    from offsite.finetune import loop
+    import offsite.workflows.finetune as ft
+    from offsite.training import loop
 
     marks = {"start": None, "ends": [], "cpu": [], "hwm": None, "hwm_load": None}
     real_call = loop.Batcher.__call__
@@ -107,15 +107,15 @@ def _median(values: list) -> float:
 
 def _default_model() -> str:
     try:
-        from offsite.realmodels import prepared_model_path
+        from offsite.model.realmodels import prepared_model_path
     except ImportError:  # an older checkout: give --model
-        raise SystemExit("give --model (offsite.realmodels is not available here)") from None
+        raise SystemExit("give --model (offsite.model.realmodels is not available here)") from None
     return str(prepared_model_path("smollm2-135m"))
 
 
 def _packages(model: str, work: Path, modes) -> dict:
-    from offsite.emulate import emulate
-    from offsite.eval.protocol import full_package
+    from offsite.workflows.emulate import emulate
+    from offsite.experiments.protocol import full_package
 
     packages = {}
     if {"full_ft", "full_lora"} & set(modes):
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    from offsite.eval.protocol import train_file
+    from offsite.experiments.protocol import train_file
 
     model = args.model or _default_model()
     work, out = Path(args.work), Path(args.out)

@@ -118,7 +118,7 @@ def main() -> int:
 
 def mixture(data_dir, work: Path, per_task: int) -> Path:
     """The five tasks' first ``per_task`` training questions, each in its own prompt, shuffled (seed 0)."""
-    from offsite.eval.tasks import get_task
+    from offsite.data.tasks import get_task
 
     rows = [{"prompt": q, "completion": a} for t in TASKS
             for q, a in get_task(t).finetune_pairs(data_dir, "train", limit=per_task)]
@@ -133,7 +133,7 @@ def mixture(data_dir, work: Path, per_task: int) -> Path:
 
 def score_all(model_dir, adapter, args) -> dict:
     """``{task: {"acc", "n", "se"}}`` of a model (or emulator package) with ``adapter`` applied in memory."""
-    from offsite.eval.protocol import headline, score_with
+    from offsite.experiments.protocol import headline, score_with
 
     scores = {}
     for t in TASKS:
@@ -143,9 +143,9 @@ def score_all(model_dir, adapter, args) -> dict:
 
 
 def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) -> dict:
-    from offsite.emulate import emulate
-    from offsite.eval.protocol import full_package
-    from offsite.finetune import finetune
+    from offsite.workflows.emulate import emulate
+    from offsite.experiments.protocol import full_package
+    from offsite.workflows.finetune import finetune
 
     if spec["kind"] == "full-zs":
         return {"scores": score_all(model, None, args)}
@@ -187,10 +187,10 @@ def run_audit_cell(spec: dict, model: str, data: Path, work: Path, args) -> dict
     is scored on the five tasks; attack (a), the honest adapter, is the method cell's emulator FT row.
     The strongest attack is the one with the highest average accuracy.
     """
-    from offsite.audit import resolve_public
-    from offsite.audit.attacks import run_attack
-    from offsite.emulate import emulate
-    from offsite.eval.protocol import score
+    from offsite.experiments.audit import resolve_public
+    from offsite.experiments.audit.attacks import run_attack
+    from offsite.workflows.emulate import emulate
+    from offsite.experiments.protocol import score
 
     emu_dir = work / f"emulator-{spec['of']}"
     if not (emu_dir / "manifest.json").exists():  # the method cell's emulator, rebuilt when it was removed

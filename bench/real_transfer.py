@@ -90,10 +90,10 @@ def main() -> int:
 
     import torch
 
-    from offsite.emulate import emulate
-    from offsite.eval.protocol import score, score_with, train_file
-    from offsite.finetune import finetune
-    from offsite.loading import load_model
+    from offsite.workflows.emulate import emulate
+    from offsite.experiments.protocol import score, score_with, train_file
+    from offsite.workflows.finetune import finetune
+    from offsite.model.loading import load_model
 
     torch.set_num_threads(2)
     model = args.model or smol_path()

@@ -7,7 +7,7 @@ Usage (from the repository root):
 For each shape a random-weight model of the published config is written once (``bench/make_random_model.py``,
 under ``runs/scale/``), then each method builds an emulator in a fresh process (``bench/measure_build.py``),
 so its peak resident memory (``ru_maxrss``) is that build's alone; ``METHOD+stream`` builds with
-``emulate --stream`` (decoder layers read from disk one at a time, :mod:`offsite.streaming`). Phases come from the build's own
+``emulate --stream`` (decoder layers read from disk one at a time, :mod:`offsite.model.streaming`). Phases come from the build's own
 timings: ``load`` / ``build`` / ``write`` (the ``[offsite] ... done in`` lines) and, for GradOT, the
 calibration forward, the backward sweep (statistics, terms, SVD and compression, layer by layer) and
 their sum ``stats_seconds`` from the plan; next to each GradOT build ``bench/gradot_floor.py`` times
@@ -42,7 +42,7 @@ def _floor(model: Path) -> float:
     """Peak RSS (MiB) of a process that imports offsite and builds ``model``'s module tree on ``meta``:
     everything an emulate run pays before it holds a single weight (the architecture's modeling code
     alone is over 100 MiB for Llama)."""
-    code = ("import resource, sys, offsite.emulate, accelerate, transformers as t; "
+    code = ("import resource, sys, offsite.workflows.emulate, accelerate, transformers as t; "
             "c = t.AutoConfig.from_pretrained(sys.argv[1]); ctx = accelerate.init_empty_weights(); ctx.__enter__(); "
             "t.AutoModelForCausalLM.from_config(c); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")

@@ -53,8 +53,8 @@ def main() -> int:
     from offsite.emulator.inputs import BuildInputs
     from offsite.emulator.gradot_select import select
     from offsite.families import get_family
-    from offsite.loading import load_model
-    from offsite.split import make_split
+    from offsite.model.loading import load_model
+    from offsite.model.split import make_split
 
     model, tok = load_model(args.model)
     family, split = get_family(model), make_split(model.config.num_hidden_layers, "2,2")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(results: str, command: str, title: str = "") -> int:
-    from offsite.report import format_report, plot_report
+    from offsite.experiments.report import format_report, plot_report
 
     root = Path(results)
     report = json.loads((root / "report.json").read_text())

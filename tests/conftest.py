@@ -118,7 +118,7 @@ def state_equal(a: dict, b: dict) -> bool:
 @pytest.fixture
 def small_emulator(saved_model, tmp_path):
     """A 6-layer tiny Llama's emulator package: 1 + 1 adapter layers, 2 of 4 middle layers kept."""
-    from offsite.emulate import emulate
+    from offsite.workflows.emulate import emulate
 
     path, _ = saved_model("llama", 6)
     return emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from offsite.artifacts import artifact_id, load_tensors, read_manifest
 from offsite.artifacts.manifest import VOLATILE
-from offsite.errors import ArtifactError
+from offsite.core.errors import ArtifactError
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),

@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from offsite.adapters import save_full_adapter
+from offsite.adapters.artifact import save_full_adapter
 from offsite.artifacts import load_tensors, read_manifest, sha256_file, writing_artifact
 from offsite.cli import main
-from offsite.emulate import emulate
-from offsite.errors import ArtifactError, OffsiteError
-from offsite.models import load_for_eval
-from offsite.package import load_emulator
-from offsite.plug import plug
-from offsite.verify import verify_artifact
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import ArtifactError, OffsiteError
+from offsite.eval.loading import load_for_eval
+from offsite.emulator.package import load_emulator
+from offsite.workflows.plug import plug
+from offsite.workflows.verify import verify_artifact
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_files_reach_the_disk_before_the_rename(swap, tmp_path, monkeypatch):
     import os
 
     from offsite.artifacts import folder as folder_mod
-    from offsite.finetune import checkpoint as checkpoint_mod
+    from offsite.training import checkpoint as checkpoint_mod
 
     new = tmp_path / "staged"
     (new / "sub").mkdir(parents=True)

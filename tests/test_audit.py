@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from offsite.audit import run_audit
-from offsite.audit.attacks import ATTACKS, run_attack, stages
+from offsite.experiments.audit import run_audit
+from offsite.experiments.audit.attacks import ATTACKS, run_attack, stages
 from offsite.cli import main
-from offsite.emulate import emulate
-from offsite.eval.protocol import train_file
+from offsite.workflows.emulate import emulate
+from offsite.experiments.protocol import train_file
 from offsite.families import get_layers
-from offsite.finetune import finetune
-from offsite.models import load_for_eval
-from offsite.package import load_emulator
+from offsite.workflows.finetune import finetune
+from offsite.eval.loading import load_for_eval
+from offsite.emulator.package import load_emulator
 
 FT = {"max_steps": 4, "batch_size": 4, "lr": 1e-3}
 QUIET = dict(limit=12, train_limit=24, device="cpu", log=lambda *a: None)
@@ -119,7 +119,7 @@ def test_budgets_count_steps_the_same_for_every_attack():
 
 
 def test_report_audit_adds_the_best_attack_as_a_sixth_row(saved_model, mc_task, text_file, tmp_path):
-    from offsite.report import format_report, run_report
+    from offsite.experiments.report import format_report, run_report
 
     path, _ = saved_model("llama", 6)
     task = mc_task[0]

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from offsite.data import load_examples, prompt_pairs
+from offsite.data.examples import load_examples
+from offsite.data.examples import prompt_pairs
 from offsite.emulator import available_methods, get_builder
-from offsite.errors import OffsiteError
-from offsite.eval.tasks import get_task
-from offsite.finetune.config import FinetuneConfig
+from offsite.core.errors import OffsiteError
+from offsite.data.tasks import get_task
+from offsite.training.config import FinetuneConfig
 
 GOOD = {"id": "q0", "context": "", "question": "what colour is the sky?", "choices": ["red", "blue", "green"],
         "label": 1}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import make_model, make_tokenizer
 from offsite.calibration import (DampingWarning, backward_sweep, calibration_batches, capture_boundaries,
                                  damped_cholesky, damped_inverse, gather_linear_stats)
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers, layer_linears
 from fixtures.tolerance import assert_close_to_scale
 

@@ -5,12 +5,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import state_equal
-from offsite.emulate import emulate
+from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
 from offsite.emulator.crash import cluster_adjacent, linear_cka, nearest_kept, pool_tokens
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers, layer_linears
-from offsite.package import load_emulator
+from offsite.emulator.package import load_emulator
 
 SMALL = dict(seq_len=16, num_sequences=16, batch_size=4)
 
@@ -123,7 +123,7 @@ def test_crash_refusals(saved_model, text_file, tmp_path):
 
 def test_report_compares_methods_with_calibration_and_per_method_settings(saved_model, mc_task, text_file, tmp_path):
     from offsite.cli.report import method_settings
-    from offsite.report import run_report
+    from offsite.experiments.report import run_report
 
     settings = method_settings(["uniform", "crash", "scaleot"], 2, ["crash:share=true", "scaleot:alpha=0.5"])
     assert settings == {"uniform": {"emulator_layers": 2}, "crash": {"emulator_layers": 2, "share": True},

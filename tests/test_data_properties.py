@@ -12,11 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offsite.data import FORMATS, load_examples, prompt_pairs
+from offsite.data.examples import prompt_pairs
+from offsite.data.records import FORMATS
+from offsite.data.examples import load_examples
 from offsite.emulator import available_methods, get_builder
-from offsite.errors import OffsiteError
-from offsite.eval.tasks import get_task
-from offsite.finetune.config import FinetuneConfig
+from offsite.core.errors import OffsiteError
+from offsite.data.tasks import get_task
+from offsite.training.config import FinetuneConfig
 
 # Modest, without deadlines (the machine is shared; each example writes and reads a file) and without
 # an example database, so that runs leave nothing in the working tree.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from offsite.demo.world import POOL_SIZE, generate_world, questions, write_world
+from offsite.experiments.demo.world import POOL_SIZE, generate_world, questions, write_world
 
 
 def _files(folder) -> dict:
@@ -67,7 +67,7 @@ def test_corpus_tells_every_fact_and_never_asks(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_shows_the_offsite_tuning_trade_off(tmp_path):
-    from offsite.demo import run_demo
+    from offsite.experiments.demo import run_demo
 
     result = run_demo(tmp_path, quick=True, seed=0, progress=False)
     acc = result["accuracy"]
@@ -108,7 +108,7 @@ def test_real_demo_without_the_data_is_one_clear_error_and_writes_nothing(tmp_pa
 
 @pytest.mark.parametrize("world", [True, False])
 def test_the_table_and_the_plot_show_every_row(world, tmp_path):
-    from offsite.demo import format_table, plot_result
+    from offsite.experiments.demo import format_table, plot_result
 
     acc = {"full_zs": 0.73, "emulator_zs": 0.5, "emulator_ft": 0.6, "plug_in": 0.76}
     result = {"world": world, "accuracy": acc, "delta": 0.16, "chance": 0.25, "test_questions": 120, "task": "sciq",

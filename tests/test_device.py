@@ -12,18 +12,18 @@ import torch
 from conftest import SENTENCES, make_model
 from offsite.artifacts import read_manifest
 from offsite.cli import main
-from offsite.demo.pipeline import DemoSettings, run_demo
-from offsite.demo.pretrain import PretrainConfig
-from offsite.device import available_devices, resolve_device
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
-from offsite.eval.batching import DEFAULT_CUDA_BATCH_TOKENS, plan_batches, resolve_batch_tokens
+from offsite.experiments.demo.pipeline import DemoSettings, run_demo
+from offsite.experiments.demo.pretrain import PretrainConfig
+from offsite.core.device import available_devices, resolve_device
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
+from offsite.data.batching import DEFAULT_CUDA_BATCH_TOKENS, plan_batches, resolve_batch_tokens
 from offsite.eval.run import evaluate
 from offsite.eval.scoring import score_multiple_choice
-from offsite.finetune import finetune
-from offsite.models import load_for_eval
-from offsite.plug import plug
-from offsite.report import run_report
+from offsite.workflows.finetune import finetune
+from offsite.eval.loading import load_for_eval
+from offsite.workflows.plug import plug
+from offsite.experiments.report import run_report
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -145,7 +145,7 @@ def test_report_on_cpu_gives_the_default_report(saved_model, mc_task, tmp_path):
 
 def test_demo_cli_on_cpu_gives_the_default_demo(tmp_path, monkeypatch, capsys):
     default = run_demo(tmp_path / "default", settings=TINY_DEMO, progress=False, **DEFAULT)
-    monkeypatch.setattr("offsite.demo.pipeline.settings_for", lambda quick, seed=0: TINY_DEMO)
+    monkeypatch.setattr("offsite.experiments.demo.pipeline.settings_for", lambda quick, seed=0: TINY_DEMO)
     assert main(["demo", "--world", "--workdir", str(tmp_path / "cpu"), "--quiet", "--device", "cpu"]) == 0
     cpu = json.loads((tmp_path / "cpu" / "results.json").read_text())
     assert cpu["accuracy"] == default["accuracy"] and cpu["device"] == "cpu"

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from offsite.cli import main
-from offsite.disclosure import KINDS, format_fractions, guard_middle, verbatim_problems
-from offsite.emulate import emulate
+from offsite.emulator.disclosure import KINDS, format_fractions, guard_middle, verbatim_problems
+from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers
 
 CALIBRATION = dict(seq_len=16, num_sequences=4, batch_size=2)

@@ -7,15 +7,15 @@ from transformers import AutoModelForCausalLM
 from conftest import state_equal
 from offsite.artifacts import unique_state_dict
 from offsite.cli import main
-from offsite.emulate import emulate
+from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
 from offsite.emulator.calibrated import normalised_mse
 from offsite.emulator.distill import distill_gap, kd_points, teacher_targets
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import capture_hidden, get_family, get_layers
-from offsite.package import load_emulator
-from offsite.precision import policy
-from offsite.split import make_split
+from offsite.emulator.package import load_emulator
+from offsite.core.precision import policy
+from offsite.model.split import make_split
 
 SMALL = dict(seq_len=16, num_sequences=16, batch_size=4)
 
@@ -52,7 +52,7 @@ def test_token_scale_weighs_every_position_when_the_first_token_is_massive():
 
 def test_distill_refuses_an_unknown_kd_scale():
     from offsite.emulator.distill import DistillConfig
-    from offsite.errors import OffsiteError
+    from offsite.core.errors import OffsiteError
 
     with pytest.raises(OffsiteError, match="kd_scale must be 'token' or 'global'"):
         DistillConfig(kd_scale="layer")

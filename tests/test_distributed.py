@@ -1,4 +1,4 @@
-"""Data-parallel fine-tuning (offsite.finetune.distributed): two CPU processes over gloo, launched by
+"""Data-parallel fine-tuning (offsite.training.distributed): two CPU processes over gloo, launched by
 torchrun exactly as a user would, train the same adapter as one process with the same global batch;
 and what a multi-process run refuses."""
 
@@ -11,9 +11,9 @@ import torch
 
 from conftest import artifact_tensors
 from offsite.cli import main
-from offsite.device import process_device
-from offsite.errors import OffsiteError
-from offsite.finetune import finetune
+from offsite.core.device import process_device
+from offsite.core.errors import OffsiteError
+from offsite.workflows.finetune import finetune
 
 TOLERANCE = 1e-5
 """Max abs difference allowed between 1 and 2 processes after 4 fp32 steps (measured: ~1e-7, the order of
@@ -111,7 +111,7 @@ def test_dp_sgd_is_refused_under_several_processes(emu, tmp_path, text_file, mon
 
 
 def test_bad_world_size_and_shared_devices_are_refused(monkeypatch):
-    from offsite.finetune.distributed import world_size
+    from offsite.training.distributed import world_size
 
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(OffsiteError, match="positive number of processes"):

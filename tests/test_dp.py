@@ -1,4 +1,4 @@
-"""DP-SGD fine-tuning (offsite.finetune.dp): the accountant's epsilon, exact per-example clipping, what
+"""DP-SGD fine-tuning (offsite.training.dp): the accountant's epsilon, exact per-example clipping, what
 changes, every refusal, resumption and the CLI."""
 
 import contextlib
@@ -10,15 +10,16 @@ import warnings
 import pytest
 import torch
 
-import offsite.finetune as ft
-from offsite.adapters import load_adapter
+import offsite.workflows.finetune as ft
+from offsite.adapters.artifact import load_adapter
 from offsite.cli import main
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
-from offsite.finetune import dp, finetune, make_config
-from offsite.finetune.loop import prepare, select
-from offsite.package import load_emulator
-from offsite.precision import base_dtype, policy
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
+from offsite.training import dp
+from offsite.workflows.finetune import finetune, make_config
+from offsite.training.loop import prepare, select
+from offsite.emulator.package import load_emulator
+from offsite.core.precision import base_dtype, policy
 from fixtures.tolerance import assert_close_to_scale
 
 DP = dict(dp_delta=1e-5, block_size=16, batch_size=4, lr=1e-3, progress=False)
@@ -129,7 +130,7 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(emu, text_file):
 @pytest.mark.parametrize("lora", [False, True])
 def test_only_the_trained_parameters_change(emu, tmp_path, text_file, monkeypatch, lora):
     seen = {}
-    import offsite.finetune.session as session
+    import offsite.training.session as session
 
     real = session.load_emulator
 

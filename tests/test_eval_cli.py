@@ -1,4 +1,4 @@
-"""``offsite eval`` end to end on a tiny saved model folder, through ``offsite.models.load_for_eval``."""
+"""``offsite eval`` end to end on a tiny saved model folder, through ``offsite.eval.loading.load_for_eval``."""
 
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from offsite.data import wikitext  # noqa: E402
 from offsite.eval import perplexity, scoring  # noqa: E402
-from offsite.eval.tasks import get_task  # noqa: E402
+from offsite.data.tasks import get_task  # noqa: E402
 
 SHARED = Path(os.environ.get("OFFSITE_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
 SHARED_DATA = SHARED / "data"
@@ -181,5 +182,5 @@ def test_wikitext_detokenizer_equals_lm_eval():
     spec = importlib.util.spec_from_file_location("lm_eval_wikitext_preprocess", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for doc in perplexity.load_wikitext(SHARED_DATA, "validation", limit=10):
-        assert perplexity.wikitext_detokenize(doc) == module.wikitext_detokenizer({"page": doc})
+    for doc in wikitext.load_wikitext(SHARED_DATA, "validation", limit=10):
+        assert wikitext.wikitext_detokenize(doc) == module.wikitext_detokenizer({"page": doc})

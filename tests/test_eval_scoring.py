@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from offsite.data import wikitext
 from offsite.eval import generation, perplexity, scoring
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Question: What is the answer?\nAnswer: yes no maybe",
@@ -226,11 +227,11 @@ def test_perplexity_metrics_formulas(model, tok):
 def test_wikitext_document_split_and_detokenizer():
     raw = " \n = Alpha = \n \n Alpha is a word @-@ like thing , see ( here ) .\n = = Sub = = \n More .\n" \
           " = Beta = \n Beta 's 1 @,@ 000 items .\n"
-    docs = perplexity.split_wikitext_documents(raw)
+    docs = wikitext.split_wikitext_documents(raw)
     assert len(docs) == 2 and "".join(docs) == raw
     assert docs[0].startswith(" \n = Alpha = ") and "= = Sub = =" in docs[0]
-    assert perplexity.wikitext_detokenize(docs[1]) == " = Beta =\nBeta's 1,000 items .\n"  # lm-eval's rules
-    assert "word-like thing, see (here) .\n== Sub ==" in perplexity.wikitext_detokenize(docs[0])
+    assert wikitext.wikitext_detokenize(docs[1]) == " = Beta =\nBeta's 1,000 items .\n"  # lm-eval's rules
+    assert "word-like thing, see (here) .\n== Sub ==" in wikitext.wikitext_detokenize(docs[0])
 
 
 # --- exact match -----------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from offsite.errors import OffsiteError
-from offsite.eval.tasks import get_task, list_tasks
+from offsite.core.errors import OffsiteError
+from offsite.data.tasks import get_task, list_tasks
 
 SHARED = Path(os.environ.get("OFFSITE_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
 SHARED_DATA = SHARED / "data"
@@ -186,7 +186,7 @@ def test_missing_file_names_the_path_and_the_option(tmp_path):
 def test_bad_records_are_refused(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(mc("x", question="q")) + "\n{not json\n")
-    with pytest.raises(OffsiteError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(OffsiteError, match=r"bad.jsonl:2 is not valid JSON"):
         list(get_task(str(bad)).examples(None, "validation"))
     bad.write_text(json.dumps(mc("x", question="q", label=5)) + "\n")
     with pytest.raises(OffsiteError, match="'label' must be"):
@@ -262,7 +262,7 @@ def test_shared_data_counts_and_first_prompts():
         assert len(examples) == n, name
         assert all(0 <= e["gold"] < len(e["choices"]) for e in examples)
     assert sum(1 for _ in get_task("webquestions").examples(SHARED_DATA, "validation")) == 2032
-    from offsite.eval.perplexity import load_wikitext
+    from offsite.data.wikitext import load_wikitext
 
     assert len(load_wikitext(SHARED_DATA, "validation")) == 60
     assert len(load_wikitext(SHARED_DATA, "test")) == 62

@@ -5,16 +5,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_model, state_equal
-from offsite.adapters import save_full_adapter
+from offsite.adapters.artifact import save_full_adapter
 from offsite.artifacts import load_tensors, unique_state_dict
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
 from offsite.families import (FAMILIES, get_family, get_layers, get_submodule, layer_linears,
                               supported_model_types)
 from offsite.families.kv_cache import cache_kwargs, returned_cache
-from offsite.finetune import finetune
-from offsite.package import load_emulator
-from offsite.plug import plug
+from offsite.workflows.finetune import finetune
+from offsite.emulator.package import load_emulator
+from offsite.workflows.plug import plug
 
 FAMILY_NAMES = supported_model_types()
 REQUIRED = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "opt", "gpt2", "gpt_neox",
@@ -206,7 +206,7 @@ def test_gradot_emulator_builds_reloads_finetunes_and_plugs(model_type, saved_mo
     """GradOT on every family: compressed middle, strict reload from the plan alone, the adapter
     fine-tunes on the emulator and plugs back into the full model touching only adapter layers."""
     from offsite.emulator.lowrank import LowRankLinear
-    from offsite.verify import verify_artifact
+    from offsite.workflows.verify import verify_artifact
 
     path, model = saved_model(model_type, 5)
     out = emulate(str(path), tmp_path / "emu", method="gradot", adapter_layers="1,1", calibration=text_file,

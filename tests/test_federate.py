@@ -13,7 +13,7 @@ import torch
 
 from conftest import artifact_tensors
 from offsite.cli import main
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 
 flwr = pytest.importorskip("flwr", reason="the fl extra (flwr) is not installed")
 
@@ -23,7 +23,7 @@ from offsite.federate.config import split_settings  # noqa: E402
 from offsite.federate.partition import partition, record_labels, skew  # noqa: E402
 from offsite.federate.server import Server  # noqa: E402
 from offsite.federate.strategy import Federation, choose  # noqa: E402
-from offsite.finetune import finetune  # noqa: E402
+from offsite.workflows.finetune import finetune  # noqa: E402
 
 LOCAL = {"block_size": 16, "batch_size": 4, "lr": 3e-3, "max_steps": 3, "device": "cpu", "seed": 0}
 

@@ -7,16 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import offsite.finetune as ft
+import offsite.workflows.finetune as ft
 from conftest import state_equal
-from offsite.adapters import load_adapter
+from offsite.adapters.artifact import load_adapter
 from offsite.artifacts import unique_state_dict
 from offsite.cli import main
-from offsite.data import IGNORE, load_examples
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
-from offsite.finetune import finetune
-from offsite.models import load_for_eval
+from offsite.data.records import IGNORE
+from offsite.data.examples import load_examples
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
+from offsite.workflows.finetune import finetune
+from offsite.eval.loading import load_for_eval
 
 
 def test_prompt_format_masks_the_prompt(tmp_path, tokenizer):
@@ -101,8 +102,8 @@ def test_init_adapter_starts_from_that_adapter_and_refuses_another_emulators(sav
     assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
     # the resume key holds the starting adapter by content: its artifact_id, not where it lies
     from offsite.artifacts import read_manifest
-    from offsite.finetune import _resumable, make_config, start_from
-    from offsite.package import load_emulator
+    from offsite.workflows.finetune import _resumable, make_config, start_from
+    from offsite.emulator.package import load_emulator
 
     start_id = start_from(load_emulator(emu, device="cpu"), str(first))
     assert start_id == read_manifest(first)["artifact_id"]
@@ -189,14 +190,14 @@ def test_cli_reaches_every_finetune_setting_and_passes_only_the_given_ones(monke
     assert seen["val_limit"] == 3 and seen["keep_checkpoint"] is True
     assert seen["lora_targets"] == ["q_proj", "v_proj"] and seen["train_adapter"] == "top"
     assert "val_fraction" not in seen and "lora_dropout" not in seen  # not given: the config's default applies
-    from offsite.finetune import FinetuneConfig
+    from offsite.workflows.finetune import FinetuneConfig
     ft.make_config({k: v for k, v in seen.items() if k not in ("overwrite", "sign_key", "trusted_keys")})
     assert {f.name for f in dataclasses.fields(FinetuneConfig)} >= set(seen) - {"overwrite", "sign_key", "trusted_keys"}
 
 
 def test_the_resume_key_leaves_out_exactly_the_declared_runtime_and_by_content_settings():
-    from offsite.finetune import _resumable, make_config
-    from offsite.finetune.config import resume_settings
+    from offsite.workflows.finetune import _resumable, make_config
+    from offsite.training.config import resume_settings
 
     base = make_config({})
     declared = {f.name: f.metadata["resume_key"] for f in dataclasses.fields(base) if "resume_key" in f.metadata}

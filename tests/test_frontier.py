@@ -6,9 +6,9 @@ import json
 import pytest
 
 from offsite.cli import main
-from offsite.errors import OffsiteError
-from offsite.frontier import run_frontier, sweep_points
-from offsite.package import load_emulator
+from offsite.core.errors import OffsiteError
+from offsite.experiments.frontier import run_frontier, sweep_points
+from offsite.emulator.package import load_emulator
 
 FT = {"max_steps": 3, "batch_size": 4, "lr": 1e-3}
 QUIET = dict(limit=12, train_limit=24, device="cpu", log=lambda *a: None, adapter_layers="1,1",

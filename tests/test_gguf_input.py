@@ -15,10 +15,10 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 from fixtures.tiny_gguf import write_tiny_gguf  # noqa: E402
 
 from offsite.artifacts import read_manifest, sha256_file, unique_state_dict  # noqa: E402
-from offsite.errors import OffsiteError  # noqa: E402
-from offsite.gguf_input import convert_gguf, gguf_source, is_gguf  # noqa: E402
-from offsite.identity import model_identity, same_base, weight_fingerprint  # noqa: E402
-from offsite.loading import load_config, load_model  # noqa: E402
+from offsite.core.errors import OffsiteError  # noqa: E402
+from offsite.model.gguf_input import convert_gguf, gguf_source, is_gguf  # noqa: E402
+from offsite.model.identity import model_identity, same_base, weight_fingerprint  # noqa: E402
+from offsite.model.loading import load_config, load_model  # noqa: E402
 
 
 @pytest.fixture
@@ -64,9 +64,9 @@ def test_quantized_gguf_identity_is_over_the_fp32_values(tiny_gguf):
 
 
 def test_gguf_and_its_conversion_give_the_same_emulator(tiny_gguf, tmp_path):
-    from offsite.emulate import emulate
-    from offsite.finetune import finetune
-    from offsite.plug import plug
+    from offsite.workflows.emulate import emulate
+    from offsite.workflows.finetune import finetune
+    from offsite.workflows.plug import plug
 
     path, _ = tiny_gguf("Q8_0")
     folder = convert_gguf(path, tmp_path / "converted")
@@ -91,8 +91,8 @@ def test_gguf_and_its_conversion_give_the_same_emulator(tiny_gguf, tmp_path):
 
 
 def test_streamed_workflows_refuse_gguf_with_the_way_out(tiny_gguf, tmp_path):
-    from offsite.emulate import emulate
-    from offsite.models import load_for_eval
+    from offsite.workflows.emulate import emulate
+    from offsite.eval.loading import load_for_eval
 
     path, _ = tiny_gguf()
     with pytest.raises(OffsiteError, match="GGUF file.*offsite models convert"):

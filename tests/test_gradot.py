@@ -12,15 +12,15 @@ from conftest import make_model
 from fixtures.llama2c import ref_model_dir, shared_dir
 from offsite.calibration import calibration_batches, gather_linear_stats
 from offsite.cli import main
-from offsite.emulate import emulate
+from offsite.workflows.emulate import emulate
 from offsite.emulator import BuildInputs, get_builder
 from offsite.emulator.gcs import channel_terms, component_terms, scores, select_components
 from offsite.emulator.lowrank import LowRankLinear, weight_svd
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.eval.gradients import adapter_gradient_cosine
 from offsite.families import get_family, get_layers
-from offsite.package import load_emulator
-from offsite.split import make_split
+from offsite.emulator.package import load_emulator
+from offsite.model.split import make_split
 from fixtures.tolerance import assert_close_to_scale
 
 SMALL = dict(seq_len=16, num_sequences=4, batch_size=2)
@@ -62,7 +62,7 @@ def test_layer_by_layer_build_equals_plan_then_apply(scoring, saved_model, text_
     """build() compresses each layer as soon as its terms exist, reusing their SVD; the plan and the
     emulator must be exactly what plan() followed by apply() gives."""
     from offsite.calibration import calibration_batches
-    from offsite.loading import load_model
+    from offsite.model.loading import load_model
 
     path, _ = saved_model("llama", 5)
     model, tok = load_model(str(path))
@@ -205,7 +205,7 @@ def test_gcs_trades_gradient_fidelity_for_loss_and_beats_its_baselines(tmp_path)
     demo worlds). Raising λ must raise the emulator's loss and lower the adapter-gradient cosine
     (one scale, one knob); at a small λ GCS must beat the magnitude baseline on both, and the random
     baseline (same floor and sizes, two seeds) must lie between the knob's ends."""
-    from offsite.loading import load_model
+    from offsite.model.loading import load_model
 
     full, tok = load_model(str(ref_model_dir()))
     family, split = get_family(full), make_split(12, "2,2")
@@ -326,7 +326,7 @@ def test_float32_statistics_give_the_float64_terms_and_selection(saved_model, te
     rounding of sums over the calibration tokens, and the selection must not change."""
     from offsite.calibration import calibration_batches
     from offsite.emulator.gradot_select import select
-    from offsite.loading import load_model
+    from offsite.model.loading import load_model
 
     path, _ = saved_model("llama", 5)
     model, tok = load_model(str(path))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from offsite import progress
+from offsite.core import progress
 
 LINE = re.compile(r"^\[offsite\] (?P<desc>[^:]+): (?P<n>\d+)/(?P<total>\d+) (?P<unit>\w+) "
                   r"\[(?P<elapsed>[\d:]+)<(?P<eta>[\d:?]+), [^\]]*\]$")
@@ -87,7 +87,7 @@ def test_finetune_with_stderr_in_a_file_shows_step_loss_rate_and_eta(small_emula
 
 
 def test_the_fine_tunes_and_scoring_inside_report_show_progress(saved_model, mc_task, tmp_path, capsys):
-    from offsite.report import run_report
+    from offsite.experiments.report import run_report
 
     progress.set_heartbeat(0.01)
     path, _ = saved_model("llama", 6)

@@ -8,9 +8,9 @@ import pytest
 
 from offsite.artifacts import artifact_id, read_manifest, sha256_file
 from offsite.cli import main
-from offsite.emulate import emulate
-from offsite.errors import ArtifactError
-from offsite.verify import verify_artifact
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import ArtifactError
+from offsite.workflows.verify import verify_artifact
 
 
 def resign(folder, edit):
@@ -146,8 +146,8 @@ def test_an_adapter_from_a_bf16_emulator_plugs_into_the_fp32_checkpoint(saved_mo
     import torch
     from safetensors.torch import load_file
 
-    from offsite.finetune import finetune
-    from offsite.plug import plug
+    from offsite.workflows.finetune import finetune
+    from offsite.workflows.plug import plug
 
     path, _ = saved_model("llama", 6)
     other, _ = saved_model("llama", 6, seed=3)

@@ -7,7 +7,7 @@ from conftest import make_model
 from offsite.artifacts import unique_state_dict
 from offsite.emulator.lowrank import (LowRankLinear, make_low_rank, prune_mlp_channels, replace_linear,
                                       restructure_linears, truncated_svd, weight_svd)
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers, layer_linears
 from offsite.families.linears import linear_weight, mlp_channel_blocks
 

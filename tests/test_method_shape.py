@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from offsite.artifacts import read_manifest
-from offsite.emulate import emulate
+from offsite.workflows.emulate import emulate
 from offsite.emulator import BuildInputs, CalibrationSettings, EmulatorBuilder, available_methods, get_builder
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers
-from offsite.loading import load_model
-from offsite.package import load_emulator
-from offsite.split import Split, make_split
+from offsite.model.loading import load_model
+from offsite.emulator.package import load_emulator
+from offsite.model.split import Split, make_split
 
 CALIB = dict(seq_len=16, num_sequences=4, batch_size=2)
 METHODS = {

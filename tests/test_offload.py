@@ -1,4 +1,4 @@
-"""Scoring a full model with its decoder layers on disk (offsite.offload, ``eval --stream``): the
+"""Scoring a full model with its decoder layers on disk (offsite.model.offload, ``eval --stream``): the
 scores are the in-memory model's, bitwise, and at most one offloaded layer holds real tensors."""
 
 import json
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from offsite.cli import main
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
 from offsite.eval.generation import score_exact_match
 from offsite.eval.perplexity import score_documents
 from offsite.eval.scoring import score_multiple_choice
 from offsite.families import get_family, get_layers
-from offsite.models import load_for_eval
+from offsite.eval.loading import load_for_eval
 
 FAMILIES = ["llama", "gpt2", "opt", "gpt_neox", "falcon", "gemma2", "phi3", "bloom"]
 QUESTIONS = [{"id": f"q{i}", "context": "the colour of thing %d is" % i + " x" * (70 * (i % 2)),
@@ -75,7 +75,7 @@ def test_a_streamed_model_scores_like_the_model_in_memory(model_type, saved_mode
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_streamed_plug_in_scores_like_the_plug_in_in_memory(lora, saved_model, text_file, tmp_path):
     """The adapter layers are loaded, plugged and kept; every other layer stays on disk."""
-    from offsite.finetune import finetune
+    from offsite.workflows.finetune import finetune
 
     path, _ = saved_model("llama", 6)
     package = emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import make_model
-from offsite.data import IGNORE, collate
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
-from offsite.finetune import finetune, make_config
-from offsite.finetune.parts import CPU_PASS_TOKENS, resolve_pass_tokens, split
-from offsite.token_loss import mean_loss
+from offsite.data.records import IGNORE
+from offsite.data.examples import collate
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
+from offsite.workflows.finetune import finetune, make_config
+from offsite.training.parts import CPU_PASS_TOKENS, resolve_pass_tokens, split
+from offsite.data.token_loss import mean_loss
 
 EPS = torch.finfo(torch.float32).eps
 

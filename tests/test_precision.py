@@ -1,4 +1,4 @@
-"""Mixed precision (``offsite.precision``): fp32 masters for what trains, the checkpoint dtype elsewhere.
+"""Mixed precision (``offsite.core.precision``): fp32 masters for what trains, the checkpoint dtype elsewhere.
 
 A bf16 Llama and an fp16 GPT-2 go through emulate -> finetune -> plug at ``dtype auto``. What is
 checked is what broke before the policy: trained in bf16 without an fp32 copy, 20 steps at lr 2e-5
@@ -33,17 +33,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import offsite.finetune as ft
+import offsite.workflows.finetune as ft
 from conftest import make_model
-from offsite.adapters import load_adapter, reindex
-from offsite.emulate import emulate
+from offsite.adapters.artifact import load_adapter, reindex
+from offsite.workflows.emulate import emulate
 from offsite.emulator.harmonizer import HarmonizerLayer
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers, named_layer_parameters
-from offsite.finetune import finetune
-from offsite.package import load_emulator
-from offsite.plug import plug
-from offsite.precision import PRECISIONS, base_dtype, policy
+from offsite.workflows.finetune import finetune
+from offsite.emulator.package import load_emulator
+from offsite.workflows.plug import plug
+from offsite.core.precision import PRECISIONS, base_dtype, policy
 
 FT = dict(max_steps=20, lr=2e-5, block_size=16, batch_size=4, progress=False, device="cpu", seed=0)
 BF16_TOL, FP16_TOL = 0.01, 0.001
@@ -252,7 +252,7 @@ def test_fp16_run_resumes_bitwise_with_its_loss_scale(bases, tmp_path, text_file
 
 def test_an_unchanged_best_is_linked_into_the_next_checkpoint(tmp_path):
     """best.safetensors is written once per improvement; later checkpoints share it and still verify."""
-    import offsite.finetune.checkpoint as ck
+    import offsite.training.checkpoint as ck
 
     folder = tmp_path / "ad.ckpt"
     w = torch.nn.Parameter(torch.ones(4))

@@ -1,4 +1,4 @@
-"""Progress bars, phase lines, --quiet and the end-of-command cost line (offsite.progress, offsite.cli)."""
+"""Progress bars, phase lines, --quiet and the end-of-command cost line (offsite.core.progress, offsite.cli)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from offsite import progress
+from offsite.core import progress
 from offsite.cli import main
 
 COST = re.compile(r"^offsite (\w+): done in \d+\.\d s, peak RSS \d+\.\d\d GB(, CUDA peak \d+\.\d\d GB)?$")

@@ -39,7 +39,7 @@ METHODS = {  # method -> (settings, streams)
 
 
 def _prepared(fmt: str):
-    from offsite.realmodels import find_prepared
+    from offsite.model.realmodels import find_prepared
 
     path = find_prepared(MODEL, fmt)
     if path is None:
@@ -79,7 +79,7 @@ def _score(model, tokenizer, data_dir, limit=QUESTIONS):
 
 @pytest.fixture(scope="module")
 def full_scores(smol, data_dir):
-    from offsite.loading import load_model
+    from offsite.model.loading import load_model
 
     model, tokenizer = load_model(smol)
     return _score(model, tokenizer, data_dir)
@@ -89,10 +89,10 @@ def test_untrained_plugin_is_the_full_model_and_the_emulator_scores_below(smol, 
                                                                           full_scores, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from offsite.emulate import emulate
-    from offsite.finetune import finetune
-    from offsite.models import load_for_eval
-    from offsite.plug import plug
+    from offsite.workflows.emulate import emulate
+    from offsite.workflows.finetune import finetune
+    from offsite.eval.loading import load_for_eval
+    from offsite.workflows.plug import plug
 
     emu = emulate(smol, tmp_path / "emu", method="uniform", adapter_layers="2,2")
     adapter = finetune(emu, sciq_train, tmp_path / "adapter", format="mc", task="sciq", max_steps=0,
@@ -119,9 +119,9 @@ def test_every_method_builds_streamed_and_not_finetunes_and_plugs(method, smol, 
     from transformers import AutoModelForCausalLM
 
     from offsite.artifacts import read_manifest
-    from offsite.emulate import emulate
-    from offsite.finetune import finetune
-    from offsite.plug import plug
+    from offsite.workflows.emulate import emulate
+    from offsite.workflows.finetune import finetune
+    from offsite.workflows.plug import plug
 
     settings, streams = METHODS[method]
     emu = emulate(smol, tmp_path / "emu", method=method, adapter_layers="2,2", stream=False, **settings)
@@ -147,9 +147,9 @@ def test_every_method_builds_streamed_and_not_finetunes_and_plugs(method, smol, 
 def test_gguf_input_gives_the_same_emulator_and_scores(smol, data_dir, full_scores, tmp_path):
     from offsite.artifacts import read_manifest
     from offsite.cli import main
-    from offsite.emulate import emulate
-    from offsite.identity import same_base
-    from offsite.realmodels import MODELS
+    from offsite.workflows.emulate import emulate
+    from offsite.model.identity import same_base
+    from offsite.model.realmodels import MODELS
 
     gguf = _prepared("gguf")
     from_gguf = emulate(gguf, tmp_path / "emu-gguf", method="uniform", adapter_layers="2,2")

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import state_equal
-from offsite.adapters import save_full_adapter
+from offsite.adapters.artifact import save_full_adapter
 from offsite.artifacts import unique_state_dict
-from offsite.emulate import emulate
-from offsite.package import load_emulator
-from offsite.plug import plug
+from offsite.workflows.emulate import emulate
+from offsite.emulator.package import load_emulator
+from offsite.workflows.plug import plug
 
 try:
     from fixtures.llama2c import ref_model_dir, stories260k_config, stories260k_model

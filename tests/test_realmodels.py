@@ -19,9 +19,9 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 
 from fixtures.tiny_gguf import write_tiny_gguf  # noqa: E402
 
-from offsite import realmodels  # noqa: E402
+from offsite.model import realmodels  # noqa: E402
 from offsite.artifacts import sha256_file  # noqa: E402
-from offsite.errors import OffsiteError  # noqa: E402
+from offsite.core.errors import OffsiteError  # noqa: E402
 
 MEMBER = "tiny_pkg/tiny.gguf"
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from offsite.errors import OffsiteError
-from offsite.report import ROWS, format_report, run_report
+from offsite.core.errors import OffsiteError
+from offsite.experiments.report import ROWS, format_report, run_report
 
 
 def test_report_has_the_five_numbers_and_delta(saved_model, mc_task, tmp_path):
@@ -22,7 +22,7 @@ def test_report_has_the_five_numbers_and_delta(saved_model, mc_task, tmp_path):
     # Each row is what scoring its own model gives: swapping two rows, or scoring the wrong model
     # for one, fails here (ranges alone would not notice).
     from offsite.eval.run import evaluate
-    from offsite.models import load_for_eval
+    from offsite.eval.loading import load_for_eval
 
     work = tmp_path / "work"
     adapter = str(work / f"adapter-uniform-{folder.name}")
@@ -56,8 +56,8 @@ def test_wikitext_fine_tunes_on_text_in_the_style_it_is_scored_on(tmp_path):
     import gzip
 
     from fixtures.llama2c import shared_dir
-    from offsite.eval.perplexity import load_wikitext, wikitext_detokenize
-    from offsite.eval.protocol import train_file
+    from offsite.data.wikitext import load_wikitext, wikitext_detokenize
+    from offsite.experiments.protocol import train_file
 
     if shared_dir() is None or not (shared_dir() / "data/lm/wikitext-2-v1-tokens").is_dir():
         pytest.skip("shared WikiText data not present")

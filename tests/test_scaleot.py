@@ -9,16 +9,16 @@ from transformers import AutoModelForCausalLM
 from conftest import SENTENCES, make_model, state_equal
 from offsite.artifacts import load_tensors, unique_state_dict
 from offsite.calibration import calibration_batches
-from offsite.emulate import emulate
+from offsite.workflows.emulate import emulate
 from offsite.emulator import BuildInputs, get_builder, keep_layers
 from offsite.emulator.harmonizer import HarmonizerLayer, make_harmonizer
 from offsite.emulator.layer_replace import candidate_loss, dynamic_layer_replace, random_groups
-from offsite.errors import OffsiteError
+from offsite.core.errors import OffsiteError
 from offsite.families import (get_family, get_layers, layer_linears, layer_returns_tuple, replace_layer,
                               supported_model_types)
 from offsite.families.linears import linear_weight
-from offsite.package import load_emulator
-from offsite.split import make_split
+from offsite.emulator.package import load_emulator
+from offsite.model.split import make_split
 
 SMALL = dict(seq_len=16, num_sequences=16, batch_size=4, harmonizer_rank=8)
 
@@ -229,7 +229,7 @@ def test_scaleot_refusals(saved_model, tmp_path):
 
 def test_cli_flags_reach_scaleot_and_the_package_verifies(saved_model, text_file, tmp_path):
     from offsite.cli import main
-    from offsite.verify import verify_artifact
+    from offsite.workflows.verify import verify_artifact
 
     path, _ = saved_model("gpt2", 6)
     out = tmp_path / "emu"

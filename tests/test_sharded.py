@@ -13,19 +13,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from offsite.adapters import ADAPTER_WEIGHTS, save_full_adapter
+from offsite.adapters.artifact import ADAPTER_WEIGHTS, save_full_adapter
 from offsite.artifacts import (INDEX, WEIGHTS, artifact_id, load_into, load_tensors, parse_size, read_manifest,
                                sha256_file, unique_state_dict)
-from offsite.emulate import emulate
+from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
-from offsite.errors import ArtifactError, OffsiteError
+from offsite.core.errors import ArtifactError, OffsiteError
 from offsite.families import count_parameters, get_family, get_layers, layer_linears
-from offsite.finetune import finetune
-from offsite.loading import load_model
-from offsite.package import load_emulator, save_emulator
-from offsite.plug import plug
-from offsite.split import Split
-from offsite.verify import verify_artifact
+from offsite.workflows.finetune import finetune
+from offsite.model.loading import load_model
+from offsite.emulator.package import load_emulator, save_emulator
+from offsite.workflows.plug import plug
+from offsite.model.split import Split
+from offsite.workflows.verify import verify_artifact
 
 FAMILIES = ["llama", "gpt2", "opt", "gemma2", "phi3", "falcon", "bloom"]
 RECORD = ("base", "family", "split", "method", "config", "plan", "parameters", "disclosure")
@@ -364,7 +364,7 @@ def test_loading_never_initialises_or_copies_weights(sharded, monkeypatch):
         return part
 
     monkeypatch.setattr(torch.nn.Module, "load_state_dict", spy_load)
-    monkeypatch.setattr("offsite.package.load_tensors", spy_read)
+    monkeypatch.setattr("offsite.emulator.package.load_tensors", spy_read)
     emu = load_emulator(out)
     assert set(devices) == {"meta"}  # nothing was allocated for the weights before they were assigned
     for name, p in emu.model.named_parameters():

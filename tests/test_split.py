@@ -1,8 +1,8 @@
 import pytest
 
 from offsite.emulator import uniform_positions
-from offsite.errors import OffsiteError
-from offsite.split import Split, make_split
+from offsite.core.errors import OffsiteError
+from offsite.model.split import Split, make_split
 
 
 def uniform_full_indices(num_layers, a, n, b):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from offsite.calibration import backward_sweep, capture_boundaries, capture_boundaries_layerwise
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers
-from offsite.streaming import StreamedModel
+from offsite.model.streaming import StreamedModel
 from fixtures.tolerance import assert_close_to_scale
 
 FAMILIES = ["llama", "gpt2", "opt", "falcon", "bloom", "gemma2", "phi3", "gpt_neox"]
@@ -191,8 +191,8 @@ def test_a_streamed_plug_writes_the_same_plugged_model(model_type, lora, saved_m
                                                       monkeypatch):
     """plug --stream reads only the adapter layers into memory and copies the rest file to file: the
     output must be the in-memory plug's, bitwise (sharded or not), for full adapters and LoRA merges."""
-    from offsite.finetune import finetune
-    from offsite.plug import plug
+    from offsite.workflows.finetune import finetune
+    from offsite.workflows.plug import plug
 
     path, _ = saved_model(model_type, 6)
     package = emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=2)

@@ -13,16 +13,16 @@ import torch
 from conftest import make_model, make_tokenizer
 from safetensors.torch import save_file
 
-from offsite.adapters import (ADAPTER_WEIGHTS, LORA_CONFIG, LORA_WEIGHTS, check_lora_config, save_full_adapter,
-                              save_lora_adapter)
+from offsite.adapters.artifact import (ADAPTER_WEIGHTS, LORA_CONFIG, LORA_WEIGHTS, check_lora_config, save_full_adapter,
+                                       save_lora_adapter)
 from offsite.artifacts import MANIFEST, artifact_id, load_tensors, read_manifest, sha256_file, tensor_index
-from offsite.emulate import emulate
-from offsite.errors import ArtifactError
-from offsite.finetune.config import FinetuneConfig
-from offsite.lora import wrap_lora
-from offsite.models import load_for_eval
-from offsite.package import load_emulator
-from offsite.plug import plug
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import ArtifactError
+from offsite.training.config import FinetuneConfig
+from offsite.adapters.lora import wrap_lora
+from offsite.eval.loading import load_for_eval
+from offsite.emulator.package import load_emulator
+from offsite.workflows.plug import plug
 
 ADAPTER = [0, 1, 6, 7]  # "2,2" on 8 layers
 # Emulator position of each adapter layer with emulator_layers=1: [0, 1, <one middle layer>, 6, 7].

@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from conftest import make_model
-from offsite import token_loss
-from offsite.data import IGNORE, collate, load_examples
-from offsite.emulate import emulate
+from offsite.data import token_loss
+from offsite.data.records import IGNORE
+from offsite.data.examples import collate, load_examples
+from offsite.workflows.emulate import emulate
 from offsite.eval.scoring import score_multiple_choice, score_token_pairs
 from offsite.families import FAMILIES
 from offsite.families.head import final_hidden, project, split_family
-from offsite.finetune import finetune
-from offsite.finetune.loop import validate
-from offsite.token_loss import mean_loss, token_losses
+from offsite.workflows.finetune import finetune
+from offsite.training.loop import validate
+from offsite.data.token_loss import mean_loss, token_losses
 
 EPS = torch.finfo(torch.float32).eps
 TWO = ["llama", "gpt2", "opt"]
@@ -92,8 +93,8 @@ def test_a_lora_wrapper_is_scored_through_the_model_it_wraps(tokenizer):
     """The audit's LoRA attack trains a PeftModel: same loss and LoRA gradients as its full logits."""
     pytest.importorskip("peft")
     from offsite.families import get_family
-    from offsite.finetune import make_config
-    from offsite.lora import wrap_lora
+    from offsite.workflows.finetune import make_config
+    from offsite.adapters.lora import wrap_lora
 
     model = make_model("llama", 3)
     peft_model = wrap_lora(model, get_family(model), [0, 2], make_config({"lora": True, "lora_r": 2}))

@@ -8,16 +8,16 @@ import shutil
 import pytest
 import torch
 
-import offsite.finetune as ft
-import offsite.finetune.checkpoint as ck
-import offsite.finetune.loop as loop
+import offsite.workflows.finetune as ft
+import offsite.training.checkpoint as ck
+import offsite.training.loop as loop
 from conftest import make_model
 from offsite.artifacts.tensors import load_tensors
 from offsite.cli import main
-from offsite.data import collate
-from offsite.emulate import emulate
-from offsite.errors import OffsiteError
-from offsite.finetune import finetune
+from offsite.data.examples import collate
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import OffsiteError
+from offsite.workflows.finetune import finetune
 
 # The file names are spelled out (not taken from the module) so the tests read against the format.
 TRAINABLE, BEST, OPTIMIZER = "trainable.safetensors", "best.safetensors", "optimizer.safetensors"

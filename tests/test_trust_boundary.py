@@ -12,17 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offsite.adapters import save_full_adapter
+from offsite.adapters.artifact import save_full_adapter
 from offsite.artifacts import artifact_id, read_manifest, sha256_file, writing_artifact
 from offsite.cli import main
-from offsite.emulate import emulate
-from offsite.errors import ArtifactError, OffsiteError
-from offsite.identity import model_identity
-from offsite.loading import load_model
-from offsite.models import load_for_eval
-from offsite.package import load_emulator
-from offsite.plug import plug
-from offsite.verify import verify_artifact
+from offsite.workflows.emulate import emulate
+from offsite.core.errors import ArtifactError, OffsiteError
+from offsite.model.identity import model_identity
+from offsite.model.loading import load_model
+from offsite.eval.loading import load_for_eval
+from offsite.emulator.package import load_emulator
+from offsite.workflows.plug import plug
+from offsite.workflows.verify import verify_artifact
 
 
 def resign(folder, edit=lambda m: None):
@@ -134,7 +134,7 @@ def test_listed_pickle_files_and_symlinks_are_refused(built, tmp_path):
 # --- a base fingerprint that covers every weight ---------------------------------------------------
 
 def test_fingerprint_covers_every_value_and_ignores_the_loaded_dtype(saved_model):
-    from offsite.identity import weight_fingerprint
+    from offsite.model.identity import weight_fingerprint
 
     path, model = saved_model("llama", 4, hidden_size=64, intermediate_size=256)
     before = model_identity(model, str(path))["weight_fingerprint"]
@@ -158,7 +158,7 @@ def test_fingerprint_covers_every_value_and_ignores_the_loaded_dtype(saved_model
 
 
 def test_fingerprint_cache_follows_the_weight_files(saved_model, monkeypatch):
-    import offsite.identity as identity
+    import offsite.model.identity as identity
 
     path, _ = saved_model("llama", 4)
     model, _ = load_model(str(path))
@@ -319,7 +319,7 @@ def test_a_full_disk_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch
 
 
 def test_finetune_and_plug_never_write_over_their_inputs(built, tmp_path, text_file):
-    from offsite.finetune import finetune
+    from offsite.workflows.finetune import finetune
 
     path, emu, adapter = built
     for out in (emu, emu / "inner", text_file):

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ArtifactError, OffsiteError
+from ..core.errors import ArtifactError, OffsiteError
 from .manifest import KINDS, MANIFEST, SCHEMA_VERSION, artifact_id
 from .shards import check_layout
 
@@ -259,6 +259,28 @@ def _swap(new: Path, out: Path, tag: str) -> None:
             out.rmdir()
         os.replace(new, out)
     fsync_dir(out.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(out):
+    """Yield a hidden temp folder next to ``out``; on success it replaces ``out`` (see :func:`_swap`).
+
+    For folders that are not artifacts (a prepared real model): no manifest, no guard. An exception
+    or a kill leaves ``out`` as it was; a killed writer's temp folder is removed by the next one
+    (:func:`clean_leftovers`).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap(tmp, out, tag)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Staging:

@@ -19,7 +19,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from .. import __version__
-from ..errors import ArtifactError
+from ..core.errors import ArtifactError
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"

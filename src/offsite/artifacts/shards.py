@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError, OffsiteError
+from ..core.errors import ArtifactError, OffsiteError
 from .stream_write import file_table, plan_header, specs_of, write_streamed
 from .tensors import FILE_METADATA, save_tensors
 

@@ -19,7 +19,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..errors import ArtifactError, OffsiteError
+from ..core.errors import ArtifactError, OffsiteError
 
 ALGORITHM = "ed25519"
 

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from safetensors.torch import save as save_bytes
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
+from ..core.precision import dtype_name
 
 _ALIGN = 8  # safetensors pads the header with spaces so the data starts 8-byte aligned
 
@@ -127,7 +128,7 @@ def specs_of(tensors: dict) -> dict:
 
 def file_table(specs: dict) -> dict:
     """The manifest's tensor table of one file, ``{name: [dtype, shape]}`` sorted by name."""
-    return {name: [str(dtype).replace("torch.", ""), list(shape)] for name, (dtype, shape) in sorted(specs.items())}
+    return {name: [dtype_name(dtype), list(shape)] for name, (dtype, shape) in sorted(specs.items())}
 
 
 __all__ = ["plan_header", "write_streamed", "specs_of", "file_table"]

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import ArtifactError
+from ..core.errors import ArtifactError
+from ..core.precision import dtype_name
 
 
 def _alias_key(name: str, tensor: torch.Tensor) -> tuple:
@@ -65,7 +66,7 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> dict:
 
 
 def tensor_index(tensors: dict) -> dict:
-    return {k: [str(v.dtype).replace("torch.", ""), list(v.shape)] for k, v in sorted(tensors.items())}
+    return {k: [dtype_name(v.dtype), list(v.shape)] for k, v in sorted(tensors.items())}
 
 
 def load_tensors(path) -> dict:
@@ -90,6 +91,20 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     flat = t.detach().reshape(-1)
     return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+def first_nonfinite(tensors: dict) -> str | None:
+    """Name of the first floating tensor with a NaN or infinite value, or None when all are finite.
+
+    For small trained tensors checked every step: one stacked check costs one device sync; a large
+    tensor read from disk goes through :func:`all_finite`, which bounds the memory instead.
+    """
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return None
+    # One stacked check costs a single device sync instead of one per tensor.
+    ok = torch.stack([torch.isfinite(t.detach()).all() for t in floats.values()]).tolist()
+    return next((name for name, good in zip(floats, ok) if not good), None)
 
 
 def check_finite(tensors: dict, where) -> None:
@@ -128,7 +143,7 @@ def check_table(tensors: dict, table: dict, where) -> None:
         ArtifactError: naming the first missing, extra or mismatching tensor.
     """
     check_against(tensors, {k: v[1] for k, v in table.items()}, where)
-    wrong = [k for k, v in sorted(table.items()) if str(tensors[k].dtype).replace("torch.", "") != v[0]]
+    wrong = [k for k, v in sorted(table.items()) if dtype_name(tensors[k].dtype) != v[0]]
     if wrong:
         raise ArtifactError(f"{where}: tensor '{wrong[0]}' has dtype {str(tensors[wrong[0]].dtype)[6:]}, the "
                             f"manifest says {table[wrong[0]][0]}")

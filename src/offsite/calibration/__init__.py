@@ -3,13 +3,15 @@
 * :mod:`.text`: the calibration corpus (default: a public-domain book in the shared data) cut into
   deterministic ``(batch, seq_len)`` windows.
 * :mod:`.stats`: per-linear K-FAC factors and weight gradients, damped Cholesky/inverse helpers.
-* :mod:`.stream`: the layer-streamed forward (boundary activations only) and backward sweep.
+* :mod:`.sweep`: the in-memory forward over every layer (boundary activations only) and the backward
+  sweep. ("Streamed" means one thing in offsite: a model read from disk layer by layer,
+  :mod:`offsite.model.streaming`.)
 """
 
+from .layerwise import capture_boundaries_layerwise
 from .stats import (STATS_DTYPES, DampingWarning, LinearStats, damped_cholesky, damped_inverse,
                     gather_linear_stats)
-from .layerwise import capture_boundaries_layerwise
-from .stream import Boundaries, backward_sweep, capture_boundaries, frozen, peak_memory_mb
+from .sweep import Boundaries, backward_sweep, capture_boundaries, frozen, peak_memory_mb
 from .text import (DEFAULT_CORPUS, CalibrationConfig, calibration_batches, default_calibration, read_text,
                    resolve_calibration, tokenize_text)
 

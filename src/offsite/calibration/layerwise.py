@@ -1,6 +1,6 @@
-"""The calibration forward of :mod:`.stream` over a streamed model: layer by layer, not batch by batch.
+"""The calibration forward of :mod:`.sweep` over a streamed model: layer by layer, not batch by batch.
 
-With a :class:`offsite.streaming.StreamedModel` only one decoder layer holds real weights at a time,
+With a :class:`offsite.model.streaming.StreamedModel` only one decoder layer holds real weights at a time,
 so the forward runs *layer-major*: every calibration batch goes through layer 0, then layer 1, ...
 Each layer is read from disk once for the forward (and once more for the backward sweep). What the
 stock forward computes around the layers (embeddings, attention masks, position embeddings, the
@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.progress import bar
 from ..families import Family, get_layers
-from ..progress import bar
-from .stream import Boundaries, _first, _split_hidden, frozen
+from .sweep import Boundaries, _first, _split_hidden, frozen
 
 
 class SpilledBoundary:
@@ -89,7 +89,7 @@ def capture_boundaries_layerwise(model, family: Family, batches: list, stream, k
         model: ``stream.model``.
         family: its family.
         batches: ``LongTensor (batch, seq)`` list.
-        stream: the :class:`~offsite.streaming.StreamedModel` whose layers are materialised in turn.
+        stream: the :class:`~offsite.model.streaming.StreamedModel` whose layers are materialised in turn.
         keep: layer indices to leave materialised afterwards (the others are released).
         with_grads: also run pass 3 (the head's loss and the top-boundary gradients).
         on_output: ``on_output(index, batch, output (batch, seq, hidden))`` for every layer output.

@@ -35,7 +35,7 @@ import warnings
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 
 STATS_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

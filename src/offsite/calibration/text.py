@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 
 # Public-domain text that none of the evaluation tasks or the report's fine-tuning data uses.
 DEFAULT_CORPUS = "data/lm/war_and_peace/war_and_peace_pg2600.txt.gz"
@@ -85,7 +85,7 @@ def resolve_calibration(path, method: str) -> Path:
 
 def read_text(path) -> str:
     """The text of a plain (``.gz`` allowed) or JSONL (``"text"`` field) file."""
-    from ..data import numbered_lines
+    from ..data.records import numbered_lines
 
     path = Path(path)
     if not path.is_file():

@@ -6,7 +6,7 @@ printed as one line and exit with status 2, and so is a full disk (``ENOSPC``); 
 line and exits with 130. Anything else is a bug and shows its traceback.
 
 After a successful command one line goes to stderr: ``offsite <cmd>: done in 12.3 s, peak RSS
-1.23 GB`` (plus ``, CUDA peak 4.56 GB`` when CUDA was used); see :func:`offsite.progress.cost_line`.
+1.23 GB`` (plus ``, CUDA peak 4.56 GB`` when CUDA was used); see :func:`offsite.core.progress.cost_line`.
 ``--quiet``, before or after the subcommand, switches progress bars and phase lines off for the
 command (not the cost line, nor errors); ``OFFSITE_QUIET=1`` does the same.
 """
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..errors import OffsiteError
-    from ..progress import cost_line, quieted
+    from ..core.errors import OffsiteError
+    from ..core.progress import cost_line, quieted
 
     started = time.perf_counter()  # before parsing: building the parser imports torch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

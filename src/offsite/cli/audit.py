@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..audit import format_audit, run_audit
-    from ..device import resolve_device
+    from ..core.device import resolve_device
+    from ..experiments.audit import format_audit, run_audit
 
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     audit = run_audit(args.emulator, args.model, args.tasks, args.data_dir, args.workdir, public=args.public,

@@ -47,7 +47,7 @@ def steps(text: str) -> int:
 
 def parse_settings(pairs) -> dict:
     """``["rank=8", "ratio=0.5"]`` -> ``{"rank": 8, "ratio": 0.5}`` (values parsed as JSON when possible)."""
-    from ..errors import OffsiteError
+    from ..core.errors import OffsiteError
 
     out = {}
     for pair in pairs or []:
@@ -70,7 +70,7 @@ def refuse_workflow_arguments(settings: dict, workflow, flags: dict | None = Non
     """
     import inspect
 
-    from ..errors import OffsiteError
+    from ..core.errors import OffsiteError
 
     own = [name for name, param in inspect.signature(workflow).parameters.items()
            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)]

@@ -40,25 +40,25 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from ..demo.output import format_table, plot_result
-    from ..device import resolve_device
+    from ..core.device import resolve_device
+    from ..experiments.demo.output import format_table, plot_result
 
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     workdir = args.workdir or ("runs/demo-world" if args.world else "runs/demo")
     if args.world and args.data_dir:
-        from ..errors import OffsiteError
+        from ..core.errors import OffsiteError
 
         raise OffsiteError("--data-dir is for the real model; the generated world (--world) reads no data")
     if args.prepare_only:
         print(json.dumps(_prepare(args, workdir, device), indent=1))
         return 0
     if args.world:
-        from ..demo.pipeline import run_demo
+        from ..experiments.demo.pipeline import run_demo
 
         result = run_demo(workdir, quick=args.quick, seed=args.seed, progress=not args.quiet, full_ft=args.full_ft,
                           threads=args.threads or 1, device=device)
     else:
-        from ..demo.real import RealDemoSettings, quick_settings, run_real_demo
+        from ..experiments.demo.real import RealDemoSettings, quick_settings, run_real_demo
 
         result = run_real_demo(workdir, data_dir=args.data_dir, settings=quick_settings() if args.quick else
                                RealDemoSettings(), seed=args.seed, progress=not args.quiet, full_ft=args.full_ft,
@@ -78,14 +78,14 @@ def _prepare(args, workdir, device) -> dict:
     if args.world:
         import torch
 
-        from ..demo.pipeline import prepare, settings_for
+        from ..experiments.demo.pipeline import prepare, settings_for
 
         torch.set_num_threads(args.threads or 1)
         paths, _ = prepare(workdir, settings_for(args.quick, args.seed), args.seed, progress=not args.quiet,
                            device=device)
         return {k: str(v) for k, v in paths.items()}
-    from ..demo.real import RealDemoSettings, find_data_dir
-    from ..realmodels import prepare
+    from ..experiments.demo.real import RealDemoSettings, find_data_dir
+    from ..model.realmodels import prepare
 
     data = find_data_dir(args.data_dir)
     return {"model": str(prepare(RealDemoSettings().model, ["fp32"])["fp32"]), "data_dir": str(data)}

@@ -17,8 +17,8 @@ from .common import field_docs
 
 
 def workflow_arguments() -> set:
-    """The arguments :func:`offsite.emulate.emulate` takes itself, read off its signature."""
-    from ..emulate import emulate
+    """The arguments :func:`offsite.workflows.emulate.emulate` takes itself, read off its signature."""
+    from ..workflows.emulate import emulate
 
     return {name for name, param in inspect.signature(emulate).parameters.items()
             if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)}
@@ -118,9 +118,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..device import resolve_device
-    from ..emulate import emulate
-    from ..errors import OffsiteError
+    from ..core.device import resolve_device
+    from ..core.errors import OffsiteError
+    from ..workflows.emulate import emulate
     from .common import parse_settings, refuse_workflow_arguments
 
     if args.method_command and args.method:

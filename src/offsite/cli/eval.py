@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    from ..eval.tasks import list_tasks  # stdlib-only module: cheap
+    from ..data.tasks import list_tasks  # stdlib-only module: cheap
 
     p = sub.add_parser("eval", help="evaluate a model / emulator / plugged-in model on benchmark tasks")
     p.add_argument("--model", required=True, help="model folder, emulator folder or hub id")
@@ -51,16 +51,16 @@ def add_parser(sub) -> None:
 
 
 def _positive(name: str, value) -> None:
-    from ..errors import OffsiteError
+    from ..core.errors import OffsiteError
 
     if value is not None and value < 1:
         raise OffsiteError(f"{name} must be a positive integer, got {value}")
 
 
 def run(args) -> int:
-    from ..errors import OffsiteError
-    from ..device import resolve_device
-    from ..eval.batching import resolve_batch_tokens
+    from ..core.device import resolve_device
+    from ..core.errors import OffsiteError
+    from ..data.batching import resolve_batch_tokens
     from ..eval.run import check_data_dir, evaluate, format_table, parse_tasks
 
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
@@ -74,7 +74,7 @@ def run(args) -> int:
     if out.exists() and out.is_dir():
         raise OffsiteError(f"--out {out} is a folder; give a file name such as results.json")
     from ..artifacts import overlapping_input
-    from ..eval.tasks import get_task
+    from ..data.tasks import get_task
 
     task_files = [get_task(t).path.replace("{split}", sp) for t in tasks if get_task(t).adhoc
                   for sp in get_task(t).splits]
@@ -82,7 +82,7 @@ def run(args) -> int:
     if relation == "inside":
         raise OffsiteError(f"--out {out} is (inside) the input {given}; writing there would change it")
 
-    from ..models import load_for_eval
+    from ..eval.loading import load_for_eval
 
     model, tokenizer, info = load_for_eval(args.model, adapter=args.adapter, dtype=args.dtype,
                                           trusted_keys=args.trusted_keys, device=device, stream=args.stream)

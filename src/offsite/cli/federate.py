@@ -17,9 +17,9 @@ FEDERATION = ["clients", "rounds", "split", "dirichlet_alpha", "dirichlet_by", "
 
 
 def add_parser(sub) -> None:
-    from ..data import FORMATS
+    from ..core.precision import PRECISIONS
+    from ..data.records import FORMATS
     from ..federate.partition import DIRICHLET_BY, SPLITS
-    from ..precision import PRECISIONS
     from .common import add_out, add_trust
 
     p = sub.add_parser("federate", help="federated fine-tuning of the adapter over N simulated data owners (Flower)",

@@ -2,7 +2,7 @@
 
 Data parallel over several processes: the same command under ``torchrun --nproc_per_node N -m
 offsite.cli finetune ...`` (``--batch-size`` is then the global batch; see
-:mod:`offsite.finetune.distributed`).
+:mod:`offsite.training.distributed`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from .common import steps
 
 
 def add_parser(sub) -> None:
-    from ..data import FORMATS
+    from ..data.records import FORMATS
     from .common import add_out
 
     p = sub.add_parser("finetune", help="fine-tune the adapter against the frozen emulator (data owner)",
@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--init-adapter", default=None,
                    help="start from this adapter artifact (trained on the same emulator) instead of the emulator's own")
-    from ..finetune.config import TRAIN_ADAPTER
+    from ..training.config import TRAIN_ADAPTER
 
     p.add_argument("--train-adapter", default="all", choices=TRAIN_ADAPTER,
                    help="which adapter layers train; the others stay frozen (default all)")
@@ -44,11 +44,11 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=512)
-    from ..precision import PRECISIONS
+    from ..core.precision import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16/fp16 autocast where the device and model dtype suit it; trained weights are "
-                        "always fp32 masters (see offsite.precision)")
+                        "always fp32 masters (see offsite.core.precision)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--logits", default="scored", choices=["scored", "full"],
                    help="scored: the LM head and loss only at the scored tokens (default); full: every position, "
@@ -91,7 +91,7 @@ def add_remaining_settings(p) -> None:
     dataclass: its docstring as help, its default shown; passed only when given)."""
     import argparse
 
-    from ..finetune import FinetuneConfig
+    from ..workflows.finetune import FinetuneConfig
     from .common import field_docs
 
     covered = {a.dest for a in p._actions}
@@ -109,12 +109,12 @@ def add_remaining_settings(p) -> None:
 
 
 def run(args) -> int:
-    from ..finetune import FinetuneConfig, finetune
+    from ..workflows.finetune import FinetuneConfig, finetune
 
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     out = finetune(args.emulator, args.data, args.out, overwrite=args.overwrite, sign_key=args.sign_key,
                    trusted_keys=args.trusted_keys, **{k: v for k, v in vars(args).items() if k in fields})
-    from ..finetune.distributed import writes
+    from ..training.distributed import writes
 
     if writes():
         print(f"adapter written to {out}")  # once per run, by the process that wrote it

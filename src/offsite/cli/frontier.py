@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
 
 
 def _numbers(text, what: str) -> list | None:
-    from ..errors import OffsiteError
+    from ..core.errors import OffsiteError
     from .common import parse_settings
 
     if text is None:
@@ -58,9 +58,9 @@ def _numbers(text, what: str) -> list | None:
 
 
 def run(args) -> int:
-    from ..device import resolve_device
-    from ..emulate import emulate
-    from ..frontier import format_frontier, run_frontier
+    from ..core.device import resolve_device
+    from ..experiments.frontier import format_frontier, run_frontier
+    from ..workflows.emulate import emulate
     from .common import parse_settings, refuse_workflow_arguments
 
     # every point's settings go to emulate(); its own arguments are flags of this command or fixed

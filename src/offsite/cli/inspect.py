@@ -35,13 +35,13 @@ def run(args) -> int:
     if "parameters" in m:
         rows.append(("parameters", ", ".join(f"{k} {v:,}" for k, v in m["parameters"].items())))
     if "disclosure" in m:
-        from ..disclosure import format_fractions
+        from ..emulator.disclosure import format_fractions
 
         rows.append(("middle leaves", format_fractions(m["disclosure"]["fractions"])))
     if "emulator" in m:
         rows.append(("trained on emulator", m["emulator"].get("artifact_id", "")[:16]))
     if "dp" in m:
-        from ..finetune.dp import summary
+        from ..training.dp import summary
 
         rows.append(("differential privacy", summary(m["dp"])))
     rows.append(("files", f"{len(m['files'])}"))

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from ..realmodels import prepare
+    from ..model.realmodels import prepare
 
     paths = prepare(args.name, [d.strip() for d in args.dtype.split(",") if d.strip()], source=args.source,
                     force=args.force)
@@ -56,14 +56,14 @@ def run_prepare(args) -> int:
 
 
 def run_path(args) -> int:
-    from ..realmodels import prepared_model_path
+    from ..model.realmodels import prepared_model_path
 
     print(prepared_model_path(args.name, args.format))
     return 0
 
 
 def run_list(args) -> int:
-    from ..realmodels import FORMATS, MODELS, find_prepared, offsite_home
+    from ..model.realmodels import FORMATS, MODELS, find_prepared, offsite_home
 
     print(f"cache: {offsite_home()} (set OFFSITE_HOME to move it)")
     for name, spec in MODELS.items():
@@ -73,7 +73,7 @@ def run_list(args) -> int:
 
 
 def run_convert(args) -> int:
-    from ..gguf_input import convert_gguf
+    from ..model.gguf_input import convert_gguf
 
     print(f"written {convert_gguf(args.gguf, args.out, dtype=args.dtype)}")
     return 0

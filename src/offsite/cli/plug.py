@@ -30,8 +30,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..device import resolve_device
-    from ..plug import plug
+    from ..core.device import resolve_device
+    from ..workflows.plug import plug
 
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     out = plug(args.model, args.adapter, args.out, lora_mode=args.lora_mode, dtype=args.dtype,

@@ -42,9 +42,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..device import resolve_device
+    from ..core.device import resolve_device
     from ..eval.run import check_data_dir, parse_tasks
-    from ..report import format_report, plot_report, run_report
+    from ..experiments.report import format_report, plot_report, run_report
 
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
     check_data_dir(parse_tasks(args.tasks), args.data_dir)
@@ -70,8 +70,8 @@ def method_settings(methods: list, emulator_layers, pairs: list) -> dict:
     """``{method: {setting: value}}`` from ``--emulator-layers`` and ``--method-set METHOD:KEY=VALUE``."""
     import dataclasses
 
+    from ..core.errors import OffsiteError
     from ..emulator import get_builder
-    from ..errors import OffsiteError
     from .common import parse_settings
 
     out = {m: {} for m in methods}

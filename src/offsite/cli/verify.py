@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..verify import verify_artifact
+    from ..workflows.verify import verify_artifact
 
     summary = verify_artifact(args.path, trusted_keys=args.trusted_keys)
     print(f"OK {summary['kind']} {args.path}: {summary['files']} files, {summary['tensors']} tensors verified; "

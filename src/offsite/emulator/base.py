@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
+from ..core.settings_types import check_types
 from ..families import Family, get_layers, set_layers
-from ..settings_types import check_types
-from ..split import Split
+from ..model.split import Split
 from .inputs import BuildInputs
 
 _REGISTRY: dict = {}
@@ -50,7 +50,7 @@ class EmulatorBuilder:
     def make_config(self, **kwargs):
         """Build the method's config, refusing unknown settings and values of the wrong type.
 
-        Types are checked against the config's field annotations (see :mod:`offsite.settings_types`):
+        Types are checked against the config's field annotations (see :mod:`offsite.core.settings_types`):
         ``emulator_layers="abc"`` or ``2.5`` is refused, ``2.0`` becomes ``2``.
 
         Raises:
@@ -114,7 +114,7 @@ class EmulatorBuilder:
 
         A layer-wise method's layers are applied while it plans: each one as soon as its part of the
         plan is known. With ``inputs.stream`` that layer is read from disk, applied and parked
-        (:meth:`~offsite.streaming.StreamedModel.park`); the emulator returned may then keep layers on
+        (:meth:`~offsite.model.streaming.StreamedModel.park`); the emulator returned may then keep layers on
         ``meta``: one the method kept as it is stays on disk, and the package writer reads both back.
 
         Args:

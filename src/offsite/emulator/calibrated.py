@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,6 @@ def cycle(batches: list, device) -> "itertools.cycle":
     """Endless iterator over ``batches`` moved to ``device`` (the list is small: calibration windows)."""
     moved = [b.to(device) for b in batches]
     return itertools.cycle(moved)
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ its parameters instead (the same ``nn.Parameter`` objects; each position keeps i
 its own ``layer_idx`` KV-cache slot): the package stores each distinct layer once, lists the tied
 positions in ``plan["shared_positions"]`` (groups of emulator positions, the first holding the
 weights), counts each parameter once in ``parameters.emulator``, and :meth:`Crash.restructure`
-re-ties the groups on load. Such a package loads only with ``offsite.package.load_emulator``
+re-ties the groups on load. Such a package loads only with ``offsite.emulator.package.load_emulator``
 (stock ``from_pretrained`` cannot tie decoder layers and would initialise the repeats randomly).
 ``tie_shared=false`` stores a copy per position instead: a stock Hugging Face checkpoint of the full
 depth, at the cost of storing a representative once per position.
@@ -39,11 +39,12 @@ import dataclasses
 
 import torch
 
-from ..errors import ArtifactError, OffsiteError
+from ..core.device import model_device
+from ..core.errors import ArtifactError, OffsiteError
+from ..core.progress import bar
 from ..families import capture_hidden, get_layers, set_layers
-from ..progress import bar
 from .base import EmulatorBuilder, layer_count_points, layer_entries, register
-from .calibrated import CalibrationSettings, check_positive, model_device
+from .calibrated import CalibrationSettings, check_positive
 from .inputs import BuildInputs
 from .uniform import default_emulator_layers
 

@@ -36,13 +36,14 @@ import time
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.device import model_device
+from ..core.errors import OffsiteError
+from ..core.precision import base_dtype
+from ..core.precision import policy as precision_policy
+from ..core.progress import bar
 from ..families import capture_hidden, get_layers
-from ..precision import base_dtype
-from ..precision import policy as precision_policy
-from ..progress import bar
 from .base import EmulatorBuilder, layer_count_points, layer_entries, register
-from .calibrated import CalibrationSettings, check_fraction, check_positive, model_device, normalised_mse
+from .calibrated import CalibrationSettings, check_fraction, check_positive, normalised_mse
 from .inputs import BuildInputs
 from .uniform import uniform_middle
 
@@ -133,7 +134,7 @@ def teacher_targets(model, family, batches: list, points: list, precision, strea
         batches: ``LongTensor (batch, seq)`` list.
         points: ``(kind, full_index)`` from :func:`kd_points`.
         precision: the run's policy; targets are computed under its autocast, as the student trains.
-        stream: a :class:`offsite.streaming.StreamedModel`, or None for a model in memory.
+        stream: a :class:`offsite.model.streaming.StreamedModel`, or None for a model in memory.
 
     Returns:
         ``targets[b][k]``: ``(batch, seq, hidden)`` at point k for batch b, on the model's device.
@@ -251,12 +252,12 @@ class Distill(EmulatorBuilder):
         # moved once: calibration batches are CPU token ids and the probe runs before and after training
         probe = [b.to(model_device(emulator)) for b in batches[: min(2, len(batches))]]
         record["gap_before"] = distill_gap(emulator, family, probe, targets, s_points, config.kd_scale)
-        from ..finetune.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
+        from ..core.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
 
         for p in trainable:
             p.requires_grad_(True)
         # The middle layers train as fp32 masters beside the frozen parts in the checkpoint dtype
-        # (offsite.precision); cast before AdamW is built so its state is fp32 too.
+        # (offsite.core.precision); cast before AdamW is built so its state is fp32 too.
         trained = precision.train(modules=middle)
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", config.warmup_steps,

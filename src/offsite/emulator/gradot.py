@@ -59,9 +59,9 @@ import torch
 
 from ..calibration import (STATS_DTYPES, backward_sweep, capture_boundaries, capture_boundaries_layerwise,
                            peak_memory_mb, resolve_calibration)
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
+from ..core.progress import bar
 from ..families import get_layers, layer_linears
-from ..progress import bar
 from . import gcs
 from .base import EmulatorBuilder, keep_layers, layer_entries, register
 from .calibrated import CalibrationSettings
@@ -161,7 +161,7 @@ def _batches(model, config: GradOTConfig, inputs: BuildInputs):
     """Calibration batches (through the loader every calibrated method shares) and the record of their source."""
     given = isinstance(inputs.calibration, (list, tuple))
     if inputs.tokenizer is None and not given:  # plan() called directly on a model loaded from a folder
-        from ..loading import load_tokenizer
+        from ..model.loading import load_tokenizer
 
         inputs.tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
     settings = CalibrationSettings.of(config)
@@ -185,7 +185,7 @@ class GradOT(EmulatorBuilder):
     config_cls = GradOTConfig
     needs_calibration = True
     compresses_kept_layers = True
-    """Every middle layer stays, compressed: one leaving unchanged is refused (``offsite.disclosure``)."""
+    """Every middle layer stays, compressed: one leaving unchanged is refused (``offsite.emulator.disclosure``)."""
 
     def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
         """Calibrate (streamed, or from ``config.cache_dir``) and decide every middle linear's kept

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from ..families import layer_call_attributes, layer_input_hidden
 
 DEFAULT_RANK = 64

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from ..artifacts import canonical_json, check_against, load_tensors, save_tensors, unique_state_dict
-from ..errors import OffsiteError
-from ..identity import config_hash, weight_fingerprint
+from ..core.errors import OffsiteError
+from ..model.identity import config_hash, weight_fingerprint
 
 SCORES = "importance.json"
 WEIGHTS = "harmonizers.safetensors"

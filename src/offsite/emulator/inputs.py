@@ -21,7 +21,7 @@ class BuildInputs:
         calibration: public calibration text (a path), None for the default public corpus, or ready
             batches (a list of ``LongTensor (batch, seq)``), for methods that need it.
         tokenizer: the base model's tokenizer (to tokenise the calibration text), or None.
-        stream: a :class:`offsite.streaming.StreamedModel` whose skeleton is the model being built
+        stream: a :class:`offsite.model.streaming.StreamedModel` whose skeleton is the model being built
             (methods with ``supports_stream``), or None for a model in memory.
         learned: what a method learned while planning that is not plain data and so cannot go into
             the plan (ScaleOT's trained harmonizers, OT-KD's teacher targets), by name; ``apply``

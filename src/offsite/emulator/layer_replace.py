@@ -27,11 +27,12 @@ import time
 
 import torch
 
+from ..core.device import model_device
+from ..core.precision import MASTER, base_dtype
+from ..core.precision import policy as precision_policy
+from ..core.progress import bar
 from ..families import replace_layer
-from ..precision import MASTER, base_dtype
-from ..precision import policy as precision_policy
-from ..progress import bar
-from .calibrated import cycle, lm_loss, model_device
+from .calibrated import cycle, lm_loss
 
 
 def random_groups(num: int, group_size: int, generator: torch.Generator) -> list:
@@ -91,7 +92,7 @@ def dynamic_layer_replace(model, family, middle: list, harmonizers: dict, batche
         batches: calibration batches ``LongTensor (batch, seq)``, cycled.
         steps: policy/harmonizer steps; lr: harmonizer AdamW lr; score_lr: score Adam lr.
         group_size: layers per sampling group; num_candidates: candidate networks per step.
-        precision: an :class:`offsite.precision.Policy`; default ``auto`` for the model's dtype. The
+        precision: an :class:`offsite.core.precision.Policy`; default ``auto`` for the model's dtype. The
             harmonizers are cast to fp32 here (no-op when they are already) and stay fp32 masters:
             the caller casts them to the model's dtype once they are done (and cached).
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from ..families import Family, get_layers, get_submodule
 from ..families.linears import linear_weight, mlp_channel_blocks, set_submodule
 

@@ -32,14 +32,15 @@ import dataclasses
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.device import model_device
+from ..core.errors import OffsiteError
+from ..core.precision import base_dtype
+from ..core.precision import policy as precision_policy
+from ..core.progress import bar
 from ..families import get_layers, layer_linears, layer_returns_tuple, replace_layer
 from ..families.linears import linear_weight
-from ..precision import base_dtype
-from ..precision import policy as precision_policy
-from ..progress import bar
 from .base import EmulatorBuilder, register
-from .calibrated import CalibrationSettings, check_fraction, check_positive, model_device
+from .calibrated import CalibrationSettings, check_fraction, check_positive
 from .harmonizer import DEFAULT_RANK, make_harmonizer
 from .importance_cache import cache_key, load_cache, save_cache
 from .inputs import BuildInputs
@@ -148,7 +149,7 @@ class ScaleOT(EmulatorBuilder):
                       "harmonizers, at every training step: streamed, every step would read every layer from disk")
     compresses_kept_layers = "beta"
     """With beta > 0, SRC compresses every attention projection of every kept middle layer, so a kept
-    layer leaving unchanged is refused (``offsite.disclosure``); beta = 0 promises no compression."""
+    layer leaving unchanged is refused (``offsite.emulator.disclosure``); beta = 0 promises no compression."""
 
     def plan(self, model, family, split, config, inputs=None, on_layer=None) -> dict:
         """Learn the importance scores while training one harmonizer per middle layer (Dynamic
@@ -169,7 +170,7 @@ class ScaleOT(EmulatorBuilder):
             torch.manual_seed(config.seed)
             harmonizers = {i: make_harmonizer(layers[i], hidden, rank, as_tuple) for i in middle}
         # Harmonizers train, are cached and reloaded as fp32 masters; the emulator gets them in the
-        # base dtype below (offsite.precision). They cast at their own edges, so no boundary hooks.
+        # base dtype below (offsite.core.precision). They cast at their own edges, so no boundary hooks.
         precision = precision_policy("auto", base_dtype(model), model_device(model))
         trained = precision.train(modules=harmonizers.values(), boundary=False)
         record, scores = {"reused": False}, {i: 0.0 for i in middle}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .base import EmulatorBuilder, layer_count_points, layer_entries, register
 
 

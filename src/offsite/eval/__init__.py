@@ -4,11 +4,12 @@
   lm-evaluation-harness 0.4 does it, with a KV-cache path that runs a shared context only once.
 * :mod:`.perplexity` -- rolling-window perplexity; WikiText-2 documents.
 * :mod:`.generation` -- greedy generation + exact match (WebQuestions).
-* :mod:`.tasks` -- task specs over the offline data folder; also build fine-tuning pairs.
+* :mod:`.loading` -- load a full model, an emulator package or either with an adapter plugged in.
 * :mod:`.run` -- :func:`evaluate`, the workflow behind ``offsite eval``.
 
-Names are imported lazily, so ``offsite.eval.tasks`` (used by fine-tuning and by the CLI's help)
-does not import torch.
+The task specs live one layer down, in :mod:`offsite.data.tasks` (fine-tuning builds its pairs from
+them); they are re-exported here. Names are imported lazily, so importing ``offsite.eval`` costs nothing
+until a name is used.
 """
 
 import importlib
@@ -18,10 +19,10 @@ _EXPORTS = {
     "score_multiple_choice": "scoring", "loglikelihood": "scoring", "encode_pair": "scoring",
     "resolve_max_length": "scoring",
     "rolling_loglikelihood": "perplexity", "rolling_windows": "perplexity", "score_documents": "perplexity",
-    "load_wikitext": "perplexity",
+    "load_wikitext": "..data.wikitext",
     "exact_match": "generation", "normalize_answer": "generation", "greedy_generate": "generation",
     "score_exact_match": "generation",
-    "Task": "tasks", "get_task": "tasks", "list_tasks": "tasks",
+    "Task": "..data.tasks", "get_task": "..data.tasks", "list_tasks": "..data.tasks",
 }
 
 __all__ = list(_EXPORTS)
@@ -29,5 +30,5 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(_EXPORTS[name] if _EXPORTS[name].startswith(".") else f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

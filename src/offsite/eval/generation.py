@@ -23,9 +23,10 @@ import string
 
 import torch
 
+from ..core.device import model_device
+from ..core.progress import bar as progress_bar
 from ..families.kv_cache import cache_name, returned_cache
-from ..progress import bar as progress_bar
-from .scoring import eval_mode, loglikelihood, model_device, resolve_max_length, tok_encode
+from .scoring import eval_mode, loglikelihood, resolve_max_length, tok_encode
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)

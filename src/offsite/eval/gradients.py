@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.device import model_device
 from ..families import Family, get_layers
 
 
@@ -29,7 +30,7 @@ def adapter_gradient(model, family: Family, positions, batches) -> list:
     layers = get_layers(model, family)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     params = [list(layers[i].parameters()) for i in positions]
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for p, _ in flags:
             p.requires_grad_(False)

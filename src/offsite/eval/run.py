@@ -22,12 +22,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..errors import OffsiteError
-from ..progress import phase
+from ..core.errors import OffsiteError
+from ..core.progress import phase
+from ..data.tasks import get_task
+from ..data.wikitext import wikitext_detokenize
 from .generation import score_exact_match
-from .perplexity import score_documents, wikitext_detokenize
+from .perplexity import score_documents
 from .scoring import score_multiple_choice
-from .tasks import get_task
 
 
 def parse_tasks(tasks) -> list[str]:
@@ -42,7 +43,7 @@ def parse_tasks(tasks) -> list[str]:
 
 def needs_data_dir(names) -> bool:
     """True when some task reads the offline data folder (own-data ``.jsonl`` tasks do not)."""
-    from .tasks import is_file_task
+    from ..data.tasks import is_file_task
 
     return any(not is_file_task(name) for name in names)
 
@@ -93,7 +94,7 @@ def evaluate(model, tokenizer, tasks, data_dir, split: str = "validation", limit
     Args:
         model: any Hugging Face causal LM in memory (put on its device by the caller).
         tokenizer: its tokenizer.
-        tasks: names (see :func:`offsite.eval.tasks.list_tasks`), ``.jsonl(.gz)`` paths, or a
+        tasks: names (see :func:`offsite.data.tasks.list_tasks`), ``.jsonl(.gz)`` paths, or a
             comma-separated string of them.
         data_dir: folder with the ``mc/``, ``qa/`` and ``lm/`` data.
         split: requested split (``"validation"``, ``"test"``, ``"train"`` or ``"default"``).
@@ -105,7 +106,7 @@ def evaluate(model, tokenizer, tasks, data_dir, split: str = "validation", limit
         max_length: override the model's context length (scoring truncation, perplexity windows).
         stride: perplexity window stride (default: the context length, non-overlapping windows).
         max_batch_tokens: multiple-choice batches by padded-token budget instead of ``batch_size``
-            rows: None = auto (a budget on CUDA only), 0 = off (see :mod:`offsite.eval.batching`).
+            rows: None = auto (a budget on CUDA only), 0 = off (see :mod:`offsite.data.batching`).
 
     Returns:
         ``{"results": {task: metrics}}`` (+ ``"details"``), see the module docstring.

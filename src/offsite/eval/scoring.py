@@ -39,11 +39,12 @@ import math
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.device import model_device
+from ..core.errors import OffsiteError
+from ..core.progress import bar as progress_bar
+from ..data.batching import plan_batches, resolve_batch_tokens
+from ..data.token_loss import target_logprobs
 from ..families.kv_cache import cache_kwargs, returned_cache
-from ..progress import bar as progress_bar
-from ..token_loss import target_logprobs
-from .batching import plan_batches, resolve_batch_tokens
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
 _TOKENIZER_INFINITY = 1e29  # HF's "no limit" model_max_length is int(1e30)
@@ -59,12 +60,6 @@ def eval_mode(model):
             yield model
     finally:
         model.train(was_training)
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless stub)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def resolve_max_length(model, tokenizer) -> int:
@@ -126,7 +121,7 @@ def _score_rows(model, ids: torch.Tensor, ends: list[int], conts: list[list[int]
     """Per row: (sum of log-probs of ``conts[r]``, whether every token is the argmax).
 
     ``ids`` is ``[rows, seq]``; row r predicts ``conts[r]`` at positions ``ends[r] - len(conts[r])`` up
-    to ``ends[r] - 1``. Only those positions go through the LM head (:mod:`offsite.token_loss`),
+    to ``ends[r] - 1``. Only those positions go through the LM head (:mod:`offsite.data.token_loss`),
     unless ``logits="full"``; ``forward`` are more arguments of the forward pass (a KV cache).
     """
     rows = [r for r, cont in enumerate(conts) for _ in cont]
@@ -152,7 +147,7 @@ def score_token_pairs(model, pairs: list[tuple[list[int], list[int]]], batch_siz
         pbar: optional tqdm bar advanced by one per pair.
         max_batch_tokens: padded tokens per batch instead of ``batch_size`` rows, 0 = off (:mod:`.batching`).
         logits: ``"scored"`` (the LM head on the continuation positions only) or ``"full"`` (every
-            position, the model's own forward); see :mod:`offsite.token_loss`.
+            position, the model's own forward); see :mod:`offsite.data.token_loss`.
     """
     for ctx, cont in pairs:
         if not cont:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .base import (Family, count_parameters, describe, get_layers, get_submodule, layer_linears, skipping_layers,
                    named_layer_parameters, set_layers)
 from .catalog import FAMILIES, TINY_CONFIGS

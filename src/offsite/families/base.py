@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ A Hugging Face ``*ForCausalLM.forward`` runs its base model (the *backbone*: emb
 layers, final norm) and projects **every** position through the LM head, ``(batch, seq, hidden) ->
 (batch, seq, vocab)``. Fine-tuning on answers and scoring multiple choice only read a few of those
 positions, and at a 49k-128k vocabulary the unread logits dominate memory and time. Splitting the
-forward pass here lets :mod:`offsite.token_loss` run the backbone, pick the positions that count,
+forward pass here lets :mod:`offsite.data.token_loss` run the backbone, pick the positions that count,
 and project only those.
 
 What happens between the backbone and the logits is the one HF internal this needs, and it is read
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .base import Family, get_layers
 
 

@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .base import Family, get_layers
 from .catalog import TINY_CONFIGS
 

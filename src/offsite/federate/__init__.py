@@ -54,7 +54,7 @@ import sys
 from pathlib import Path
 
 from ..artifacts import guard_output
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .config import FederateConfig, local_config, split_settings
 
 __all__ = ["federate", "FederateConfig"]
@@ -81,14 +81,14 @@ def federate(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     by = _split_by(cfg, lcfg.format)
     require_flwr()
     if cfg.client_dp_delta is not None:
-        from ..finetune.dp import require_opacus
+        from ..training.dp import require_opacus
 
         require_opacus()  # the accountant of the epsilon
     inputs = [emulator, data, cfg.val_data]
     guard_output(Path(out), "lora" if lcfg.lora else "adapter", overwrite, inputs)
 
-    from ..finetune.config import recorded
-    from ..finetune.loop import prepare
+    from ..training.config import recorded
+    from ..training.loop import prepare
     from .client import client_app
     from .partition import partition, record_labels
     from .server import Server, federation_record, server_app

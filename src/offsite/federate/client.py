@@ -2,7 +2,7 @@
 
 Method. A round of client k (FedAvg, McMahan et al. 2017; FedProx, Li et al. 2020): copy the
 global adapter w_t into the emulator's trained tensors, run the fine-tuning loop of ``offsite
-finetune`` (:func:`offsite.finetune.loop.train`: AdamW, schedule, accumulation, clipping, the
+finetune`` (:func:`offsite.training.loop.train`: AdamW, schedule, accumulation, clipping, the
 precision policy) for the round's local steps on the client's own examples, seeded by (run seed,
 round, client), and return the trained tensors w_t^k with the number of examples n_k. FedProx adds
 mu/2 * ||w - w_t||^2 to every step's loss (the loop's ``penalty`` hook). Only the trained tensors
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .config import local_config, local_seed, split_settings
 
 _TRAINERS: dict = {}
@@ -44,12 +44,12 @@ def trainable(party, emulator, local_cfg, trusted_keys=None) -> None:
     """Give ``party`` (the server or a client) what ``offsite finetune`` trains with, as finetune sets it up.
 
     Sets ``device``, ``emu`` (the loaded package), ``precision``, ``params`` / ``peft_model`` /
-    ``trained`` (:func:`offsite.finetune.loop.select`); LoRA's initial A is drawn from the seed, as
+    ``trained`` (:func:`offsite.training.loop.select`); LoRA's initial A is drawn from the seed, as
     finetune draws it, so server and clients start from the same global adapter.
     """
-    from ..device import resolve_device
-    from ..finetune.loop import select
-    from ..finetune.session import open_session
+    from ..core.device import resolve_device
+    from ..training.loop import select
+    from ..training.session import open_session
 
     session = open_session(emulator, local_cfg, resolve_device(local_cfg.device), trusted_keys)
     party.device, party.emu, party.precision = session.device, session.emu, session.precision
@@ -71,12 +71,12 @@ class Trainer:
         threads: torch CPU threads of this process (a simulated client gets its share of cores).
 
     Attributes:
-        emu: the loaded :class:`offsite.package.Emulator`; ``params``: ``{name: parameter}`` trained.
+        emu: the loaded :class:`offsite.emulator.package.Emulator`; ``params``: ``{name: parameter}`` trained.
         examples: the file's tokenised examples in file order (the split indexes into them).
     """
 
     def __init__(self, emulator, data, local: dict, threads: int | None = None):
-        from ..finetune.loop import prepare
+        from ..training.loop import prepare
 
         if threads:
             torch.set_num_threads(threads)
@@ -103,7 +103,7 @@ class Trainer:
         """One local round from the global tensors ``arrays``.
 
         Args:
-            arrays: the global adapter ``{name: tensor}`` (names of :func:`offsite.finetune.loop.select`).
+            arrays: the global adapter ``{name: tensor}`` (names of :func:`offsite.training.loop.select`).
             indices: this client's examples (None: all of them, a real data owner's own file).
             server_round: the round (1-based); with ``partition`` it seeds the round.
             partition: the client's number.
@@ -113,8 +113,8 @@ class Trainer:
             ``(tensors, metrics)``: the trained ``{name: CPU fp32 tensor}`` and ``{"num-examples",
             "unit-weight", "train-loss", "steps"}``.
         """
-        from ..finetune.loop import Prepared
-        from ..finetune.loop import train as train_loop
+        from ..training.loop import Prepared
+        from ..training.loop import train as train_loop
 
         self.load(arrays)
         examples = self.examples if indices is None else [self.examples[i] for i in indices]

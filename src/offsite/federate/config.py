@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import OffsiteError
-from ..settings_types import check_types
+from ..core.errors import OffsiteError
+from ..core.settings_types import check_types
 from .partition import DIRICHLET_BY, SPLITS
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -14,7 +14,7 @@ KEEP = ("last", "best")
 LOCAL_SETTINGS = ("format", "task", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lr",
                   "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "schedule",
                   "max_grad_norm", "block_size", "precision", "gradient_checkpointing", "device", "seed")
-"""Fields of :class:`offsite.finetune.FinetuneConfig` a federated run takes; ``epochs`` and
+"""Fields of :class:`offsite.workflows.finetune.FinetuneConfig` a federated run takes; ``epochs`` and
 ``max_steps`` count *per round*. Left out: validation hold-out on clients (each client trains on all
 of its data and returns its last weights; ``val_data`` is the server's), checkpoints and resumption
 (a round is short; a run restarts), and DP-SGD (client-level DP is the server's setting here)."""
@@ -130,8 +130,8 @@ def split_settings(settings: dict) -> tuple:
 
 
 def local_config(local: dict, seed: int | None = None):
-    """The :class:`offsite.finetune.FinetuneConfig` of one client's round: no hold-out, no progress bar."""
-    from ..finetune import make_config
+    """The :class:`offsite.workflows.finetune.FinetuneConfig` of one client's round: no hold-out, no progress bar."""
+    from ..workflows.finetune import make_config
 
     settings = {**local, "val_fraction": 0.0, "progress": False}
     if seed is not None:

@@ -1,7 +1,7 @@
 """Splitting one dataset into the local datasets of N simulated data owners (for experiments).
 
 Method. Every split works on the tokenised examples of the file in file order (what
-:func:`offsite.finetune.loop.prepare` returns with no validation hold-out) and returns, per
+:func:`offsite.training.loop.prepare` returns with no validation hold-out) and returns, per
 client, a sorted list of example indices; the lists are disjoint, cover every example and none is
 empty. Each client trains on its examples in file order, so one client holding everything trains
 on exactly what ``offsite finetune`` would.
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 
 SPLITS = ("iid", "dirichlet")
 DIRICHLET_BY = ("label", "answer", "size")
@@ -99,7 +99,7 @@ def _by_label(labels: list, clients: int, alpha: float, rng) -> list:
 
 def record_labels(path, by: str) -> list:
     """The class of every multiple-choice record of ``path`` for a label split (``by``: label or answer)."""
-    from ..data import check_mc_record, numbered_records
+    from ..data.records import check_mc_record, numbered_records
 
     out = []
     for where, record in numbered_records(path):

@@ -3,8 +3,8 @@
 Method. The model owner holds the emulator package it shipped: the initial global adapter w_0 is
 the package's adapter (or a LoRA initialised by the seed, as ``offsite finetune`` would), the
 rounds are Flower's ``Strategy.start`` with the strategy of :mod:`.strategy`, and the final w_R is
-written with the writers of ``offsite finetune`` (:func:`offsite.adapters.save_full_adapter`,
-:func:`~offsite.adapters.save_lora_adapter`): an ordinary adapter artifact bound to the emulator,
+written with the writers of ``offsite finetune`` (:func:`offsite.adapters.artifact.save_full_adapter`,
+:func:`~offsite.adapters.artifact.save_lora_adapter`): an ordinary adapter artifact bound to the emulator,
 which ``offsite plug``, ``verify`` and ``inspect`` take as they take a fine-tuned one. With
 ``val_data`` the server scores w_t on it after every round (centralised evaluation; clients never
 see it) and logs the loss; the written adapter is the last round's, not the best-scored one.
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 from .config import local_config
 
 
@@ -40,7 +40,7 @@ class Server:
     """
 
     def __init__(self, emulator, cfg, local: dict, trusted_keys=None):
-        from ..finetune.loop import prepare
+        from ..training.loop import prepare
         from .client import trainable
 
         self.cfg, self.local, self.lcfg = cfg, local, local_config(local)
@@ -70,7 +70,7 @@ class Server:
         """Flower's ``evaluate_fn``: the validation loss of the global adapter ``record``."""
         from flwr.app import MetricRecord
 
-        from ..finetune.loop import validate
+        from ..training.loop import validate
 
         arrays = record.to_torch_state_dict()
         self.load(arrays)
@@ -110,7 +110,7 @@ class Server:
 
     def write(self, out, settings: dict, overwrite=False, inputs=(), sign_key=None):
         """Write w_R as the adapter artifact ``out`` (kind ``adapter``, or ``lora``)."""
-        from ..adapters import save_full_adapter, save_lora_adapter
+        from ..adapters.artifact import save_full_adapter, save_lora_adapter
 
         self.trained.release()  # the fp32 masters stay; the writers cast them to the base dtype
         self.emu.model.eval()
@@ -267,7 +267,7 @@ def round_line(entry: dict, total: int) -> str:
 
 
 def _say(line: str) -> None:
-    from ..progress import showing
+    from ..core.progress import showing
 
     if showing():
         print(line, file=sys.stderr, flush=True)

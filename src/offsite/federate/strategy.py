@@ -29,7 +29,7 @@ import random
 import numpy as np
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx, Strategy
 
-from ..errors import OffsiteError
+from ..core.errors import OffsiteError
 
 WEIGHTS = {"examples": "num-examples", "uniform": "unit-weight"}
 """The metric each reply is weighted by: its examples (FedAvg, FedProx) or 1 each (client-level DP)."""

@@ -1,0 +1,330 @@
+"""A base model read from its safetensors files one decoder layer at a time (``emulate --stream``).
+
+Model-owner workflows otherwise start with ``from_pretrained``, so the largest model they can handle
+is the one that fits in memory next to the build's own working set. A :class:`StreamedModel` is the
+same Hugging Face module tree with every parameter on the ``meta`` device (accelerate's
+``init_empty_weights``, buffers such as rotary ``inv_freq`` computed for real); the parts outside
+the decoder stack (embeddings, final norm, head) are loaded and stay resident, and a decoder layer
+holds real tensors only between :meth:`StreamedModel.materialize` and :meth:`StreamedModel.release`.
+Tensors are read with safetensors' ``safe_open`` (memory-mapped, one tensor at a time) and *assigned*
+as the layer's parameters, so a layer exists in memory once.
+
+What streams: a checkpoint folder (or a cached hub snapshot) of ``.safetensors`` files, one file or
+sharded, whose tensor names are the model's state-dict names (what ``save_pretrained`` writes).
+Methods opt in with ``supports_stream``; the others need the model in memory.
+
+Nothing of the emulator has to be resident either. A layer a method changed (GradOT's compressed
+layers) is *parked*: its tensors go to a safetensors file in a scratch folder and the layer returns
+to ``meta``; a layer kept as it is stays on disk where it was. The package writer then reads each
+emulator tensor back (:meth:`StreamedModel.emulator_reader`) only while its shard is written, so an
+emulate run holds the resident parts, one layer, and at most one shard. Calibration activations
+beyond ``spill_bytes`` go to the same scratch folder (:mod:`offsite.calibration.layerwise`), which
+is removed by :meth:`StreamedModel.close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import OffsiteError
+from ..families import get_family, get_layers
+from .identity import weight_files
+from .loading import load_config, no_init_weights, resolve_dtype
+
+
+def _renames(config):
+    """``stored name -> model name``: the renames transformers applies when it loads this architecture
+    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); other conversions are not streamed."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4.x loads stored names as they are
+        return lambda name: name
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    transforms = (arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(
+        config.model_type) or []
+    pairs = []
+    for t in transforms:
+        if type(t) is not WeightRenaming:
+            raise OffsiteError(f"{config.model_type} checkpoints are converted on load ({type(t).__name__}); "
+                               "--stream reads stored tensors as they are: load without --stream")
+        pairs += list(zip(t.source_patterns, t.target_patterns))
+
+    def rename(name: str) -> str:
+        for source, target in pairs:
+            name = re.sub(source, target, name)
+        return name
+    return rename
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the OS at once (no-op elsewhere).
+
+    A streamed build frees a layer's tensors and allocates the next layer's of the same sizes. glibc
+    raises its mmap threshold each time such a block is freed (up to 32 MB), so later layers come from
+    the heap, which it keeps: measured on a 1.5 GB bf16 Llama, peak RSS 1383 MiB instead of 859 MiB.
+    Fixing the threshold at 1 MiB keeps every tensor above it in its own mapping, unmapped when freed.
+    Offloaded scoring (:mod:`offsite.model.offload`) frees and reads every layer once per batch and takes
+    the same remedy (``eval --stream`` on that model at batch 64: 1795 MiB without it, 635 MiB with it).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (malloc.h); fixing it switches the dynamic raise off
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        pass
+
+
+class StreamedModel:
+    """The base model as a meta skeleton plus an index of where each tensor lies on disk.
+
+    Attributes:
+        model: the HF causal LM; resident parts loaded, decoder layers on ``meta`` until materialised.
+        family: its architecture family.
+        name_or_path: what it was read from.
+        spill_bytes: calibration activations kept in memory up to this many bytes; the rest go to
+            the scratch folder (None: never spilled).
+    """
+
+    def __init__(self, name_or_path: str, dtype="auto", device="cpu", scratch_parent=None,
+                 spill_bytes: int | None = None):
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        from .gguf_input import refuse_stream
+
+        refuse_stream(name_or_path)
+        return_freed_memory()
+        config = load_config(name_or_path)
+        self.family = get_family(config)
+        self.name_or_path = str(name_or_path)
+        files = weight_files(name_or_path)
+        if not files:
+            raise OffsiteError(f"--stream reads a checkpoint's .safetensors files; {name_or_path} has none "
+                               "(load it without --stream, or save it with save_pretrained first)")
+        rename = _renames(config)
+        self._where, self._stored = {}, {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                for stored in fh.keys():
+                    name = rename(stored)
+                    self._where[name], self._stored[name] = path, stored
+        wanted = resolve_dtype(dtype)
+        if wanted == "auto" or wanted is None:
+            wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            wanted = getattr(torch, wanted) if isinstance(wanted, str) else wanted
+        self.dtype, self.device = wanted, torch.device(device)
+        with init_empty_weights(include_buffers=False), no_init_weights():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=wanted)
+        self.model.eval()
+        self._prefix = self.family.layers + "."
+        resident = {name: p for name, p in self.model.state_dict(keep_vars=True).items()
+                    if not name.startswith(self._prefix)}
+        self._assign(self.model, self._read([n for n in resident if n in self._where]), strict=False)
+        self.model.tie_weights()
+        for buffer_owner in self.model.modules():  # computed buffers (rotary inv_freq) go where the weights go
+            for key, b in list(buffer_owner._buffers.items()):
+                if b is not None and not b.is_meta:
+                    buffer_owner._buffers[key] = b.to(self.device)
+        empty = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self._prefix)]
+        if empty:
+            raise OffsiteError(f"{name_or_path}: the weight files hold no '{empty[0]}' ({len(empty)} tensors "
+                               "outside the decoder layers missing); streaming needs save_pretrained's names")
+        self.live = set()
+        # The layer modules by full-model index: a builder may reorder or drop them in the module tree
+        # (keep_layers), and the package writer still asks for layer i by its index in the files.
+        self._layers = list(get_layers(self.model, self.family))
+        self._parked = {}
+        self._scratch_parent, self._scratch = scratch_parent, None
+        self.spill_bytes = spill_bytes
+
+    @property
+    def scratch(self) -> Path:
+        """The run's scratch folder (created on first use, beside ``scratch_parent`` or in the temp dir)."""
+        if self._scratch is None:
+            parent = self._scratch_parent
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            self._scratch = Path(tempfile.mkdtemp(prefix=".offsite-stream-", dir=parent))
+        return self._scratch
+
+    def close(self) -> None:
+        """Remove the scratch folder (parked layers, spilled activations)."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        self._parked.clear()
+
+    def _read(self, names: list) -> dict:
+        from safetensors import safe_open
+
+        out = {}
+        for name in names:
+            # A handle per tensor: every page read through an open handle stays mapped (and counted as
+            # resident) until it closes, so one handle for a group would hold the group twice.
+            with safe_open(str(self._where[name]), framework="pt") as fh:
+                t = fh.get_tensor(self._stored[name])
+            out[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
+        return out
+
+    @staticmethod
+    def _assign(module: nn.Module, tensors: dict, strict: bool = True) -> None:
+        result = module.load_state_dict(tensors, strict=False, assign=True)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise OffsiteError(f"a streamed layer does not match its weight files: missing "
+                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+    def materialize(self, index: int) -> nn.Module:
+        """Give decoder layer ``index`` its real tensors (read from disk); returns the layer."""
+        layer = self._layers[index]
+        if index in self.live:
+            return layer
+        if index in self._parked:
+            from safetensors.torch import load_file
+
+            self._assign(layer, {n: t.to(self.device) for n, t in load_file(str(self._parked.pop(index))).items()})
+            self.live.add(index)
+            return layer
+        prefix = self.family.layer_param_prefix(index)
+        names = [prefix + n for n in layer.state_dict().keys()]
+        missing = [n for n in names if n not in self._where]
+        if missing:
+            raise OffsiteError(f"{self.name_or_path}: the weight files hold no '{missing[0]}'; streaming needs "
+                               "the names save_pretrained writes")
+        tensors = self._read(names)
+        self._assign(layer, {n[len(prefix):]: t for n, t in tensors.items()})
+        self.live.add(index)
+        return layer
+
+    def release(self, index: int) -> None:
+        """Put layer ``index``'s parameters back on ``meta`` (buffers stay: they are small and computed)."""
+        layer = self._layers[index]
+        for module in layer.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and not p.is_meta:
+                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                            requires_grad=p.requires_grad)
+        self.live.discard(index)
+
+    def release_resident(self) -> None:
+        """Put the parameters outside the decoder stack (embeddings, final norm, head) back on ``meta``.
+
+        For a build that runs the model no further (GradOT's backward sweep needs only the stored
+        boundaries and top gradients): on a 70B Llama the embeddings and head are 4 GB in bf16. Tied
+        parameters stay tied (one meta parameter replaces each shared one); the package writer reads
+        them back from the files (:meth:`emulator_reader`).
+        """
+        replaced = {}
+        for owner_name, module in self.model.named_modules():
+            if owner_name == self.family.layers or owner_name.startswith(self._prefix):
+                continue
+            for name, p in list(module._parameters.items()):
+                if p is None or p.is_meta:
+                    continue
+                if id(p) not in replaced:
+                    replaced[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                module._parameters[name] = replaced[id(p)]
+
+    def park(self, index: int) -> None:
+        """Move layer ``index``, changed by a builder, to a file in the scratch folder and release it.
+
+        Its values are checked first (a NaN from a broken build stops here, not in the package).
+        """
+        from safetensors.torch import save_file
+
+        from ..artifacts import check_finite
+
+        layer = self._layers[index]
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
+        check_finite(tensors, f"emulator layer {index}")
+        path = self.scratch / f"layer-{index:05d}.safetensors"
+        save_file(tensors, str(path))
+        self._parked[index] = path
+        self.release(index)
+
+    def read_layer(self, index: int, names: list) -> dict:
+        """``{local name: tensor}`` of layer ``index`` as the emulator holds it: parked, live or on disk."""
+        if index in self.live:
+            state = self._layers[index].state_dict()
+            return {n: state[n] for n in names}
+        if index in self._parked:
+            from safetensors import safe_open
+
+            with safe_open(str(self._parked[index]), framework="pt") as fh:
+                return {n: fh.get_tensor(n).to(self.device) for n in names}
+        prefix = self.family.layer_param_prefix(index)
+        return {n[len(prefix):]: t for n, t in self._read([prefix + n for n in names]).items()}
+
+    def emulator_reader(self, sources: list):
+        """A function reading emulator tensors by name, for the package writer.
+
+        Args:
+            sources: full-model layer index of each emulator layer position (the plan's table).
+
+        Returns:
+            ``read(names) -> {name: tensor}`` for state-dict names of the emulator; names outside
+            the decoder layers are the resident tensors.
+        """
+        layer_prefix = self.family.layers + "."
+
+        def read(names: list) -> dict:
+            out, by_layer = {}, {}
+            state = None
+            for name in names:
+                if name.startswith(layer_prefix):
+                    pos, local = name[len(layer_prefix):].split(".", 1)
+                    by_layer.setdefault(int(pos), []).append((name, local))
+                else:
+                    state = state if state is not None else self.model.state_dict()
+                    if not state[name].is_meta:
+                        out[name] = state[name]
+                    elif name in self._where:  # released by release_resident: read where it lies
+                        out.update(self._read([name]))
+                    else:
+                        raise OffsiteError(f"{self.name_or_path}: '{name}' was released but its weight files "
+                                           "do not hold it under that name")
+            for pos, pairs in by_layer.items():
+                got = self.read_layer(sources[pos], [local for _, local in pairs])
+                out.update({name: got[local] for name, local in pairs})
+            return out
+        return read
+
+    @contextlib.contextmanager
+    def layer(self, index: int, keep: bool = False):
+        """``with stream.layer(i) as layer:`` real tensors inside, released on exit unless ``keep``."""
+        was_live = index in self.live
+        layer = self.materialize(index)
+        try:
+            yield layer
+        finally:
+            if not keep and not was_live:
+                self.release(index)
+
+    def weight_fingerprint(self) -> str:
+        """The base weights' fingerprint, read from the files (cached per file state; see :mod:`offsite.model.identity`)."""
+        from .identity import cached_files_fingerprint
+
+        return cached_files_fingerprint(sorted(set(self._where.values())))
+
+    def check_finite(self) -> None:
+        """Refuse NaN/inf in the resident tensors (layers are checked as they are materialised)."""
+        from ..artifacts.tensors import all_finite
+
+        for name, p in self.model.named_parameters():
+            if not p.is_meta and not all_finite(p):
+                raise OffsiteError(f"base model {self.name_or_path}: tensor '{name}' has NaN or infinite values; "
+                                   "fix or re-export the checkpoint")
