@@ -63,7 +63,7 @@ def main() -> int:
     from offsite.calibration import calibration_batches
     from offsite.emulator import get_builder
     from offsite.emulator.inputs import BuildInputs
-    from offsite.emulator.gradot import select
+    from offsite.emulator.methods.gradot import select
     from offsite.eval.gradients import adapter_gradient_cosine
     from offsite.families import get_family
     from offsite.model.loading import load_model

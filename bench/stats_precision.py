@@ -51,7 +51,7 @@ def main() -> int:
     from offsite.calibration import calibration_batches
     from offsite.emulator import get_builder
     from offsite.emulator.inputs import BuildInputs
-    from offsite.emulator.gradot_select import select
+    from offsite.emulator.methods.gradot.select import select
     from offsite.families import get_family
     from offsite.model.loading import load_model
     from offsite.model.split import make_split

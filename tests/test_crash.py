@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from conftest import state_equal
 from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
-from offsite.emulator.crash import cluster_adjacent, linear_cka, nearest_kept, pool_tokens
+from offsite.emulator.methods.crash import cluster_adjacent, linear_cka, nearest_kept, pool_tokens
 from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers, layer_linears
 from offsite.emulator.package import load_emulator

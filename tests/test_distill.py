@@ -10,7 +10,7 @@ from offsite.cli import main
 from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
 from offsite.emulator.calibrated import normalised_mse
-from offsite.emulator.distill import distill_gap, kd_points, teacher_targets
+from offsite.emulator.methods.distill import distill_gap, kd_points, teacher_targets
 from offsite.core.errors import OffsiteError
 from offsite.families import capture_hidden, get_family, get_layers
 from offsite.emulator.package import load_emulator
@@ -51,7 +51,7 @@ def test_token_scale_weighs_every_position_when_the_first_token_is_massive():
 
 
 def test_distill_refuses_an_unknown_kd_scale():
-    from offsite.emulator.distill import DistillConfig
+    from offsite.emulator.methods.distill import DistillConfig
     from offsite.core.errors import OffsiteError
 
     with pytest.raises(OffsiteError, match="kd_scale must be 'token' or 'global'"):

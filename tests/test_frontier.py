@@ -68,7 +68,7 @@ def test_a_target_nobody_meets_says_so_and_writes_no_emulator(base, tmp_path, ca
 
 
 def test_gradot_points_share_one_calibration_sweep(base, text_file, tmp_path, monkeypatch):
-    import offsite.emulator.gradot as gradot
+    import offsite.emulator.methods.gradot as gradot
 
     model, task = base
     calls = []

@@ -14,7 +14,7 @@ from offsite.calibration import calibration_batches, gather_linear_stats
 from offsite.cli import main
 from offsite.workflows.emulate import emulate
 from offsite.emulator import BuildInputs, get_builder
-from offsite.emulator.gcs import channel_terms, component_terms, scores, select_components
+from offsite.emulator.methods.gradot.gcs import channel_terms, component_terms, scores, select_components
 from offsite.emulator.lowrank import LowRankLinear, weight_svd
 from offsite.core.errors import OffsiteError
 from offsite.eval.gradients import adapter_gradient_cosine
@@ -303,7 +303,7 @@ def test_random_scoring_keeps_the_floor_and_sizes_and_is_seeded(saved_model, tex
 
 
 def test_one_cache_dir_serves_every_question_and_reuses_each_answer(saved_model, text_file, tmp_path, monkeypatch):
-    import offsite.emulator.gradot as gradot
+    import offsite.emulator.methods.gradot as gradot
 
     path, _ = saved_model("llama", 5)
     calls = []
@@ -325,7 +325,7 @@ def test_float32_statistics_give_the_float64_terms_and_selection(saved_model, te
     """stats_dtype=float32 halves the statistics' memory; its terms must agree with the fp64 ones to fp32
     rounding of sums over the calibration tokens, and the selection must not change."""
     from offsite.calibration import calibration_batches
-    from offsite.emulator.gradot_select import select
+    from offsite.emulator.methods.gradot.select import select
     from offsite.model.loading import load_model
 
     path, _ = saved_model("llama", 5)
@@ -356,7 +356,7 @@ def test_blockwise_column_sums_and_norms_are_the_full_expressions(shape, monkeyp
     """The MLP terms reduce f x f factors a block of columns at a time (no full-size temporary); with
     blocks forced small the results must be the one-shot expressions' up to the last bit, and the
     same on every call."""
-    from offsite.emulator import gcs
+    from offsite.emulator.methods.gradot import gcs
 
     monkeypatch.setattr(gcs, "BLOCK_ENTRIES", 1000)
     g = torch.Generator().manual_seed(shape[0])

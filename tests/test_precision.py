@@ -37,7 +37,7 @@ import offsite.workflows.finetune as ft
 from conftest import make_model
 from offsite.adapters.artifact import load_adapter, reindex
 from offsite.workflows.emulate import emulate
-from offsite.emulator.harmonizer import HarmonizerLayer
+from offsite.emulator.methods.scaleot.harmonizer import HarmonizerLayer
 from offsite.core.errors import OffsiteError
 from offsite.families import get_family, get_layers, named_layer_parameters
 from offsite.workflows.finetune import finetune

@@ -168,7 +168,7 @@ def test_gguf_input_gives_the_same_emulator_and_scores(smol, data_dir, full_scor
 
 def test_the_demo_runs_offsite_tuning_on_the_real_model_at_the_defaults(smol, data_dir, full_scores, tmp_path):
     from offsite.cli import main
-    from offsite.emulator.uniform import default_emulator_layers
+    from offsite.emulator.methods.uniform import default_emulator_layers
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--quiet", "--workdir", str(out), "--data-dir", str(data_dir)]) == 0

@@ -11,8 +11,8 @@ from offsite.artifacts import load_tensors, unique_state_dict
 from offsite.calibration import calibration_batches
 from offsite.workflows.emulate import emulate
 from offsite.emulator import BuildInputs, get_builder, keep_layers
-from offsite.emulator.harmonizer import HarmonizerLayer, make_harmonizer
-from offsite.emulator.layer_replace import candidate_loss, dynamic_layer_replace, random_groups
+from offsite.emulator.methods.scaleot.harmonizer import HarmonizerLayer, make_harmonizer
+from offsite.emulator.methods.scaleot.layer_replace import candidate_loss, dynamic_layer_replace, random_groups
 from offsite.core.errors import OffsiteError
 from offsite.families import (get_family, get_layers, layer_linears, layer_returns_tuple, replace_layer,
                               supported_model_types)

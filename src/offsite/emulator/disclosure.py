@@ -39,8 +39,8 @@ import torch
 
 from ..core.errors import OffsiteError
 from ..families import get_layers, get_submodule, layer_linears, named_layer_parameters
-from .harmonizer import is_harmonizer
 from .lowrank import LowRankLinear
+from .methods.scaleot.harmonizer import is_harmonizer
 
 KINDS = ("verbatim", "low_rank", "pruned", "modified", "not_shipped")
 ALLOW_HINT = ("To write it anyway (only for a package that is never shipped, such as the full fine-tuning "

@@ -39,13 +39,13 @@ import dataclasses
 
 import torch
 
-from ..core.device import model_device
-from ..core.errors import ArtifactError, OffsiteError
-from ..core.progress import bar
-from ..families import capture_hidden, get_layers, set_layers
-from .base import EmulatorBuilder, layer_count_points, layer_entries, register
-from .calibrated import CalibrationSettings, check_positive
-from .inputs import BuildInputs
+from ...core.device import model_device
+from ...core.errors import ArtifactError, OffsiteError
+from ...core.progress import bar
+from ...families import capture_hidden, get_layers, set_layers
+from ..base import EmulatorBuilder, layer_count_points, layer_entries, register
+from ..calibrated import CalibrationSettings, check_positive
+from ..inputs import BuildInputs
 from .uniform import default_emulator_layers
 
 POOLINGS = ("mean_weighted", "mean", "last")
@@ -134,7 +134,7 @@ def middle_representations(model, family, split, batches: list, pooling: str, st
     middle = list(split.middle)
     pooled = {i: [] for i in middle}
     if stream is not None:
-        from ..calibration import capture_boundaries_layerwise
+        from ...calibration import capture_boundaries_layerwise
 
         def on_output(i, b, out):
             if i in pooled:

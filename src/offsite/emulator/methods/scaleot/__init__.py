@@ -32,20 +32,20 @@ import dataclasses
 
 import torch
 
-from ..core.device import model_device
-from ..core.errors import OffsiteError
-from ..core.precision import base_dtype
-from ..core.precision import policy as precision_policy
-from ..core.progress import bar
-from ..families import get_layers, layer_linears, layer_returns_tuple, replace_layer
-from ..families.linears import linear_weight
-from .base import EmulatorBuilder, register
-from .calibrated import CalibrationSettings, check_fraction, check_positive
+from ....core.device import model_device
+from ....core.errors import OffsiteError
+from ....core.precision import base_dtype
+from ....core.precision import policy as precision_policy
+from ....core.progress import bar
+from ....families import get_layers, layer_linears, layer_returns_tuple, replace_layer
+from ....families.linears import linear_weight
+from ...base import EmulatorBuilder, register
+from ...calibrated import CalibrationSettings, check_fraction, check_positive
+from ...importance_cache import cache_key, load_cache, save_cache
+from ...inputs import BuildInputs
+from ...lowrank import make_low_rank, replace_linear, restructure_linears, truncated_svd, weight_svd
 from .harmonizer import DEFAULT_RANK, make_harmonizer
-from .importance_cache import cache_key, load_cache, save_cache
-from .inputs import BuildInputs
 from .layer_replace import dynamic_layer_replace
-from .lowrank import make_low_rank, replace_linear, restructure_linears, truncated_svd, weight_svd
 
 
 @dataclasses.dataclass

@@ -27,12 +27,12 @@ import time
 
 import torch
 
-from ..core.device import model_device
-from ..core.precision import MASTER, base_dtype
-from ..core.precision import policy as precision_policy
-from ..core.progress import bar
-from ..families import replace_layer
-from .calibrated import cycle, lm_loss
+from ....core.device import model_device
+from ....core.precision import MASTER, base_dtype
+from ....core.precision import policy as precision_policy
+from ....core.progress import bar
+from ....families import replace_layer
+from ...calibrated import cycle, lm_loss
 
 
 def random_groups(num: int, group_size: int, generator: torch.Generator) -> list:

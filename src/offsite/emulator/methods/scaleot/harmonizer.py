@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.errors import OffsiteError
-from ..families import layer_call_attributes, layer_input_hidden
+from ....core.errors import OffsiteError
+from ....families import layer_call_attributes, layer_input_hidden
 
 DEFAULT_RANK = 64
 

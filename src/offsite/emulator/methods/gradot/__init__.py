@@ -57,18 +57,18 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import (STATS_DTYPES, backward_sweep, capture_boundaries, capture_boundaries_layerwise,
-                           peak_memory_mb, resolve_calibration)
-from ..core.errors import OffsiteError
-from ..core.progress import bar
-from ..families import get_layers, layer_linears
+from ....calibration import (STATS_DTYPES, backward_sweep, capture_boundaries, capture_boundaries_layerwise,
+                             peak_memory_mb, resolve_calibration)
+from ....core.errors import OffsiteError
+from ....core.progress import bar
+from ....families import get_layers, layer_linears
+from ...base import EmulatorBuilder, keep_layers, layer_entries, register
+from ...calibrated import CalibrationSettings
+from ...importance_cache import cache_key, load_terms, save_terms
+from ...inputs import BuildInputs
+from ...lowrank import restructure_linears
 from . import gcs
-from .base import EmulatorBuilder, keep_layers, layer_entries, register
-from .calibrated import CalibrationSettings
-from .gradot_select import attention_terms, compress_layer, layer_part, mlp_terms, select
-from .importance_cache import cache_key, load_terms, save_terms
-from .inputs import BuildInputs
-from .lowrank import restructure_linears
+from .select import attention_terms, compress_layer, layer_part, mlp_terms, select
 
 DEFAULT_BUDGET = 0.25
 TERMS_VERSION = 3  # bump when what the terms mean changes, so older caches are not reused
@@ -161,7 +161,7 @@ def _batches(model, config: GradOTConfig, inputs: BuildInputs):
     """Calibration batches (through the loader every calibrated method shares) and the record of their source."""
     given = isinstance(inputs.calibration, (list, tuple))
     if inputs.tokenizer is None and not given:  # plan() called directly on a model loaded from a folder
-        from ..model.loading import load_tokenizer
+        from ....model.loading import load_tokenizer
 
         inputs.tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
     settings = CalibrationSettings.of(config)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core.errors import OffsiteError
-from .base import EmulatorBuilder, layer_count_points, layer_entries, register
+from ...core.errors import OffsiteError
+from ..base import EmulatorBuilder, layer_count_points, layer_entries, register
 
 
 def uniform_positions(num_middle: int, keep: int) -> list:

@@ -13,10 +13,10 @@ import hashlib
 
 import torch
 
-from ..families import get_submodule, layer_linears
-from ..families.linears import linear_weight, mlp_channel_blocks
+from ....families import get_submodule, layer_linears
+from ....families.linears import linear_weight, mlp_channel_blocks
+from ...lowrank import make_dense, make_low_rank, prune_mlp_channels, replace_linear, truncated_svd, weight_svd
 from . import gcs
-from .lowrank import make_dense, make_low_rank, prune_mlp_channels, replace_linear, truncated_svd, weight_svd
 
 
 def attention_terms(module, family, stats, need_stats: bool, svds: dict | None = None, key: str = "") -> dict:
