@@ -210,3 +210,15 @@ def test_the_resume_key_leaves_out_exactly_the_declared_runtime_and_by_content_s
     assert _resumable(runtime, "id") == _resumable(base, "id")  # paths and runtime choices: same key
     assert _resumable(make_config({"lr": 3e-4}), "id") != _resumable(base, "id")
     assert _resumable(base, "other") != _resumable(base, "id")  # another starting adapter's content
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"stepz": 1}, r"fine-tuning has no setting\(s\) \['stepz'\]; known: \['batch_size'"),
+    ({"lr": "abc"}, r"fine-tuning setting lr must be a finite number, got 'abc'"),
+    ({"lora": 1}, r"fine-tuning setting lora must be true or false, got 1"),
+])
+def test_finetune_settings_are_checked_as_method_settings_are(bad, message):
+    """One settings builder (core.settings_types.build_settings) for methods and fine-tuning."""
+    with pytest.raises(OffsiteError, match=message):
+        ft.make_config(bad)
+    assert ft.make_config({"lr": 3, "val_data": __import__("pathlib").Path("v.jsonl")}).val_data == "v.jsonl"

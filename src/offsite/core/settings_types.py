@@ -23,6 +23,7 @@ Other annotations (a class) are checked with ``isinstance``; an annotation with 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import types
@@ -84,6 +85,34 @@ def _accept(kind: type, value):
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def build_settings(cls: type, values: dict, owner: str):
+    """An instance of settings dataclass ``cls`` from ``values``, every bad input refused in one error.
+
+    Order: unknown names (listed with the known ones); then the class's own checks, which know the
+    allowed range (``alpha must be in [0, 1]``) and so say more than a type; then :func:`check_types`
+    refuses what they let through (``2.5`` for a count) or crashed on (``int("abc")``).
+
+    Args:
+        cls: the settings dataclass (a method's config, ``FinetuneConfig``).
+        values: ``{setting: value}``.
+        owner: who has the settings, for the messages, e.g. ``"method 'uniform'"`` or ``"fine-tuning"``.
+
+    Raises:
+        OffsiteError: an unknown setting, a wrong type, or the class's own refusal of a value.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OffsiteError(f"{owner} has no setting(s) {unknown}; known: {sorted(known)}")
+    try:
+        cls(**values)
+    except OffsiteError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        pass  # a wrong type broke the class's own check; check_types names it (or, if not, a bug re-raises)
+    return cls(**check_types(cls, values, f"{owner}: setting"))
 
 
 def check_types(cls: type, values: dict, owner: str) -> dict:

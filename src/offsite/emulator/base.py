@@ -19,10 +19,9 @@ without calibration data. Methods register by name.
 
 from __future__ import annotations
 
-import dataclasses
 
 from ..core.errors import OffsiteError
-from ..core.settings_types import check_types
+from ..core.settings_types import build_settings
 from ..families import Family, get_layers, set_layers
 from ..model.split import Split
 from .inputs import BuildInputs
@@ -57,20 +56,7 @@ class EmulatorBuilder:
             OffsiteError: an unknown setting (with the known ones), a wrong type, or the method's own
                 refusal of a value.
         """
-        known = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise OffsiteError(f"method '{self.name}' has no setting(s) {unknown}; known: {sorted(known)}")
-        # The method's own checks go first: they know the allowed range ("alpha must be in [0, 1]"),
-        # which says more than a type. The type check then refuses what they let through (2.5 for a
-        # count) or crashed on (int("abc")).
-        try:
-            self.config_cls(**kwargs)
-        except OffsiteError:
-            raise
-        except (TypeError, ValueError, OverflowError):
-            pass  # a wrong type broke the method's check; check_types names it (or, if not, a bug re-raises)
-        return self.config_cls(**check_types(self.config_cls, kwargs, f"method '{self.name}': setting"))
+        return build_settings(self.config_cls, kwargs, f"method '{self.name}'")
 
     def plan(self, model, family: Family, split: Split, config, inputs: BuildInputs | None = None,
              on_layer=None) -> dict:

@@ -21,7 +21,6 @@ Not launched that way, nothing of it runs.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..artifacts import guard_output
 from ..core.device import resolve_device
 from ..core.errors import OffsiteError
 from ..core.precision import dtype_name
+from ..core.settings_types import build_settings
 from ..training import distributed
 from ..training.checkpoint import (checkpoint_dir, guard_checkpoint, load_checkpoint, recover_checkpoint,
                                    remove_checkpoint, run_key, save_checkpoint)
@@ -149,12 +149,8 @@ def start_from(emu, path, trusted_keys=None) -> str:
 
 
 def make_config(settings: dict) -> FinetuneConfig:
-    """A :class:`FinetuneConfig` from keyword settings, refusing unknown names in one error."""
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise OffsiteError(f"unknown fine-tuning setting(s) {unknown}; known: {sorted(known)}")
-    return FinetuneConfig(**settings)
+    """A :class:`FinetuneConfig` from keyword settings, refusing unknown names and wrong types in one error."""
+    return build_settings(FinetuneConfig, settings, "fine-tuning")
 
 
 def _resumable(cfg: FinetuneConfig, start_id: str | None = None) -> dict:
