@@ -17,7 +17,8 @@ from fixtures.tiny_gguf import write_tiny_gguf  # noqa: E402
 from offsite.artifacts import read_manifest, sha256_file, unique_state_dict  # noqa: E402
 from offsite.core.errors import OffsiteError  # noqa: E402
 from offsite.model.gguf_input import convert_gguf, gguf_source, is_gguf  # noqa: E402
-from offsite.model.identity import model_identity, same_base, weight_fingerprint  # noqa: E402
+from offsite.model.identity import model_identity, same_base  # noqa: E402
+from offsite.model.fingerprint import weight_fingerprint  # noqa: E402
 from offsite.model.loading import load_config, load_model  # noqa: E402
 
 

@@ -30,3 +30,25 @@ def test_every_package_is_a_layer_of_the_contract():
 def test_top_level_holds_only_packages():
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
     assert loose == []
+
+
+# Modules that import an optional extra at their top (federate/strategy.py subclasses Flower's
+# strategies): importing them inside a function keeps everything else working without the extra.
+NEEDS_EXTRA = {"strategy"}
+
+
+def test_offsite_imports_sit_at_the_top_outside_the_cli():
+    """An import of offsite inside a function hides a dependency from the reader (and once hid cycles)."""
+    import ast
+
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "cli" in path.relative_to(PACKAGE).parts:
+            continue  # the CLI imports a command's workflow only when the command runs (start-up cost)
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{path.relative_to(PACKAGE)}:{node.lineno}" for node in ast.walk(fn)
+                           if isinstance(node, ast.ImportFrom)
+                           and (node.level > 0 or (node.module or "").split(".")[0] == "offsite")
+                           and (node.module or "").rsplit(".", 1)[-1] not in NEEDS_EXTRA]
+    assert hidden == []

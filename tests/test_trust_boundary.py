@@ -134,7 +134,7 @@ def test_listed_pickle_files_and_symlinks_are_refused(built, tmp_path):
 # --- a base fingerprint that covers every weight ---------------------------------------------------
 
 def test_fingerprint_covers_every_value_and_ignores_the_loaded_dtype(saved_model):
-    from offsite.model.identity import weight_fingerprint
+    from offsite.model.fingerprint import weight_fingerprint
 
     path, model = saved_model("llama", 4, hidden_size=64, intermediate_size=256)
     before = model_identity(model, str(path))["weight_fingerprint"]
@@ -158,12 +158,12 @@ def test_fingerprint_covers_every_value_and_ignores_the_loaded_dtype(saved_model
 
 
 def test_fingerprint_cache_follows_the_weight_files(saved_model, monkeypatch):
-    import offsite.model.identity as identity
+    import offsite.model.fingerprint as fingerprint
 
     path, _ = saved_model("llama", 4)
     model, _ = load_model(str(path))
     first = model_identity(model, str(path))["weight_fingerprint"]
-    monkeypatch.setattr(identity, "files_fingerprint", lambda files: pytest.fail("cache not used"))
+    monkeypatch.setattr(fingerprint, "files_fingerprint", lambda files: pytest.fail("cache not used"))
     assert model_identity(model, str(path))["weight_fingerprint"] == first
     monkeypatch.undo()
     weights = path / "model.safetensors"

@@ -23,8 +23,8 @@ from pathlib import Path
 from ..artifacts import (check_against, check_finite, check_trusted, load_tensors, read_manifest, save_tensors,
                          verify_files, writing_artifact)
 from ..core.errors import ArtifactError
-from ..core.precision import base_dtype, for_saving, dtype_name
-from ..families import Family, get_layers, named_layer_parameters
+from ..core.precision import base_dtype, dtype_name, for_saving
+from ..families import Family, get_family, get_layers, named_layer_parameters
 from ..model.identity import same_base
 from .checks import check_full_adapter, check_lora_fields, check_lora_tensors, layer_index, lora_config, split_layers
 
@@ -218,8 +218,6 @@ def check_lora_config(path, manifest: dict) -> dict:
     Raises:
         ArtifactError: a field off the whitelist or not fitting the split.
     """
-    from ..families import get_family
-
     return check_lora_fields(read_lora_config(path), manifest, get_family(manifest["family"]), Path(path))
 
 

@@ -27,7 +27,7 @@ import torch
 from ..core.errors import ArtifactError
 from ..core.precision import dtype_name
 from ..families import Family, get_layers
-from ..model.loading import DTYPES
+from ..model.dtypes import DTYPES
 
 # LoraConfig fields whose value is free: they only size or scale the low-rank delta that lands on
 # the targeted linears of the adapter layers, never anything else.

@@ -31,6 +31,7 @@ from .. import __version__
 from ..core.errors import ArtifactError, OffsiteError
 from .manifest import KINDS, MANIFEST, SCHEMA_VERSION, artifact_id
 from .shards import check_layout
+from .signing import load_private_key, sign_manifest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -173,8 +174,6 @@ def writing_artifact(out_dir, kind: str, overwrite: bool = False, inputs=(), sig
     guard_output(out, kind, overwrite, inputs)
     signer = None
     if sign_key is not None:
-        from .signing import load_private_key
-
         signer = load_private_key(sign_key)  # a bad key fails before any work is written
     tmp = None
     try:
@@ -192,8 +191,6 @@ def writing_artifact(out_dir, kind: str, overwrite: bool = False, inputs=(), sig
         if staging.run:
             manifest["run"] = staging.run
         if signer is not None:
-            from .signing import sign_manifest
-
             manifest["signature"] = sign_manifest(manifest, signer)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
         _swap(tmp, out, tag)

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from .. import __version__
 from ..core.errors import ArtifactError
+from .signing import check_embedded
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -247,7 +248,6 @@ def read_manifest(path, kind=None) -> dict:
         raise ArtifactError(f"{root} is a '{manifest['kind']}' artifact; expected {' or '.join(kinds)}")
     if artifact_id(manifest) != manifest.get("artifact_id"):
         raise ArtifactError(f"{mpath}: artifact_id does not match its content (manifest edited)")
-    from .signing import check_embedded
 
     check_embedded(manifest, mpath)
     return manifest

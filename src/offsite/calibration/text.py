@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import OffsiteError
+from ..data.records import numbered_lines
 
 # Public-domain text that none of the evaluation tasks or the report's fine-tuning data uses.
 DEFAULT_CORPUS = "data/lm/war_and_peace/war_and_peace_pg2600.txt.gz"
@@ -85,8 +86,6 @@ def resolve_calibration(path, method: str) -> Path:
 
 def read_text(path) -> str:
     """The text of a plain (``.gz`` allowed) or JSONL (``"text"`` field) file."""
-    from ..data.records import numbered_lines
-
     path = Path(path)
     if not path.is_file():
         raise OffsiteError(f"calibration file {path} does not exist; pass a local public text file (--calibration)")

@@ -13,6 +13,7 @@ import itertools
 
 import torch
 
+from ..calibration.text import calibration_batches, resolve_calibration
 from ..core.errors import OffsiteError
 
 
@@ -75,7 +76,6 @@ def load_calibration(calibration, tokenizer, method: str, settings: CalibrationS
                                       for b in calibration):
             raise OffsiteError(f"method '{method}': calibration batches must be a non-empty list of 2-D LongTensors")
         return list(calibration)
-    from ..calibration.text import calibration_batches, resolve_calibration
 
     path = resolve_calibration(calibration, method)
     return calibration_batches(path, tokenizer, seq_len=settings.seq_len, num_sequences=settings.num_sequences,

@@ -24,7 +24,7 @@ import torch
 
 from ..artifacts import canonical_json, check_against, load_tensors, save_tensors, unique_state_dict
 from ..core.errors import OffsiteError
-from ..model.identity import config_hash, weight_fingerprint
+from ..model.fingerprint import config_hash, weight_fingerprint
 
 SCORES = "importance.json"
 WEIGHTS = "harmonizers.safetensors"

@@ -32,7 +32,8 @@ from ..artifacts import (DEFAULT_MAX_SHARD_SIZE, WEIGHTS, check_table, check_tru
                          writing_artifact)
 from ..core.errors import ArtifactError
 from ..families import Family, get_family
-from ..model.loading import no_init_weights
+from ..model.dtypes import no_init_weights
+from ..model.loading import load_tokenizer
 from ..model.split import Split
 from . import get_builder
 
@@ -188,6 +189,5 @@ def load_emulator(path, device: str | None = None, trusted_keys=None) -> Emulato
     if device:
         model.to(device)
     model.eval()
-    from ..model.loading import load_tokenizer
 
     return Emulator(model, load_tokenizer(str(root)), manifest, family, split, root)

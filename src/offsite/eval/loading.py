@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..adapters.artifact import copy_into_layers, load_adapter, merge_lora
+from ..adapters.plugging import plug_into
 from ..artifacts import MANIFEST, check_trusted, read_manifest, verify_files
 from ..core.device import resolve_device
 from ..core.errors import OffsiteError
 from ..emulator.package import load_emulator
+from ..model.gguf_input import refuse_stream
 from ..model.loading import load_config, load_model
+from ..model.offload import claimed_adapter_layers, load_offloaded
 
 
 def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", trusted_keys=None, device="auto",
@@ -63,9 +66,6 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         check_trusted(plugged, trusted_keys, root)
         verify_files(root, plugged)
     if stream:
-        from ..model.gguf_input import refuse_stream
-        from ..model.offload import claimed_adapter_layers, load_offloaded
-
         refuse_stream(model)
         keep = [] if adapter is None else claimed_adapter_layers(adapter, load_config(model).num_hidden_layers)
         full, tokenizer = load_offloaded(model, dtype=dtype, device=where, keep=keep)
@@ -75,8 +75,6 @@ def load_for_eval(model: str, adapter: str | None = None, dtype: str = "auto", t
         full, tokenizer = load_model(model, dtype=dtype, device=where, any_architecture=adapter is None)
     info = {"kind": kind, "path": str(model), "adapter": adapter, **({"stream": True} if stream else {})}
     if adapter is not None:
-        from ..adapters.plugging import plug_into
-
         full, _ = plug_into(full, model, adapter, trusted_keys=trusted_keys)
         info["kind"] = "plug-in"
     return full.eval(), tokenizer, info

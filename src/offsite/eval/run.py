@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..core.errors import OffsiteError
 from ..core.progress import phase
-from ..data.tasks import get_task
+from ..data.tasks import get_task, is_file_task
 from ..data.wikitext import wikitext_detokenize
 from .generation import score_exact_match
 from .perplexity import score_documents
@@ -43,8 +43,6 @@ def parse_tasks(tasks) -> list[str]:
 
 def needs_data_dir(names) -> bool:
     """True when some task reads the offline data folder (own-data ``.jsonl`` tasks do not)."""
-    from ..data.tasks import is_file_task
-
     return any(not is_file_task(name) for name in names)
 
 

@@ -22,7 +22,10 @@ from pathlib import Path
 from ..artifacts import overlapping_input
 from ..core.errors import OffsiteError
 from ..data.tasks import get_task
+from ..data.wikitext import split_wikitext_documents, wikitext_detokenize
+from ..eval.loading import load_for_eval
 from ..eval.run import evaluate
+from ..workflows.emulate import emulate
 
 WIKITEXT_TRAIN = "lm/wikitext-2-v1-tokens/wiki.train.tokens.gz"
 
@@ -70,8 +73,6 @@ def wikitext_train_text(data_dir, workdir) -> Path:
     """``workdir/wikitext.train.txt``: the v1 train articles, detokenised one by one, blank-line separated."""
     import gzip
 
-    from ..data.wikitext import split_wikitext_documents, wikitext_detokenize
-
     path = Path(data_dir or ".") / WIKITEXT_TRAIN
     if not path.is_file():
         raise OffsiteError(f"WikiText fine-tuning text not found: tried {path}")
@@ -98,8 +99,6 @@ def score_with(model: str, adapter, task: str, data_dir, split: str, limit: int 
     an adapter of every block). The model is loaded for this score only, so that one model at a
     time sits on the device; ``stream`` keeps a full model's layers on disk (:mod:`offsite.model.offload`).
     """
-    from ..eval.loading import load_for_eval
-
     loaded, tok, _ = load_for_eval(str(model), adapter=None if adapter is None else str(adapter), device=device,
                                    stream=stream)
     try:
@@ -114,8 +113,6 @@ def full_package(model: str, workdir, device) -> Path:
     Fine-tuning its "adapter" tunes every decoder block of the full model with the very settings
     of an adapter run (embeddings and head stay frozen, as they do for adapters): the Full FT row.
     """
-    from ..workflows.emulate import emulate
-
     whole = Path(workdir) / "emulator-full"
     emulate(model, whole, method="uniform", adapter_layers="all", overwrite=True, allow_verbatim_middle=True,
             device=device)

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..core.device import resolve_device
 from ..core.errors import OffsiteError
 from ..core.plotting import pyplot
+from ..emulator import get_builder
 from ..eval.loading import load_for_eval
 from ..eval.run import parse_tasks
 from ..workflows.emulate import emulate
@@ -138,8 +139,6 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
 
 def check_streamable(methods, full_ft: bool) -> None:
     """Refuse, before any work, a streamed report that would need the whole model in memory."""
-    from ..emulator import get_builder
-
     if full_ft:
         raise OffsiteError("--full-ft trains every block of the full model, which --stream cannot hold; "
                            "drop one of the two")

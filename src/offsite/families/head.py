@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.errors import OffsiteError
+from . import get_family
 from .base import Family, get_layers
 
 
@@ -32,8 +33,6 @@ def split_family(model: nn.Module) -> Family | None:
     paths are not the CausalLM's (a PEFT ``PeftModel``; offsite trains LoRA through the model it
     was injected into), or a model without an output embedding.
     """
-    from . import get_family  # the package's lookup by config.model_type
-
     try:
         family = get_family(model)
         get_layers(model, family)  # the paths must be this model's own, not a wrapper's

@@ -55,7 +55,13 @@ from pathlib import Path
 
 from ..artifacts import guard_output
 from ..core.errors import OffsiteError
+from ..training.config import recorded
+from ..training.dp import require_opacus
+from ..training.loop import prepare
+from .client import client_app
 from .config import FederateConfig, local_config, split_settings
+from .partition import partition, record_labels
+from .server import Server, federation_record, server_app
 
 __all__ = ["federate", "FederateConfig"]
 
@@ -81,17 +87,9 @@ def federate(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     by = _split_by(cfg, lcfg.format)
     require_flwr()
     if cfg.client_dp_delta is not None:
-        from ..training.dp import require_opacus
-
         require_opacus()  # the accountant of the epsilon
     inputs = [emulator, data, cfg.val_data]
     guard_output(Path(out), "lora" if lcfg.lora else "adapter", overwrite, inputs)
-
-    from ..training.config import recorded
-    from ..training.loop import prepare
-    from .client import client_app
-    from .partition import partition, record_labels
-    from .server import Server, federation_record, server_app
 
     server = Server(emulator, cfg, local, trusted_keys=trusted_keys)
     count = len(prepare(server.emu, data, server.lcfg).train)  # the clients tokenise the file the same way

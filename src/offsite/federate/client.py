@@ -31,7 +31,10 @@ from pathlib import Path
 
 import torch
 
+from ..core.device import resolve_device
 from ..core.errors import OffsiteError
+from ..training.loop import Prepared, prepare, select, train as train_loop
+from ..training.session import open_session
 from .config import local_config, local_seed, split_settings
 
 _TRAINERS: dict = {}
@@ -47,10 +50,6 @@ def trainable(party, emulator, local_cfg, trusted_keys=None) -> None:
     ``trained`` (:func:`offsite.training.loop.select`); LoRA's initial A is drawn from the seed, as
     finetune draws it, so server and clients start from the same global adapter.
     """
-    from ..core.device import resolve_device
-    from ..training.loop import select
-    from ..training.session import open_session
-
     session = open_session(emulator, local_cfg, resolve_device(local_cfg.device), trusted_keys)
     party.device, party.emu, party.precision = session.device, session.emu, session.precision
     party.params, party.peft_model, party.trained = select(party.emu, local_cfg, party.precision, "adapter")
@@ -76,8 +75,6 @@ class Trainer:
     """
 
     def __init__(self, emulator, data, local: dict, threads: int | None = None):
-        from ..training.loop import prepare
-
         if threads:
             torch.set_num_threads(threads)
         self.cfg = local_config(local)
@@ -113,9 +110,6 @@ class Trainer:
             ``(tensors, metrics)``: the trained ``{name: CPU fp32 tensor}`` and ``{"num-examples",
             "unit-weight", "train-loss", "steps"}``.
         """
-        from ..training.loop import Prepared
-        from ..training.loop import train as train_loop
-
         self.load(arrays)
         examples = self.examples if indices is None else [self.examples[i] for i in indices]
         if not examples:

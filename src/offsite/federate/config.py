@@ -6,6 +6,7 @@ import dataclasses
 
 from ..core.errors import OffsiteError
 from ..core.settings_types import check_types
+from ..workflows.finetune import make_config
 from .partition import DIRICHLET_BY, SPLITS
 
 STRATEGIES = ("fedavg", "fedprox")
@@ -131,8 +132,6 @@ def split_settings(settings: dict) -> tuple:
 
 def local_config(local: dict, seed: int | None = None):
     """The :class:`offsite.workflows.finetune.FinetuneConfig` of one client's round: no hold-out, no progress bar."""
-    from ..workflows.finetune import make_config
-
     settings = {**local, "val_fraction": 0.0, "progress": False}
     if seed is not None:
         settings["seed"] = seed

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.errors import OffsiteError
+from ..data.records import check_mc_record, numbered_records
 
 SPLITS = ("iid", "dirichlet")
 DIRICHLET_BY = ("label", "answer", "size")
@@ -99,8 +100,6 @@ def _by_label(labels: list, clients: int, alpha: float, rng) -> list:
 
 def record_labels(path, by: str) -> list:
     """The class of every multiple-choice record of ``path`` for a label split (``by``: label or answer)."""
-    from ..data.records import check_mc_record, numbered_records
-
     out = []
     for where, record in numbered_records(path):
         check_mc_record(record, where, allow_unlabeled=False)

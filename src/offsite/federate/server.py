@@ -22,8 +22,13 @@ import time
 
 import torch
 
+from ..adapters.artifact import save_full_adapter, save_lora_adapter
+from ..artifacts import guard_output
 from ..core.errors import OffsiteError
-from .config import local_config
+from ..core.progress import showing
+from ..training.loop import prepare, validate
+from .client import cpu_copy, trainable
+from .config import local_config, split_settings
 
 
 class Server:
@@ -40,9 +45,6 @@ class Server:
     """
 
     def __init__(self, emulator, cfg, local: dict, trusted_keys=None):
-        from ..training.loop import prepare
-        from .client import trainable
-
         self.cfg, self.local, self.lcfg = cfg, local, local_config(local)
         trainable(self, emulator, self.lcfg, trusted_keys)  # LoRA's initial A, exactly as finetune draws it
         self.val = prepare(self.emu, cfg.val_data, self.lcfg).train[:self.lcfg.val_limit] if cfg.val_data else []
@@ -57,8 +59,6 @@ class Server:
 
     def arrays(self) -> dict:
         """The global adapter now, ``{name: CPU fp32 tensor}``."""
-        from .client import cpu_copy
-
         return cpu_copy(self.params)
 
     def load(self, arrays: dict) -> None:
@@ -69,8 +69,6 @@ class Server:
     def evaluate(self, server_round: int, record):
         """Flower's ``evaluate_fn``: the validation loss of the global adapter ``record``."""
         from flwr.app import MetricRecord
-
-        from ..training.loop import validate
 
         arrays = record.to_torch_state_dict()
         self.load(arrays)
@@ -87,7 +85,7 @@ class Server:
         """The ServerApp's main: discover the clients, run the rounds, keep w_R in the emulator."""
         from flwr.app import ArrayRecord
 
-        from .strategy import Federation
+        from .strategy import Federation  # subclasses Flower's strategies: needs the fl extra
 
         started = time.time()
         grid = Watched(grid, self.stop)
@@ -110,8 +108,6 @@ class Server:
 
     def write(self, out, settings: dict, overwrite=False, inputs=(), sign_key=None):
         """Write w_R as the adapter artifact ``out`` (kind ``adapter``, or ``lora``)."""
-        from ..adapters.artifact import save_full_adapter, save_lora_adapter
-
         self.trained.release()  # the fp32 masters stay; the writers cast them to the base dtype
         self.emu.model.eval()
         log = {"rounds": self.history, "initial_val_loss": self.initial_val_loss,
@@ -139,9 +135,6 @@ def server_app(server: Server):
 def _deployed(grid, context) -> None:
     """The ServerApp of a real deployment: every setting from the run config, then the artifact."""
     from pathlib import Path
-
-    from ..artifacts import guard_output
-    from .config import split_settings
 
     settings = {k.replace("-", "_"): v for k, v in context.run_config.items()}
     missing = [k for k in ("emulator", "out") if k not in settings]
@@ -267,8 +260,6 @@ def round_line(entry: dict, total: int) -> str:
 
 
 def _say(line: str) -> None:
-    from ..core.progress import showing
-
     if showing():
         print(line, file=sys.stderr, flush=True)
 

@@ -26,7 +26,12 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import unique_state_dict
+from ..artifacts.folder import atomic_folder, sha256_file
 from ..core.errors import OffsiteError
+from ..families import get_family
+from .dtypes import no_init_weights, resolve_dtype
+from .fingerprint import cache_fingerprint, cached_fingerprint, weight_fingerprint
 
 SUFFIX = ".gguf"
 INSTALL_HINT = "pip install 'offsite[gguf]' (or pip install 'gguf>=0.10')"
@@ -106,9 +111,6 @@ def dequantised_model(path):
     """
     from transformers import AutoModelForCausalLM
 
-    from ..families import get_family
-    from .loading import no_init_weights
-
     file = _checked(path)
     loaded = _from_pretrained(AutoModelForCausalLM, file, dtype=torch.float32)
     config = _plain(loaded.config, path)
@@ -148,8 +150,6 @@ def load_gguf(path, dtype="auto", device: str | None = None):
     Returns:
         ``(model, tokenizer)``; the model in eval mode, its identity fingerprint cached.
     """
-    from .loading import resolve_dtype
-
     model = dequantised_model(path)
     _remember_identity(path, model)  # over the fp32 values, whatever dtype is asked for
     wanted = resolve_dtype(dtype)
@@ -164,8 +164,6 @@ def gguf_source(path) -> dict:
     """Where a base model's weights came from: ``{"format": "gguf", "file", "bytes", "sha256",
     "file_type", "tensor_types"}`` (``file_type``: llama.cpp's name, e.g. ``MOSTLY_Q4_1``)."""
     import gguf
-
-    from ..artifacts.folder import sha256_file
 
     file = _checked(path)
     reader = gguf.GGUFReader(str(file))
@@ -184,9 +182,6 @@ def gguf_source(path) -> dict:
 
 
 def _remember_identity(path, model) -> dict:
-    from ..artifacts import unique_state_dict
-    from .identity import cache_fingerprint, weight_fingerprint
-
     record = {"weight_fingerprint": weight_fingerprint(unique_state_dict(model)), "source": gguf_source(path)}
     cache_fingerprint([Path(path)], record)
     return record
@@ -194,8 +189,6 @@ def _remember_identity(path, model) -> dict:
 
 def gguf_identity(path) -> tuple:
     """``(weight_fingerprint, source)`` of a GGUF file, from the cache or by dequantising it once."""
-    from .identity import cached_fingerprint
-
     record = cached_fingerprint([Path(path)])
     if not record or "source" not in record:
         record = _remember_identity(path, dequantised_model(path))
@@ -225,8 +218,6 @@ def convert_gguf(path, out, dtype="float32") -> Path:
     Returns:
         ``out``.
     """
-    from ..artifacts.folder import atomic_folder
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OffsiteError(f"{out} already exists and is not an empty folder; pick another --out")

@@ -30,10 +30,14 @@ import weakref
 
 import torch
 
+from ..artifacts import read_manifest
 from ..core.errors import OffsiteError
 from ..families import get_family
-from .identity import weight_files
-from .loading import load_config, load_tokenizer, no_init_weights, resolve_dtype
+from .dtypes import no_init_weights, resolve_dtype
+from .fingerprint import weight_files
+from .gguf_input import refuse_stream
+from .loading import load_config, load_tokenizer
+from .streaming import return_freed_memory
 
 
 def disk_device_map(config, device, keep=()) -> dict:
@@ -83,15 +87,12 @@ def load_offloaded(name_or_path: str, dtype="auto", device="cpu", keep=()) -> tu
     """
     from transformers import AutoModelForCausalLM
 
-    from .gguf_input import refuse_stream
-
     refuse_stream(name_or_path)
     config = load_config(name_or_path)
     get_family(config)  # unsupported architectures are refused before any weight is read
     if not weight_files(name_or_path):
         raise OffsiteError(f"--stream reads a checkpoint's .safetensors files in place; {name_or_path} has none "
                            "(score it without --stream, or save it with save_pretrained first)")
-    from .streaming import return_freed_memory
 
     return_freed_memory()  # every batch frees and re-reads each layer: keep glibc from hoarding them
     folder = tempfile.mkdtemp(prefix=".offsite-offload-")
@@ -113,7 +114,5 @@ def claimed_adapter_layers(adapter, num_layers: int) -> list:
     Only decides what to load: :func:`offsite.adapters.plugging.plug_into` verifies the artifact and refuses a
     split that is not the model's afterwards. Indices out of range are left out here.
     """
-    from ..artifacts import read_manifest
-
     claimed = read_manifest(adapter, ("adapter", "lora"))["split"]["adapter"]
     return [i for i in claimed if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers]

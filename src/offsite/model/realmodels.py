@@ -32,9 +32,11 @@ import time
 import zipfile
 from pathlib import Path
 
+from .. import __version__
 from ..artifacts.folder import atomic_folder, list_files, sha256_file
 from ..core.errors import OffsiteError
 from ..core.progress import phase
+from .gguf_input import dequantised_model, gguf_tokenizer, save_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +128,6 @@ def prepared_model_path(name: str, fmt: str = "fp32") -> Path:
 def _write_marker(folder: Path, spec: RealModel, fmt: str, **extra) -> None:
     files = {rel: [(folder / rel).stat().st_size, sha256_file(folder / rel)] for rel in list_files(folder)
              if rel != MARKER}
-    from .. import __version__
 
     record = {"model": spec.name, "format": fmt, "source": f"{spec.package}=={spec.version}:{spec.member}",
               "gguf_sha256": spec.sha256, "offsite_version": __version__,
@@ -226,8 +227,6 @@ def prepare(name: str, dtypes=tuple(DTYPES), source=None, force: bool = False) -
         todo = [d for d in wanted if force or not _complete(model_dir(name, d), check_hashes=True)]
         paths.update({d: model_dir(name, d) for d in wanted})
         if todo:
-            from .gguf_input import dequantised_model, gguf_tokenizer, save_model
-
             with phase(f"dequantise {spec.file_name}"):
                 model, tokenizer = dequantised_model(paths["gguf"]), gguf_tokenizer(paths["gguf"])
             for fmt in todo:  # fp32 first: bf16 rounds the same model in place

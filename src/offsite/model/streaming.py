@@ -32,10 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..artifacts import check_finite
+from ..artifacts.tensors import all_finite
 from ..core.errors import OffsiteError
 from ..families import get_family, get_layers
-from .identity import weight_files
-from .loading import load_config, no_init_weights, resolve_dtype
+from .dtypes import no_init_weights, resolve_dtype
+from .fingerprint import cached_files_fingerprint, weight_files
+from .gguf_input import refuse_stream
+from .loading import load_config
 
 
 def _renames(config):
@@ -104,8 +108,6 @@ class StreamedModel:
         from accelerate import init_empty_weights
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
-
-        from .gguf_input import refuse_stream
 
         refuse_stream(name_or_path)
         return_freed_memory()
@@ -246,8 +248,6 @@ class StreamedModel:
         """
         from safetensors.torch import save_file
 
-        from ..artifacts import check_finite
-
         layer = self._layers[index]
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in layer.state_dict().items()}
         check_finite(tensors, f"emulator layer {index}")
@@ -316,14 +316,10 @@ class StreamedModel:
 
     def weight_fingerprint(self) -> str:
         """The base weights' fingerprint, read from the files (cached per file state; see :mod:`offsite.model.identity`)."""
-        from .identity import cached_files_fingerprint
-
         return cached_files_fingerprint(sorted(set(self._where.values())))
 
     def check_finite(self) -> None:
         """Refuse NaN/inf in the resident tensors (layers are checked as they are materialised)."""
-        from ..artifacts.tensors import all_finite
-
         for name, p in self.model.named_parameters():
             if not p.is_meta and not all_finite(p):
                 raise OffsiteError(f"base model {self.name_or_path}: tensor '{name}' has NaN or infinite values; "

@@ -47,6 +47,7 @@ import os
 
 import torch
 
+from ..core.device import process_device
 from ..core.errors import OffsiteError
 
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -129,8 +130,6 @@ def join(name, world: int):
             group of another size.
     """
     from accelerate import PartialState
-
-    from ..core.device import process_device
 
     text = os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")).strip() or "0"
     if not text.isdigit():

@@ -29,8 +29,10 @@ import time
 
 import torch
 
+from ..adapters.lora import wrap_lora
 from ..artifacts.tensors import first_nonfinite
 from ..core.errors import OffsiteError
+from ..core.progress import bar
 from ..core.schedule import lr_lambda
 from ..data.examples import collate, load_examples
 from ..data.token_loss import mean_loss, token_losses
@@ -95,8 +97,6 @@ def select(emu, cfg, precision, scope: str = "adapter") -> tuple:
     layers = get_layers(model, emu.family)
     positions = adapter_part(emu, cfg.train_adapter) if scope == "adapter" else list(range(len(layers)))
     if cfg.lora:
-        from ..adapters.lora import wrap_lora
-
         peft_model = wrap_lora(model, emu.family, positions, cfg)
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         # PEFT's LoRA layers cast their input to the LoRA weights' dtype and the result back: no hooks.
@@ -355,6 +355,4 @@ def validate(model, examples, size: int, pad: int, device, autocast, group=None,
 
 
 def _progress(total: int, start: int, enabled: bool, desc: str):
-    from ..core.progress import bar
-
     return bar(total, desc, "step", initial=start, enabled=enabled, leave=False)

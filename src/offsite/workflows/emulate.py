@@ -16,7 +16,9 @@ from ..emulator import BuildInputs, available_methods, get_builder
 from ..emulator.disclosure import disclose, fingerprint_middle, guard_middle
 from ..emulator.package import save_emulator
 from ..families import count_parameters, describe, get_family
-from ..model.identity import model_identity, weight_files
+from ..model.fingerprint import weight_files
+from ..model.gguf_input import is_gguf
+from ..model.identity import model_identity
 from ..model.loading import load_model, load_tokenizer
 from ..model.split import make_split
 from ..model.streaming import StreamedModel
@@ -114,8 +116,6 @@ def choose_stream(model: str, builder) -> tuple:
     weights are ``.safetensors`` files (a folder, or a hub id in the local cache). A ``.gguf`` file
     or ``.bin`` weights must be loaded (dequantised, unpickled) whole.
     """
-    from ..model.gguf_input import is_gguf
-
     if not builder.supports_stream:
         return False, f"method '{builder.name}' cannot stream ({builder.stream_refusal or 'it needs the model in memory'})"
     if is_gguf(model):

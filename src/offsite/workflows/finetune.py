@@ -31,12 +31,11 @@ from ..core.device import resolve_device
 from ..core.errors import OffsiteError
 from ..core.precision import dtype_name
 from ..core.settings_types import build_settings
-from ..training import distributed
+from ..training import distributed, dp
 from ..training.checkpoint import (checkpoint_dir, guard_checkpoint, load_checkpoint, recover_checkpoint,
                                    remove_checkpoint, run_key, save_checkpoint)
 from ..training.config import FinetuneConfig, recorded, resume_settings
-from ..training.loop import State, check_finite, prepare, select
-from ..training.loop import train as train_loop
+from ..training.loop import State, check_finite, prepare, select, train as train_loop
 from ..training.session import open_session
 
 __all__ = ["finetune", "FinetuneConfig"]
@@ -65,8 +64,6 @@ def finetune(emulator, data, out, overwrite: bool = False, sign_key=None, truste
     if world > 1:
         distributed.check(cfg, world)
     if cfg.dp:
-        from ..training import dp
-
         dp.require_opacus()  # a missing extra is refused before any work or output
     inputs = [emulator, data, cfg.val_data, cfg.init_adapter]
     if world > 1:

@@ -24,7 +24,9 @@ from ..core.errors import ArtifactError, OffsiteError
 from ..core.progress import phase
 from ..families import get_family, get_layers
 from ..model.identity import model_identity
-from ..model.loading import load_model
+from ..model.loading import load_model, load_tokenizer
+from ..model.offload import claimed_adapter_layers
+from ..model.streaming import StreamedModel
 
 LORA_MODES = ("merge", "peft")
 
@@ -92,10 +94,6 @@ def plug(model: str, adapter, out, lora_mode: str = "merge", dtype: str = "auto"
     source = None
     with phase(f"load {model}" + (" (layers stay on disk)" if stream else "")):
         if stream:
-            from ..model.loading import load_tokenizer
-            from ..model.offload import claimed_adapter_layers
-            from ..model.streaming import StreamedModel
-
             source = StreamedModel(model, dtype=dtype, device=where)
             full, tokenizer = source.model, load_tokenizer(model)
             # The layers the adapter replaces or merges into; its manifest is verified by plug_into below.

@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..adapters.artifact import check_lora_config
 from ..artifacts import check_against, check_finite, check_trusted, load_tensors, read_manifest, verify_files
 from ..core.errors import ArtifactError
 from ..core.precision import dtype_name
+from ..emulator.package import load_emulator
+from ..families import get_family
 
 
 def verify_artifact(path, trusted_keys=None) -> dict:
@@ -45,12 +48,8 @@ def verify_artifact(path, trusted_keys=None) -> dict:
         if manifest["kind"] in ("adapter", "lora"):
             check_adapter_layers(tensors, manifest, root / rel)
     if manifest["kind"] == "emulator":
-        from ..emulator.package import load_emulator
-
         load_emulator(root)  # rebuild from the plan and load strictly: shapes must fit the architecture
     if manifest["kind"] == "lora":
-        from ..adapters.artifact import check_lora_config
-
         check_lora_config(root, manifest)
     return {"kind": manifest["kind"], "files": len(manifest["files"]), "tensors": count, "signature": signature}
 
@@ -61,8 +60,6 @@ def check_adapter_layers(tensors: dict, manifest: dict, where) -> None:
     Without the base model this cannot check shapes against it (``plug`` does); it does catch a
     tensor renamed into a middle layer, a missing layer, and a layer with a missing parameter.
     """
-    from ..families import get_family
-
     layers_attr = get_family(manifest["family"]).layers
     pattern = re.compile(r"(?:^|\.)" + re.escape(layers_attr) + r"\.(\d+)\.(.+)$")
     adapter = set(manifest["split"]["adapter"])

@@ -39,6 +39,7 @@ import dataclasses
 
 import torch
 
+from ...calibration import capture_boundaries_layerwise
 from ...core.device import model_device
 from ...core.errors import ArtifactError, OffsiteError
 from ...core.progress import bar
@@ -134,8 +135,6 @@ def middle_representations(model, family, split, batches: list, pooling: str, st
     middle = list(split.middle)
     pooled = {i: [] for i in middle}
     if stream is not None:
-        from ...calibration import capture_boundaries_layerwise
-
         def on_output(i, b, out):
             if i in pooled:
                 pooled[i].append(pool_tokens(out.float(), pooling))

@@ -36,11 +36,12 @@ import time
 
 import torch
 
+from ...calibration import capture_boundaries_layerwise
 from ...core.device import model_device
 from ...core.errors import OffsiteError
-from ...core.precision import base_dtype
-from ...core.precision import policy as precision_policy
+from ...core.precision import base_dtype, policy as precision_policy
 from ...core.progress import bar
+from ...core.schedule import lr_lambda
 from ...families import capture_hidden, get_layers
 from ..base import EmulatorBuilder, layer_count_points, layer_entries, register
 from ..calibrated import CalibrationSettings, check_fraction, check_positive, normalised_mse
@@ -144,8 +145,6 @@ def teacher_targets(model, family, batches: list, points: list, precision, strea
     targets = [[None] * len(points) for _ in batches]
     with torch.no_grad(), precision.autocast():
         if stream is not None:
-            from ...calibration import capture_boundaries_layerwise
-
             def on_output(i, b, out):
                 for k, where in enumerate(leaving):
                     if where == i:
@@ -252,7 +251,6 @@ class Distill(EmulatorBuilder):
         # moved once: calibration batches are CPU token ids and the probe runs before and after training
         probe = [b.to(model_device(emulator)) for b in batches[: min(2, len(batches))]]
         record["gap_before"] = distill_gap(emulator, family, probe, targets, s_points, config.kd_scale)
-        from ...core.schedule import lr_lambda  # here: offsite.finetune imports the emulator registry
 
         for p in trainable:
             p.requires_grad_(True)

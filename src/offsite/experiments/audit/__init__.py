@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 
 from ...artifacts import read_manifest
+from ...calibration.text import DEFAULT_CORPUS, default_calibration
 from ...core.device import resolve_device
 from ...core.errors import OffsiteError
 from ...data.tasks import is_file_task
+from ...eval.loading import load_for_eval
 from ...eval.run import check_data_dir, parse_tasks
 from ...workflows.finetune import finetune, make_config
 from ..protocol import check_workdir, full_package, gap, headline, score, score_with, slug, train_file
@@ -184,16 +186,12 @@ def _attack(name: str, emulator, honest: Path, train: tuple, settings: dict, bud
 
 def _score_all(model, names: list, device, **measure) -> dict:
     """``{task: metrics}`` of one model (an HF model or an emulator package) loaded once for every task."""
-    from ...eval.loading import load_for_eval
-
     loaded, tok, _ = load_for_eval(str(model), device=device)
     return {t: score(loaded, tok, t, **measure) for t in names}
 
 
 def resolve_public(public) -> Path:
     """The public text of attack ``recovery``: ``public``, else the calibration default, else an error."""
-    from ...calibration.text import DEFAULT_CORPUS, default_calibration
-
     path = Path(public) if public is not None else default_calibration()
     if path is None:
         raise OffsiteError(f"attack 'recovery' needs public text: pass --public FILE (.txt, .gz or .jsonl); the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from ...core.plotting import pyplot
 
 ROWS = [("full_zs", "full ZS"), ("emulator_zs", "emulator ZS"), ("emulator_ft", "emulator FT"),
         ("plug_in", "plug-in"), ("full_ft", "full FT")]
@@ -28,8 +29,6 @@ def format_table(result: dict) -> str:
 
 def plot_result(result: dict, path) -> Path | None:
     """A bar per row, the full model's zero-shot as a line and chance dotted; None without matplotlib."""
-    from ...core.plotting import pyplot
-
     plt = pyplot()
     if plt is None:
         return None

@@ -21,6 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ...core.device import resolve_device
+from ...eval.loading import load_for_eval
+from ...eval.run import evaluate
+from ...workflows.emulate import emulate
+from ...workflows.finetune import finetune
+from ...workflows.plug import plug
 from .pretrain import PretrainConfig, is_pretrained, pretrain
 from .world import generate_world, write_world
 
@@ -72,11 +78,6 @@ def run_demo(workdir, *, quick: bool = False, seed: int = 0, progress: bool = Tr
         ``{"accuracy": {row: acc}, "delta": plug_in - emulator_ft, "seconds": {...}, ...}``;
         the same object is written to ``workdir/results.json``.
     """
-    from ...core.device import resolve_device
-    from ...workflows.emulate import emulate
-    from ...workflows.finetune import finetune
-    from ...workflows.plug import plug
-
     where = resolve_device(device)  # before the world's files are written
     if threads:
         torch.set_num_threads(threads)
@@ -140,8 +141,6 @@ def prepare(workdir, settings: DemoSettings, seed: int = 0, progress: bool = Tru
         ``(paths, seconds)``: ``paths`` has ``corpus``, ``train``, ``validation``, ``test``,
         ``world`` and ``model`` (the pretrained HF folder); ``seconds`` has ``world`` and ``pretrain``.
     """
-    from ...core.device import resolve_device
-
     device = resolve_device(device)  # before the world's files are written
     work = Path(workdir)
     say = print if progress else (lambda *a, **k: None)
@@ -163,9 +162,6 @@ def prepare(workdir, settings: DemoSettings, seed: int = 0, progress: bool = Tru
 
 def score(model: str, adapter: str | None, test_file, progress: bool = False, device="auto") -> float:
     """Multiple-choice accuracy (``acc``) of a model / emulator (+ adapter) on the quiz file."""
-    from ...eval.loading import load_for_eval
-    from ...eval.run import evaluate
-
     m, tokenizer, _ = load_for_eval(model, adapter, device=device)
     out = evaluate(m, tokenizer, [str(test_file)], data_dir=None, split="test", progress=progress)
     return round(out["results"][str(test_file)]["acc"], 4)

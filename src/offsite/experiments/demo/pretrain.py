@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ...core.device import resolve_device
+from ...core.progress import bar as progress_bar
 from ...families import get_family, skipping_layers
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -134,8 +135,6 @@ def pretrain(corpus_path, out, cfg: PretrainConfig | None = None, progress: bool
     Returns:
         The model folder.
     """
-    from ...core.progress import bar as progress_bar
-
     cfg = cfg or PretrainConfig()
     where = resolve_device(device)
     out = Path(out)

@@ -24,7 +24,14 @@ import os
 import time
 from pathlib import Path
 
+from ...artifacts import read_manifest
+from ...core.device import resolve_device
 from ...core.errors import OffsiteError
+from ...model.realmodels import prepare
+from ...workflows.emulate import emulate
+from ...workflows.finetune import finetune
+from ...workflows.plug import plug
+from ..protocol import full_package, score_with, train_file
 
 TASK = "sciq"
 
@@ -81,14 +88,6 @@ def run_real_demo(workdir, *, data_dir=None, settings: RealDemoSettings | None =
     """
     import torch
 
-    from ...artifacts import read_manifest
-    from ...core.device import resolve_device
-    from ...model.realmodels import prepare
-    from ...workflows.emulate import emulate
-    from ...workflows.finetune import finetune
-    from ...workflows.plug import plug
-    from ..protocol import score_with, train_file
-
     where = resolve_device(device)  # first: an unavailable device costs nothing and writes nothing
     data = find_data_dir(data_dir)
     if threads:
@@ -123,8 +122,6 @@ def run_real_demo(workdir, *, data_dir=None, settings: RealDemoSettings | None =
     runs = {"full_zs": (model, None), "emulator_zs": (emulator, None), "emulator_ft": (emulator, adapter),
             "plug_in": (plugged, None)}
     if full_ft:
-        from ..protocol import full_package
-
         say("[demo] full fine-tuning (every decoder block; the upper bound) ...")
         whole = full_package(model, work, where)  # never shipped
         runs["full_ft"] = (model, finetune(str(whole), str(train), work / "adapter_full", overwrite=True, **ft))

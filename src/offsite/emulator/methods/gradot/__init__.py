@@ -62,6 +62,7 @@ from ....calibration import (STATS_DTYPES, backward_sweep, capture_boundaries, c
 from ....core.errors import OffsiteError
 from ....core.progress import bar
 from ....families import get_layers, layer_linears
+from ....model.loading import load_tokenizer
 from ...base import EmulatorBuilder, keep_layers, layer_entries, register
 from ...calibrated import CalibrationSettings
 from ...importance_cache import cache_key, load_terms, save_terms
@@ -161,7 +162,6 @@ def _batches(model, config: GradOTConfig, inputs: BuildInputs):
     """Calibration batches (through the loader every calibrated method shares) and the record of their source."""
     given = isinstance(inputs.calibration, (list, tuple))
     if inputs.tokenizer is None and not given:  # plan() called directly on a model loaded from a folder
-        from ....model.loading import load_tokenizer
 
         inputs.tokenizer = load_tokenizer(str(getattr(model, "name_or_path", "") or ""))
     settings = CalibrationSettings.of(config)
