@@ -57,13 +57,14 @@ def world(work: Path, seed: int) -> tuple:
 
 
 def point(model, task, corpus, workdir: Path, method: str, settings: dict, seed: int, split: str) -> dict:
+    from offsite.experiments.protocol import Protocol
     from offsite.experiments.report import run_report
 
     if method in ("scaleot", "gradot"):
         settings = {**settings, "cache_dir": str(workdir.parent / f"{method}-cache")}
-    report = run_report(model, [task], data_dir=None, workdir=workdir, methods=[method], split=split,
-                        method_settings={method: settings}, calibration=corpus,
-                        finetune_settings={**FINETUNE, "seed": seed}, log=lambda *a: None)
+    protocol = Protocol(split=split, finetune={**FINETUNE, "seed": seed})
+    report = run_report(model, [task], workdir, protocol, methods=[method], method_settings={method: settings},
+                        calibration=corpus, log=lambda *a: None)
     res = report["methods"][method]
     params = res["build"]["parameters"]
     return {"method": method, "settings": {k: v for k, v in settings.items() if k != "cache_dir"}, "seed": seed,
@@ -112,6 +113,7 @@ def pick(rows: list, min_delta: float) -> dict:
 
 def judge(args, out: Path, chosen: dict) -> dict:
     from offsite.experiments.audit import run_audit
+    from offsite.experiments.protocol import Protocol
 
     rows = []
     gradot_ratio = chosen["gradot"]["params_ratio"]
@@ -126,8 +128,8 @@ def judge(args, out: Path, chosen: dict) -> dict:
             r = point(model, task, corpus, work / f"judge-{name}", method, settings, seed, "test")
             r["name"] = name
             if name == method:
-                audit = run_audit(r["emulator"], model, [task], None, work / f"audit-{name}", public=corpus,
-                                  finetune_settings={**FINETUNE, "seed": seed}, split="test", device="cpu",
+                protocol = Protocol(split="test", device="cpu", finetune={**FINETUNE, "seed": seed})
+                audit = run_audit(r["emulator"], model, [task], work / f"audit-{name}", protocol, public=corpus,
                                   log=lambda *a: None)
                 res = audit["results"][task]
                 r.update(audit_margin=res["margin"], best_attack=res["best_attack"],

@@ -45,11 +45,12 @@ FINETUNE = {"max_steps": 200, "lr": 3e-4, "batch_size": 16}
 
 def run_point(model, task, calibration, workdir: Path, method: str, settings: dict, seed: int) -> dict:
     """One emulator through the report protocol; returns its sizes and the four accuracies."""
+    from offsite.experiments.protocol import Protocol
     from offsite.experiments.report import run_report
 
-    report = run_report(model, [task], data_dir=None, workdir=workdir, methods=[method], split="test",
-                        method_settings={method: settings}, calibration=calibration,
-                        finetune_settings={**FINETUNE, "seed": seed}, log=lambda *a: None)
+    protocol = Protocol(split="test", finetune={**FINETUNE, "seed": seed})
+    report = run_report(model, [task], workdir, protocol, methods=[method], method_settings={method: settings},
+                        calibration=calibration, log=lambda *a: None)
     result = report["methods"][method]
     acc = {row: result["table"][row][task] for row in ("full_zs", "emu_zs", "emu_ft", "plug_in")}
     params = result["build"]["parameters"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from offsite.experiments.audit import run_audit
+from offsite.experiments.protocol import Protocol
 from offsite.experiments.audit.attacks import ATTACKS, run_attack, stages
 from offsite.cli import main
 from offsite.workflows.emulate import emulate
@@ -16,7 +17,8 @@ from offsite.eval.loading import load_for_eval
 from offsite.emulator.package import load_emulator
 
 FT = {"max_steps": 4, "batch_size": 4, "lr": 1e-3}
-QUIET = dict(limit=12, train_limit=24, device="cpu", log=lambda *a: None)
+PROTOCOL = Protocol(limit=12, train_limit=24, device="cpu", finetune=FT)
+QUIET = dict(log=lambda *a: None)
 
 
 @pytest.fixture
@@ -31,8 +33,7 @@ def test_an_emulator_that_is_the_full_model_leaves_no_margin(saved_model, mc_tas
     path, _ = saved_model("llama", 6)
     whole = emulate(str(path), tmp_path / "emu", adapter_layers="1,1", emulator_layers=4, allow_verbatim_middle=True)
     task = mc_task[0]
-    audit = run_audit(whole, str(path), [task], None, tmp_path / "audit", attacks=["adapter", "full"],
-                      finetune_settings=FT, **QUIET)
+    audit = run_audit(whole, str(path), [task], tmp_path / "audit", PROTOCOL, attacks=["adapter", "full"], **QUIET)
     res = audit["results"][task]
     honest, plug = res["attacks"]["adapter"]["metrics"], res["metrics"]["plug_in"]
     # The same weights scored two ways (emulator + adapter, full model + the same adapter): identical.
@@ -43,8 +44,7 @@ def test_an_emulator_that_is_the_full_model_leaves_no_margin(saved_model, mc_tas
 
 def test_audit_writes_every_attack_with_one_budget_and_the_worst_case_margin(world, text_file, tmp_path):
     path, emu, task = world
-    audit = run_audit(emu, str(path), [task], None, tmp_path / "audit", public=text_file, finetune_settings=FT,
-                      **QUIET)
+    audit = run_audit(emu, str(path), [task], tmp_path / "audit", PROTOCOL, public=text_file, **QUIET)
     for name in ("audit.json", "audit.md", "audit.png"):
         assert (tmp_path / "audit" / name).stat().st_size > 0, name
     written = json.loads((tmp_path / "audit" / "audit.json").read_text())
@@ -123,9 +123,9 @@ def test_report_audit_adds_the_best_attack_as_a_sixth_row(saved_model, mc_task, 
 
     path, _ = saved_model("llama", 6)
     task = mc_task[0]
-    report = run_report(str(path), [task], None, tmp_path / "rep", adapter_layers="1,1",
-                        method_settings={"uniform": {"emulator_layers": 2}}, limit=12, train_limit=24,
-                        finetune_settings=FT, audit=True, public=text_file, log=lambda *a: None, device="cpu")
+    report = run_report(str(path), [task], tmp_path / "rep", PROTOCOL, adapter_layers="1,1",
+                        method_settings={"uniform": {"emulator_layers": 2}}, audit=True, public=text_file,
+                        log=lambda *a: None)
     res = report["methods"]["uniform"]
     assert res["best_attack"][task] in ATTACKS
     # Emu FT is attack (a), so the best attack is never below it.

@@ -9,6 +9,7 @@ from offsite.workflows.emulate import emulate
 from offsite.emulator import get_builder
 from offsite.emulator.methods.crash import cluster_adjacent, linear_cka, nearest_kept, pool_tokens
 from offsite.core.errors import OffsiteError
+from offsite.experiments.protocol import Protocol
 from offsite.families import get_family, get_layers, layer_linears
 from offsite.emulator.package import load_emulator
 
@@ -132,10 +133,10 @@ def test_report_compares_methods_with_calibration_and_per_method_settings(saved_
         method_settings(["uniform"], None, ["gradot:param_budget=0.5"])
 
     path, _ = saved_model("llama", 6)
-    report = run_report(str(path), [mc_task[0]], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
+    protocol = Protocol(limit=6, train_limit=12, finetune={"max_steps": 2, "batch_size": 4})
+    report = run_report(str(path), [mc_task[0]], tmp_path / "work", protocol, adapter_layers="1,1",
                         methods=["uniform", "crash"], calibration=text_file,
                         method_settings={"uniform": {"emulator_layers": 2}, "crash": {"emulator_layers": 2, **SMALL}},
-                        limit=6, train_limit=12, finetune_settings={"max_steps": 2, "batch_size": 4},
                         log=lambda *a: None)
     builds = {m: report["methods"][m]["build"] for m in ("uniform", "crash")}
     assert builds["uniform"]["parameters"] == builds["crash"]["parameters"]  # matched size: 2 of 4 kept

@@ -23,6 +23,7 @@ from offsite.eval.scoring import score_multiple_choice
 from offsite.workflows.finetune import finetune
 from offsite.eval.loading import load_for_eval
 from offsite.workflows.plug import plug
+from offsite.experiments.protocol import Protocol
 from offsite.experiments.report import run_report
 
 CUDA = torch.cuda.is_available()
@@ -135,10 +136,10 @@ def test_cli_device_cpu_gives_the_api_defaults_artifacts(saved_model, text_file,
 def test_report_on_cpu_gives_the_default_report(saved_model, mc_task, tmp_path):
     path, _ = saved_model("llama", 4)
     task, _ = mc_task
-    kwargs = dict(adapter_layers="1,1", method_settings={"uniform": {"emulator_layers": 1}}, limit=4, train_limit=8,
-                  finetune_settings={"max_steps": 1, "batch_size": 4}, log=lambda *a: None)
-    cpu = run_report(str(path), [task], None, tmp_path / "cpu", device="cpu", **kwargs)
-    default = run_report(str(path), [task], None, tmp_path / "default", **DEFAULT, **kwargs)
+    kwargs = dict(adapter_layers="1,1", method_settings={"uniform": {"emulator_layers": 1}}, log=lambda *a: None)
+    measure = dict(limit=4, train_limit=8, finetune={"max_steps": 1, "batch_size": 4})
+    cpu = run_report(str(path), [task], tmp_path / "cpu", Protocol(device="cpu", **measure), **kwargs)
+    default = run_report(str(path), [task], tmp_path / "default", Protocol(**DEFAULT, **measure), **kwargs)
     assert cpu["methods"]["uniform"]["table"] == default["methods"]["uniform"]["table"]
     assert cpu["finetune"]["device"] == "cpu"
 

@@ -8,11 +8,12 @@ import pytest
 from offsite.cli import main
 from offsite.core.errors import OffsiteError
 from offsite.experiments.frontier import run_frontier, sweep_points
+from offsite.experiments.protocol import Protocol
 from offsite.emulator.package import load_emulator
 
 FT = {"max_steps": 3, "batch_size": 4, "lr": 1e-3}
-QUIET = dict(limit=12, train_limit=24, device="cpu", log=lambda *a: None, adapter_layers="1,1",
-             finetune_settings=FT)
+PROTOCOL = Protocol(limit=12, train_limit=24, device="cpu", finetune=FT)
+QUIET = dict(log=lambda *a: None, adapter_layers="1,1")
 
 
 @pytest.fixture
@@ -23,8 +24,8 @@ def base(saved_model, mc_task):
 
 def test_frontier_keeps_the_best_plug_in_that_meets_the_target(base, tmp_path):
     model, task = base
-    record = run_frontier(model, "uniform", task, None, tmp_path / "work", tmp_path / "chosen", values=[1, 2, 3],
-                          min_delta=-100, **QUIET)
+    record = run_frontier(model, "uniform", task, tmp_path / "work", tmp_path / "chosen", PROTOCOL,
+                          values=[1, 2, 3], min_delta=-100, **QUIET)
     points = record["points"]
     assert [p["settings"] for p in points] == [{"emulator_layers": k} for k in (1, 2, 3)]
     assert all(p["meets"] for p in points)  # Δ >= -100 points: everyone
@@ -44,15 +45,15 @@ def test_frontier_keeps_the_best_plug_in_that_meets_the_target(base, tmp_path):
     assert selection["chosen"] == record["chosen"] and len(selection["points"]) == 3
     assert selection["frontier"]["target"] == {"max_emulator_score": None, "min_delta": -100}
     # a tighter target leaves only the points below it
-    record = run_frontier(model, "uniform", task, None, tmp_path / "work2", tmp_path / "chosen2", values=[1, 2, 3],
-                          max_emulator_score=100 * min(p["emu_ft"] for p in points), **QUIET)
+    record = run_frontier(model, "uniform", task, tmp_path / "work2", tmp_path / "chosen2", PROTOCOL,
+                          values=[1, 2, 3], max_emulator_score=100 * min(p["emu_ft"] for p in points), **QUIET)
     assert all(p["meets"] == (p["emu_ft"] <= min(q["emu_ft"] for q in points)) for p in record["points"])
 
 
 def test_a_target_nobody_meets_says_so_and_writes_no_emulator(base, tmp_path, capsys):
     model, task = base
     with pytest.raises(OffsiteError, match="no point of the sweep meets the target --min-delta 101"):
-        run_frontier(model, "uniform", task, None, tmp_path / "work", tmp_path / "chosen", values=[1, 3],
+        run_frontier(model, "uniform", task, tmp_path / "work", tmp_path / "chosen", PROTOCOL, values=[1, 3],
                      min_delta=101, **QUIET)
     assert not (tmp_path / "chosen").exists()
     record = json.loads((tmp_path / "work" / "frontier.json").read_text())
@@ -75,8 +76,9 @@ def test_gradot_points_share_one_calibration_sweep(base, text_file, tmp_path, mo
     for name in ("capture_boundaries", "capture_boundaries_layerwise"):  # in memory or streamed (the default)
         real = getattr(gradot, name)
         monkeypatch.setattr(gradot, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
-    record = run_frontier(model, "gradot", task, None, tmp_path / "work", tmp_path / "chosen", values=[0.3, 0.6],
-                          lambdas=[0.0, 4.0], fixed={"seq_len": 16, "num_sequences": 4, "batch_size": 2},
+    record = run_frontier(model, "gradot", task, tmp_path / "work", tmp_path / "chosen", PROTOCOL,
+                          values=[0.3, 0.6], lambdas=[0.0, 4.0],
+                          fixed={"seq_len": 16, "num_sequences": 4, "batch_size": 2},
                           calibration=text_file, min_delta=-100, **QUIET)
     assert len(record["points"]) == 4 and len(calls) == 1  # four builds (+ the rebuild), one sweep
     plans = [json.loads((tmp_path / "work" / f"point-{i}" / "manifest.json").read_text())["plan"] for i in range(4)]
@@ -86,7 +88,7 @@ def test_gradot_points_share_one_calibration_sweep(base, text_file, tmp_path, mo
 
 def test_an_audited_frontier_judges_by_the_strongest_attack(base, text_file, tmp_path):
     model, task = base
-    record = run_frontier(model, "uniform", task, None, tmp_path / "work", tmp_path / "chosen", values=[2],
+    record = run_frontier(model, "uniform", task, tmp_path / "work", tmp_path / "chosen", PROTOCOL, values=[2],
                           min_delta=-100, audit=True, public=text_file, **QUIET)
     row = record["points"][0]
     assert row["attack"] in ("adapter", "full", "lora", "recovery")
@@ -101,7 +103,7 @@ def test_refusals_come_before_any_output(base, tmp_path):
     def run(**kw):
         args = dict(values=[1, 2], min_delta=0)
         args.update(kw)
-        return run_frontier(model, kw.pop("method", "uniform"), kw.pop("task", task), None, work, out,
+        return run_frontier(model, kw.pop("method", "uniform"), kw.pop("task", task), work, out, PROTOCOL,
                             **{k: v for k, v in args.items() if k not in ("method", "task")}, **QUIET)
 
     with pytest.raises(OffsiteError, match="give exactly one target"):

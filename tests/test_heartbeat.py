@@ -87,14 +87,15 @@ def test_finetune_with_stderr_in_a_file_shows_step_loss_rate_and_eta(small_emula
 
 
 def test_the_fine_tunes_and_scoring_inside_report_show_progress(saved_model, mc_task, tmp_path, capsys):
+    from offsite.experiments.protocol import Protocol
     from offsite.experiments.report import run_report
 
     progress.set_heartbeat(0.01)
     path, _ = saved_model("llama", 6)
     task, _ = mc_task
-    run_report(str(path), [task], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
-               method_settings={"uniform": {"emulator_layers": 2}}, limit=12, train_limit=24,
-               finetune_settings={"max_steps": 20, "batch_size": 4, "lr": 1e-3}, log=lambda *a: None)
+    protocol = Protocol(limit=12, train_limit=24, finetune={"max_steps": 20, "batch_size": 4, "lr": 1e-3})
+    run_report(str(path), [task], tmp_path / "work", protocol, adapter_layers="1,1",
+               method_settings={"uniform": {"emulator_layers": 2}}, log=lambda *a: None)
     lines = capsys.readouterr().err.splitlines()
     descs = {m["desc"] for m in map(LINE.match, lines) if m}
     assert "finetune" in descs  # was silent before: report passed progress=False to its fine-tunes

@@ -5,16 +5,16 @@ import json
 import pytest
 
 from offsite.core.errors import OffsiteError
+from offsite.experiments.protocol import Protocol
 from offsite.experiments.report import ROWS, format_report, run_report
 
 
 def test_report_has_the_five_numbers_and_delta(saved_model, mc_task, tmp_path):
     path, _ = saved_model("llama", 6)
     task, folder = mc_task
-    report = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "work", adapter_layers="1,1",
-                        method_settings={"uniform": {"emulator_layers": 2}}, limit=12, train_limit=24,
-                        finetune_settings={"max_steps": 3, "batch_size": 4, "lr": 1e-3}, full_ft=True,
-                        log=lambda *a: None)
+    protocol = Protocol(limit=12, train_limit=24, finetune={"max_steps": 3, "batch_size": 4, "lr": 1e-3})
+    report = run_report(str(path), [task], tmp_path / "work", protocol, adapter_layers="1,1",
+                        method_settings={"uniform": {"emulator_layers": 2}}, full_ft=True, log=lambda *a: None)
     table = report["methods"]["uniform"]["table"]
     for row in ROWS:
         assert 0.0 <= table[row][task] <= 1.0, (row, table[row])
@@ -45,9 +45,9 @@ def test_report_has_the_five_numbers_and_delta(saved_model, mc_task, tmp_path):
 
 def test_report_refuses_a_task_it_would_train_and_score_on_before_any_model_work(mc_file, tmp_path):
     with pytest.raises(OffsiteError, match="single file.*{split}"):
-        run_report("no-such-model", [str(mc_file)], data_dir=None, workdir=tmp_path / "work", log=lambda *a: None)
+        run_report("no-such-model", [str(mc_file)], tmp_path / "work", log=lambda *a: None)
     with pytest.raises(OffsiteError, match="WikiText fine-tuning text not found"):
-        run_report("no-such-model", ["wikitext"], data_dir=tmp_path, workdir=tmp_path / "work", log=lambda *a: None)
+        run_report("no-such-model", ["wikitext"], tmp_path / "work", Protocol(data_dir=tmp_path), log=lambda *a: None)
 
 
 def test_wikitext_fine_tunes_on_text_in_the_style_it_is_scored_on(tmp_path):
@@ -84,13 +84,13 @@ def test_a_streamed_report_gives_the_in_memory_report(saved_model, mc_task, text
     number of the report is the in-memory report's (the emulator and adapter are bitwise the same)."""
     path, _ = saved_model("llama", 6)
     task, _ = mc_task
-    common = dict(adapter_layers="1,1", methods=("uniform", "crash"), limit=12, train_limit=24,
+    protocol = Protocol(limit=12, train_limit=24, finetune={"max_steps": 2, "batch_size": 4, "lr": 1e-3})
+    common = dict(adapter_layers="1,1", methods=("uniform", "crash"),
                   method_settings={"uniform": {"emulator_layers": 2},
                                    "crash": {"emulator_layers": 2, "seq_len": 16, "num_sequences": 4}},
-                  finetune_settings={"max_steps": 2, "batch_size": 4, "lr": 1e-3}, log=lambda *a: None,
-                  calibration=str(text_file))
-    whole = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "whole", **common)
-    streamed = run_report(str(path), [task], data_dir=None, workdir=tmp_path / "streamed", stream=True, **common)
+                  log=lambda *a: None, calibration=str(text_file))
+    whole = run_report(str(path), [task], tmp_path / "whole", protocol, **common)
+    streamed = run_report(str(path), [task], tmp_path / "streamed", protocol, stream=True, **common)
     assert streamed["stream"] is True
     for method in ("uniform", "crash"):
         assert streamed["methods"][method]["table"] == whole["methods"][method]["table"]
@@ -102,8 +102,8 @@ def test_a_streamed_report_gives_the_in_memory_report(saved_model, mc_task, text
 def test_a_streamed_report_refuses_what_needs_the_whole_model_before_any_work(mc_task, tmp_path):
     task, _ = mc_task
     with pytest.raises(OffsiteError, match="--full-ft trains every block"):
-        run_report("no-such-model", [task], None, tmp_path / "w", full_ft=True, stream=True, log=lambda *a: None)
+        run_report("no-such-model", [task], tmp_path / "w", full_ft=True, stream=True, log=lambda *a: None)
     with pytest.raises(OffsiteError, match="method 'scaleot' cannot build from a streamed model"):
-        run_report("no-such-model", [task], None, tmp_path / "w", methods=("uniform", "scaleot"), stream=True,
+        run_report("no-such-model", [task], tmp_path / "w", methods=("uniform", "scaleot"), stream=True,
                    log=lambda *a: None)
     assert not (tmp_path / "w").exists()

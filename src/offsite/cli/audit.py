@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import steps
+from .common import protocol_from, steps
 
 
 def add_parser(sub) -> None:
@@ -38,10 +38,9 @@ def run(args) -> int:
     from ..experiments.audit import format_audit, run_audit
 
     device = resolve_device(args.device)  # first: an unavailable device costs nothing and writes nothing
-    audit = run_audit(args.emulator, args.model, args.tasks, args.data_dir, args.workdir, public=args.public,
-                      budget=args.budget, attacks=[a for a in args.attacks.split(",") if a], split=args.split,
-                      limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft, device=device,
-                      finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
+    audit = run_audit(args.emulator, args.model, args.tasks, args.workdir, protocol_from(args, device),
+                      public=args.public, budget=args.budget, attacks=[a for a in args.attacks.split(",") if a],
+                      full_ft=args.full_ft)
     print(format_audit(audit))
     written = [n for n in ("audit.json", "audit.md", "audit.png") if os.path.isfile(os.path.join(args.workdir, n))]
     print(f"written: {args.workdir}/" + f", {args.workdir}/".join(written))  # no PNG without matplotlib

@@ -100,3 +100,11 @@ def field_docs(cls) -> dict:
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def protocol_from(args, device):
+    """The :class:`~offsite.experiments.protocol.Protocol` of report, audit and frontier from their shared flags."""
+    from ..experiments.protocol import Protocol
+
+    return Protocol(data_dir=args.data_dir, split=args.split, limit=args.limit, train_limit=args.train_limit,
+                    device=device, finetune={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_out, steps
+from .common import add_out, parse_settings, protocol_from, refuse_workflow_arguments, steps
 
 
 def add_parser(sub) -> None:
@@ -61,19 +61,16 @@ def run(args) -> int:
     from ..core.device import resolve_device
     from ..experiments.frontier import format_frontier, run_frontier
     from ..workflows.emulate import emulate
-    from .common import parse_settings, refuse_workflow_arguments
 
     # every point's settings go to emulate(); its own arguments are flags of this command or fixed
     fixed = refuse_workflow_arguments(parse_settings(args.set), emulate, {"selection": None, "stream": None})
     device = resolve_device(args.device)  # an unavailable device costs nothing and writes nothing
-    record = run_frontier(args.model, args.method, args.tasks, args.data_dir, args.workdir, args.out,
+    record = run_frontier(args.model, args.method, args.tasks, args.workdir, args.out, protocol_from(args, device),
                           values=_numbers(args.values, "--values"), lambdas=_numbers(args.lambdas, "--lambdas"),
                           fixed=fixed, max_emulator_score=args.max_emulator_score,
                           min_delta=args.min_delta, audit=args.audit, public=args.public,
-                          adapter_layers=args.adapter_layers, calibration=args.calibration, split=args.split,
-                          limit=args.limit, train_limit=args.train_limit, overwrite=args.overwrite,
-                          sign_key=args.sign_key, device=device,
-                          finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
+                          adapter_layers=args.adapter_layers, calibration=args.calibration, overwrite=args.overwrite,
+                          sign_key=args.sign_key)
     print(format_frontier(record))
     print(f"written: {args.out} (the chosen emulator); {args.workdir}/frontier.json, frontier.md, frontier.png")
     return 0

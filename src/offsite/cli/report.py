@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import steps
+from .common import protocol_from, steps
 
 
 def add_parser(sub) -> None:
@@ -50,12 +50,9 @@ def run(args) -> int:
     check_data_dir(parse_tasks(args.tasks), args.data_dir)
     methods = [m for m in args.methods.split(",") if m]
     settings = method_settings(methods, args.emulator_layers, args.method_set)
-    report = run_report(args.model, args.tasks, args.data_dir, args.workdir, methods=methods,
-                        adapter_layers=args.adapter_layers, method_settings=settings, split=args.split,
-                        limit=args.limit, train_limit=args.train_limit, full_ft=args.full_ft,
-                        calibration=args.calibration, device=device, audit=args.audit, public=args.public,
-                        stream=args.stream,
-                        finetune_settings={"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size})
+    report = run_report(args.model, args.tasks, args.workdir, protocol_from(args, device), methods=methods,
+                        adapter_layers=args.adapter_layers, method_settings=settings, full_ft=args.full_ft,
+                        calibration=args.calibration, audit=args.audit, public=args.public, stream=args.stream)
     table = format_report(report)
     from pathlib import Path
 

@@ -16,6 +16,7 @@ The v1 files replace rare words by ``<unk>``, which stays: the raw words are not
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,6 +29,47 @@ from ..eval.run import evaluate
 from ..workflows.emulate import emulate
 
 WIKITEXT_TRAIN = "lm/wikitext-2-v1-tokens/wiki.train.tokens.gz"
+DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64}
+"""Every fine-tune's settings unless the protocol gives others (``offsite report``'s, audit's, frontier's)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How an experiment measures, the same for every row it reports (report, audit, frontier).
+
+    One object instead of the same eight arguments in each workflow: rows measured under two
+    protocols do not compare, so an experiment takes one.
+
+    Attributes:
+        data_dir: the offline data folder (None when every task is own data).
+        split: the split scored; limit: first N questions scored per task (None: all).
+        train_limit: first N training examples per task (None: all).
+        batch_size: scoring batch size.
+        device: where every model is built, trained and scored (``"auto"``: CUDA when present); it
+            overrides a ``device`` in ``finetune``.
+        finetune: ``FinetuneConfig`` settings of every fine-tune (the honest adapter, Full FT and the
+            attacks), over :data:`DEFAULT_FINETUNE`.
+    """
+
+    data_dir: object = None
+    split: str = "validation"
+    limit: int | None = None
+    train_limit: int | None = None
+    batch_size: int = 16
+    device: object = "auto"
+    finetune: dict | None = None
+
+    def measure(self) -> dict:
+        """The scoring arguments of :func:`score` and :func:`score_with`."""
+        return {"data_dir": self.data_dir, "split": self.split, "limit": self.limit, "batch_size": self.batch_size}
+
+    def finetune_settings(self, where) -> dict:
+        """Every fine-tune's settings on device ``where`` (the resolved :attr:`device`)."""
+        return {**DEFAULT_FINETUNE, **(self.finetune or {}), "device": str(where)}
+
+    def train_file(self, task: str, workdir: Path) -> tuple:
+        """:func:`train_file` of ``task`` under this protocol's data and training limit."""
+        return train_file(task, self.data_dir, workdir, self.train_limit)
 
 
 def headline(metrics: dict) -> tuple:

@@ -31,7 +31,7 @@ from ..eval.run import parse_tasks
 from ..workflows.emulate import emulate
 from ..workflows.finetune import finetune
 from .audit import resolve_public, strongest_attack
-from .protocol import full_package, gap, headline, score, score_with, slug, train_file
+from .protocol import Protocol, full_package, gap, headline, score, score_with, slug
 
 ROWS = ("full_zs", "full_ft", "emu_zs", "emu_ft", "plug_in")
 LABELS = {"full_zs": "Full ZS", "full_ft": "Full FT", "emu_zs": "Emu ZS", "emu_ft": "Emu FT", "plug_in": "Plug-in",
@@ -40,37 +40,33 @@ AUDIT_ROW = "attack"
 """The sixth row of ``audit=True``: the best of ``offsite audit``'s attacks (Emu FT being attack (a))."""
 
 
-def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapter_layers="2,2",
-               method_settings: dict | None = None, finetune_settings: dict | None = None, split="validation",
-               limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-               full_ft: bool = False, calibration=None, log=print, device="auto", audit: bool = False,
-               public=None, stream: bool = False) -> dict:
+def run_report(model: str, tasks, workdir, protocol: Protocol = Protocol(), methods=("uniform",),
+               adapter_layers="2,2", method_settings: dict | None = None, full_ft: bool = False,
+               calibration=None, audit: bool = False, public=None, stream: bool = False, log=print) -> dict:
     """Run the whole protocol and return the report (also written to ``workdir/report.json``).
 
     Args:
         model: base model folder or hub id.
         tasks: task names (comma-separated string or list).
-        data_dir: offline data folder.
         workdir: where emulators, adapters and results go.
+        protocol: data, split, question and training limits, scoring batch, device and every
+            fine-tune's settings (see :class:`~offsite.experiments.protocol.Protocol`). Its device is
+            where every model of the report runs: emulator builds, fine-tuning and scoring; each model
+            is loaded there once and scored there on its tasks.
         methods: emulator methods to compare.
         method_settings: ``{method: {setting: value}}`` for ``offsite emulate``.
-        finetune_settings: settings for every fine-tuning run (see ``FinetuneConfig``).
-        split: evaluation split; limit: first N questions; train_limit: first N training examples.
         full_ft: also fine-tune every decoder block of the full model (the upper bound; slow).
         calibration: public calibration text for the methods that learn from text (None: their default).
         audit: add the row "Best attack": the best of the attacks of :mod:`offsite.experiments.audit` (full-emulator
             FT, LoRA on every layer, recovery pre-training on ``public`` + full FT, and Emu FT itself)
             under the same budget as the adapter fine-tune.
         public: public text of the recovery attack (None: the calibration default when present).
-        device: where every model of the report runs: emulator builds, fine-tuning (it overrides a
-            ``device`` in ``finetune_settings``) and scoring (``"auto"``: CUDA when present; see
-            :mod:`offsite.core.device`). Each model is loaded there once and scored there on its tasks.
         stream: for a base model larger than memory: the emulators are built with ``emulate --stream``
             and the full model is scored with its layers on disk (Full ZS, plug-in; see
             :mod:`offsite.model.offload`); emulators are small and load in memory. Refused with ``full_ft``
             (it trains every block) and with methods that cannot stream (ScaleOT).
     """
-    where = resolve_device(device)  # before the workdir or any training file is written
+    where = resolve_device(protocol.device)  # before the workdir or any training file is written
     if stream:
         check_streamable(methods, full_ft)
     public = resolve_public(public) if audit else None
@@ -78,16 +74,17 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
     workdir.mkdir(parents=True, exist_ok=True)
     names = parse_tasks(tasks)
     # Written once for the full FT row and every method; bad or leaking data fails here, before model work.
-    train = {t: train_file(t, data_dir, workdir, train_limit) for t in names}
-    ft_settings = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64,
-                   **(finetune_settings or {}), "device": str(where)}
+    train = {t: protocol.train_file(t, workdir) for t in names}
+    ft_settings = protocol.finetune_settings(where)
     ft_settings.setdefault("eval_every", max(1, ft_settings["max_steps"] // 4))
+    measure = protocol.measure()
     started = time.time()
-    report = {"model": model, "tasks": names, "split": split, "limit": limit, "finetune": ft_settings,
+    report = {"model": model, "tasks": names, "split": protocol.split, "limit": protocol.limit,
+              "finetune": ft_settings,
               "methods": {}, **({"stream": True} if stream else {})}
 
     base, tok, _ = load_for_eval(model, device=where, stream=stream)
-    full_zs = {t: score(base, tok, t, data_dir, split, limit, batch_size) for t in names}
+    full_zs = {t: score(base, tok, t, **measure) for t in names}
     log(f"[report] full zero-shot done ({time.time() - started:.0f}s)")
     del base
     full_tuned = {t: None for t in names}
@@ -99,7 +96,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
             log(f"[report] full fine-tuning / {task}: started ({time.time() - started:.0f}s)")
             finetune(whole, data, tuned, format=fmt, overwrite=True, **ft_settings)
             # Loaded for this score only: its device memory is free before the next fine-tuning run.
-            full_tuned[task] = score_with(model, tuned, task, data_dir, split, limit, batch_size, where)
+            full_tuned[task] = score_with(model, tuned, task, device=where, **measure)
             log(f"[report] full fine-tuning / {task} ({time.time() - started:.0f}s)")
 
     for method in methods:
@@ -113,7 +110,7 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
         rows = {r: {} for r in ROWS + ((AUDIT_ROW,) if audit else ())}
         best_attacks = {}
         rows["full_zs"] = full_zs
-        rows["emu_zs"] = {t: score(emu, emu_tok, t, data_dir, split, limit, batch_size) for t in names}
+        rows["emu_zs"] = {t: score(emu, emu_tok, t, **measure) for t in names}
         del emu  # scored on every task; fine-tuning loads its own copy
         for task in names:
             data, fmt = train[task]
@@ -121,11 +118,9 @@ def run_report(model: str, tasks, data_dir, workdir, methods=("uniform",), adapt
             log(f"[report] {method} / {task}: fine-tuning the adapter ({time.time() - started:.0f}s)")
             finetune(emu_dir, data, adapter, format=fmt, overwrite=True, **ft_settings)
             # One model on the device at a time: each is loaded for its score only.
-            rows["emu_ft"][task] = score_with(emu_dir, adapter, task, data_dir, split, limit, batch_size, where)
-            rows["plug_in"][task] = score_with(model, adapter, task, data_dir, split, limit, batch_size, where,
-                                               stream=stream)
+            rows["emu_ft"][task] = score_with(emu_dir, adapter, task, device=where, **measure)
+            rows["plug_in"][task] = score_with(model, adapter, task, device=where, stream=stream, **measure)
             if audit:
-                measure = dict(data_dir=data_dir, split=split, limit=limit, batch_size=batch_size)
                 best_attacks[task], rows[AUDIT_ROW][task] = strongest_attack(
                     emu_dir, train[task], ft_settings, rows["emu_ft"][task], task, public, where, measure)
             log(f"[report] {method} / {task}: fine-tuned and scored ({time.time() - started:.0f}s)")

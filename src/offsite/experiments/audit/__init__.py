@@ -30,39 +30,31 @@ from ...data.tasks import is_file_task
 from ...eval.loading import load_for_eval
 from ...eval.run import check_data_dir, parse_tasks
 from ...workflows.finetune import finetune, make_config
-from ..protocol import check_workdir, full_package, gap, headline, score, score_with, slug, train_file
+from ..protocol import Protocol, check_workdir, full_package, gap, headline, score, score_with, slug
 from .attacks import ATTACKS, BUDGETS, adapter_record, check_attacks, check_budget, run_attack
 from .output import format_audit, plot_audit
 
 __all__ = ["run_audit", "strongest_attack", "resolve_public", "ATTACKS", "BUDGETS", "format_audit", "plot_audit"]
 
-DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64}
-"""The honest fine-tune's settings unless given (``offsite report``'s, without its fixed eval_every:
-every stage of every attack validates 5 times, whatever its length)."""
 
 
-def run_audit(emulator, model: str, tasks, data_dir, workdir, public=None, budget: str = "same",
-              attacks=tuple(ATTACKS), finetune_settings: dict | None = None, split: str = "validation",
-              limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-              full_ft: bool = False, device="auto", log=print) -> dict:
+def run_audit(emulator, model: str, tasks, workdir, protocol: Protocol = Protocol(), public=None,
+              budget: str = "same", attacks=tuple(ATTACKS), full_ft: bool = False, log=print) -> dict:
     """Audit an emulator package against the attacks of its data owner; writes audit.json/.md/.png.
 
     Args:
         emulator: the emulator package folder.
         model: the full model it was built from (folder or hub id).
         tasks: task names or own-data templates (``mine/{split}.jsonl``), as in ``offsite report``.
-        data_dir: offline data folder (None when every task is own data).
         workdir: folder for the training files, adapters and results; it may not be, lie in or
             contain an input.
+        protocol: data, split, limits, scoring batch, device and the honest fine-tune's settings
+            (:class:`~offsite.experiments.protocol.Protocol`); every attack uses those settings with the
+            budget's steps, and validates 5 times whatever its length (no fixed eval_every).
         public: public text for attack ``recovery`` (None: the calibration default when present).
         budget: ``same`` or ``strong`` (see :data:`.attacks.BUDGETS`).
         attacks: names of :data:`ATTACKS` to run.
-        finetune_settings: the honest fine-tune's settings (``FinetuneConfig`` fields); every attack
-            uses them, with the budget's steps.
-        split: evaluation split; limit: first N questions; train_limit: first N training examples.
-        batch_size: scoring batch size.
         full_ft: also fine-tune every decoder block of the full model (the Full FT row).
-        device: where everything runs (``"auto"``: CUDA when present).
 
     Returns:
         The audit (also ``workdir/audit.json``): per task every row's score, each attack's gaps
@@ -71,26 +63,27 @@ def run_audit(emulator, model: str, tasks, data_dir, workdir, public=None, budge
     Raises:
         OffsiteError: any bad input, before any model work or output.
     """
-    where = resolve_device(device)  # first: an unavailable device costs nothing and writes nothing
+    where = resolve_device(protocol.device)  # first: an unavailable device costs nothing and writes nothing
     check_budget(budget)
     attacks = check_attacks(attacks)
     names = parse_tasks(tasks)
-    check_data_dir(names, data_dir)
+    check_data_dir(names, protocol.data_dir)
     read_manifest(emulator, "emulator")  # a missing or non-emulator folder is one error, before any work
-    settings = {**DEFAULT_FINETUNE, **(finetune_settings or {}), "device": str(where)}
+    settings = protocol.finetune_settings(where)
     cfg = make_config(settings)  # bad settings fail here
     if cfg.max_steps is None or cfg.max_steps < 1:
         raise OffsiteError(f"the audit's budget is counted in optimizer steps: give max_steps >= 1, got {cfg.max_steps}")
     public = resolve_public(public) if "recovery" in attacks else None
-    workdir = check_workdir(workdir, [emulator, model, public, data_dir] +
+    workdir = check_workdir(workdir, [emulator, model, public, protocol.data_dir] +
                        [Path(t).parent for t in names if is_file_task(t)])
     workdir.mkdir(parents=True, exist_ok=True)
-    train = {t: train_file(t, data_dir, workdir, train_limit) for t in names}  # bad data fails before model work
+    train = {t: protocol.train_file(t, workdir) for t in names}  # bad data fails before model work
     started = time.time()
-    audit = {"emulator": str(emulator), "model": model, "tasks": names, "split": split, "limit": limit,
+    audit = {"emulator": str(emulator), "model": model, "tasks": names, "split": protocol.split,
+             "limit": protocol.limit,
              "budget": budget, "steps_per_attack": cfg.max_steps * BUDGETS[budget], "finetune": settings,
              "public": None if public is None else str(public), "attacks": attacks, "results": {}}
-    measure = dict(data_dir=data_dir, split=split, limit=limit, batch_size=batch_size)
+    measure = protocol.measure()
 
     full_zs = _score_all(model, names, where, **measure)
     emu_zs = _score_all(emulator, names, where, **measure)

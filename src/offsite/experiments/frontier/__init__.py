@@ -41,12 +41,10 @@ from ...model.split import make_split
 from ...workflows.emulate import emulate
 from ...workflows.finetune import finetune, make_config
 from ..audit import resolve_public, strongest_attack
-from ..protocol import check_workdir, gap, headline, score_with, train_file
+from ..protocol import Protocol, check_workdir, gap, headline, score_with
 from .output import format_frontier, plot_frontier
 
 __all__ = ["run_frontier", "sweep_points", "format_frontier", "plot_frontier"]
-
-DEFAULT_FINETUNE = {"max_steps": 200, "lr": 1e-4, "batch_size": 8, "progress": True, "val_limit": 64}
 
 
 def sweep_points(method: str, middle: int, values=None, lambdas=None, fixed: dict | None = None) -> list:
@@ -86,32 +84,30 @@ def sweep_points(method: str, middle: int, values=None, lambdas=None, fixed: dic
     return points
 
 
-def run_frontier(model: str, method: str, task: str, data_dir, workdir, out, values=None, lambdas=None,
-                 fixed: dict | None = None, max_emulator_score: float | None = None,
+def run_frontier(model: str, method: str, task: str, workdir, out, protocol: Protocol = Protocol(), values=None,
+                 lambdas=None, fixed: dict | None = None, max_emulator_score: float | None = None,
                  min_delta: float | None = None, audit: bool = False, public=None, adapter_layers="2,2",
-                 calibration=None, finetune_settings: dict | None = None, split: str = "validation",
-                 limit: int | None = None, train_limit: int | None = None, batch_size: int = 16,
-                 overwrite: bool = False, sign_key=None, device="auto", log=print) -> dict:
+                 calibration=None, overwrite: bool = False, sign_key=None, log=print) -> dict:
     """Sweep, score, choose and write the chosen emulator to ``out``; returns the frontier record.
 
     Args:
         model: the base model (folder or hub id); method: the emulator method swept.
-        task: one task name or own-data template (``mine/{split}.jsonl``); data_dir: offline data folder.
+        task: one task name or own-data template (``mine/{split}.jsonl``).
         workdir: folder for every point's emulator and adapter and ``frontier.json/.md/.png``.
         out: where the chosen emulator package goes.
+        protocol: data, split (keep the test split for judging the choice), limits, scoring batch,
+            device and every fine-tune's (and attack's) settings (see
+            :class:`~offsite.experiments.protocol.Protocol`).
         values, lambdas, fixed: the sweep (see :func:`sweep_points`).
         max_emulator_score, min_delta: the target (exactly one; see the module docstring).
         audit: judge privacy by the strongest attack at the same budget, not by emulator FT.
         public: public text of the audit's recovery attack.
-        finetune_settings: ``FinetuneConfig`` fields of every fine-tune (and attack).
-        split: the split points are scored on (keep the test split for judging the choice).
-        device: where everything runs.
 
     Raises:
         OffsiteError: a bad input (before any output), or no point meets the target (after the sweep
             is written).
     """
-    where = resolve_device(device)
+    where = resolve_device(protocol.device)
     if (max_emulator_score is None) == (min_delta is None):
         raise OffsiteError("give exactly one target: --max-emulator-score (accuracy, %) or --min-delta")
     names = parse_tasks(task)
@@ -121,26 +117,26 @@ def run_frontier(model: str, method: str, task: str, data_dir, workdir, out, val
     if max_emulator_score is not None and task == "wikitext":
         raise OffsiteError("--max-emulator-score is an accuracy; for perplexity give --min-delta "
                            "(emulator perplexity minus plug-in perplexity)")
-    check_data_dir(names, data_dir)
-    settings = {**DEFAULT_FINETUNE, **(finetune_settings or {}), "device": str(where)}
+    check_data_dir(names, protocol.data_dir)
+    settings = protocol.finetune_settings(where)
     make_config(settings)  # bad fine-tuning settings fail here
     config = load_config(model)
     part = make_split(config.num_hidden_layers, adapter_layers)
     points = sweep_points(method, len(part.middle), values, lambdas, fixed)
     public = resolve_public(public) if audit else None
-    inputs = [model, calibration, public, data_dir] + ([Path(task).parent] if is_file_task(task) else [])
+    inputs = [model, calibration, public, protocol.data_dir] + ([Path(task).parent] if is_file_task(task) else [])
     guard_output(Path(out), "emulator", overwrite, inputs)
     workdir = check_workdir(workdir, inputs + [out])
     workdir.mkdir(parents=True, exist_ok=True)
-    data, fmt = train = train_file(task, data_dir, workdir, train_limit)
+    data, fmt = train = protocol.train_file(task, workdir)
     # methods with a cache_dir (GradOT's terms, ScaleOT's scores) let later points skip calibration work
     cached = "cache_dir" in {f.name for f in dataclasses.fields(get_builder(method).config_cls)}
     extra = {"cache_dir": str(workdir / "cache")} if cached and "cache_dir" not in (fixed or {}) else {}
-    measure = dict(data_dir=data_dir, split=split, limit=limit, batch_size=batch_size)
+    measure = protocol.measure()
     started = time.time()
     full = score_with(model, None, task, device=where, **measure)
     higher = headline(full)[1]
-    record = {"model": model, "method": method, "task": task, "split": split, "limit": limit,
+    record = {"model": model, "method": method, "task": task, "split": protocol.split, "limit": protocol.limit,
               "knob": get_builder(method).size_knob, "finetune": settings, "audit": audit,
               "target": {"max_emulator_score": max_emulator_score, "min_delta": min_delta},
               "full_zs": headline(full)[0], "higher_is_better": higher, "points": []}
