@@ -13,11 +13,12 @@ held in fp32), :func:`prepare` (tokenised train/validation examples and the step
 :func:`train` (AdamW + warmup/decay + accumulation + clipping, validation, best weights restored).
 Each micro-batch runs in parts of similar length (:mod:`.parts`) and its loss is taken only at the
 scored tokens (:mod:`offsite.data.token_loss`); both change cost, not the loss.
-``finetune`` with DP-SGD hands :func:`train` a ``private`` step (:mod:`.dp`) that replaces the
-micro-batches and the batch clipping by Opacus' Poisson batches, per-example clipping and noise.
-Launched over several processes (``torchrun --nproc_per_node N -m offsite.cli finetune ...``),
-``finetune`` hands it a ``group`` (:mod:`.distributed`): each process takes its shard of every
-micro-batch and the trained gradients are summed over processes before clipping.
+How a step gets its gradients is the one thing the modes change, and :mod:`.steps` holds one class
+per mode: plain micro-batches; DP-SGD (``finetune`` hands :func:`train` a ``private`` step of
+:mod:`.dp`: Opacus' Poisson batches, per-example clipping and noise); several processes
+(``torchrun --nproc_per_node N -m offsite.cli finetune ...`` hands it a ``group`` of
+:mod:`.distributed`: each process takes its shard of every micro-batch, gradients are summed before
+clipping); a proximal loss term (FedProx). The loop makes one call per step.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from ..core.errors import OffsiteError
 from ..core.progress import bar
 from ..core.schedule import lr_lambda
 from ..data.examples import collate, load_examples
-from ..data.token_loss import mean_loss, token_losses
+from ..data.token_loss import token_losses
 from ..families import get_layers
+from . import steps
 from .checkpoint import diverged
 from .parts import resolve_pass_tokens, split
 
@@ -204,11 +206,12 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if penalty is not None and (private is not None or group is not None):
-        raise OffsiteError("a loss penalty cannot be combined with DP-SGD or several processes")
+    batches = Batcher(run.train, cfg.batch_size, cfg.seed, run.pad, device, group)
+    # Several processes weigh each shard's loss by its tokens as one piece (.distributed): no parts there.
+    budget = resolve_pass_tokens(cfg.pass_tokens, device) if group is None else 0
+    step = steps.choose(model, params, precision, batches, cfg, budget, private, group, penalty)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if private is not None:
-        private.attach(optimizer)  # the schedule and checkpoints keep working on the AdamW underneath
+    step.attach(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, run.total))
     state = State()
     if checkpoints is not None:
@@ -216,41 +219,13 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
     if group is not None:
         group.agree(params.values(), state.step)
     autocast = precision.autocast()
-    batches = Batcher(run.train, cfg.batch_size, cfg.seed, run.pad, device, group)
     val_size = cfg.batch_size if group is None else cfg.batch_size // group.world
-    # Several processes weigh each shard's loss by its tokens as one piece (.distributed): no parts there.
-    budget = resolve_pass_tokens(cfg.pass_tokens, device) if group is None else 0
     started = time.time()
     model.train()
     with _progress(run.total, state.step, cfg.progress and (group is None or group.main), desc) as bar:
         while state.step < run.total:
-            if private is None:
-                loss_sum = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = batches(state.step * cfg.grad_accum + micro)
-                    # Parts of similar length (.parts): no compute or activations for padding.
-                    for k, (part, share) in enumerate(split(batch, budget)):
-                        with autocast:  # the head only where a label is scored, unless cfg.logits is "full"
-                            loss, anchor = mean_loss(model, part, cfg.logits)
-                            loss = loss * share / cfg.grad_accum
-                        if penalty is not None and k == 0:  # in fp32, outside autocast; once per micro-batch
-                            loss = loss + penalty() / cfg.grad_accum
-                        if group is None:
-                            value = loss.item()
-                        else:  # every process gets the same value, so all of them stop together on a NaN
-                            loss, value = group.weigh(loss, part["labels"], anchor)
-                        del anchor  # not needed past here: free full logits before backward
-                        if not math.isfinite(value):  # before backward: a NaN must never reach the weights
-                            raise _diverged(state.step + 1, f"loss is {value}", checkpoints, cfg)
-                        precision.backward(loss)
-                        loss_sum += value
-                if group is not None:
-                    group.sum_grads(params.values())  # before clipping: every process clips the same gradients
-                norm = precision.clip(optimizer, params.values(), cfg.max_grad_norm)
-            else:
-                loss_sum = private.backward(state.step, autocast,
-                                            lambda what: _diverged(state.step + 1, what, checkpoints, cfg))
-                norm = private.privatize(state.step)  # clipped, summed, noised, averaged into .grad
+            diverged_here = lambda what: _diverged(state.step + 1, what, checkpoints, cfg)  # noqa: E731
+            loss_sum, norm = step.gradients(state.step, diverged_here)  # one call per step, whatever the mode
             # Clipping cannot rescue inf/NaN gradients; only fp16 overflow is skipped (by the loss scaler).
             if not math.isfinite(norm) and not precision.overflow_skips():
                 raise _diverged(state.step + 1, f"gradient norm is {norm}", checkpoints, cfg)
@@ -263,7 +238,7 @@ def train(model, params: dict, precision, run: Prepared, cfg, device, checkpoint
             if run.val and (state.step % run.eval_every == 0 or state.step == run.total):
                 val_loss = validate(model, run.val, val_size, run.pad, device, autocast, group, cfg.logits, budget)
                 state.log["val"].append({"step": state.step, "loss": val_loss})
-                if val_loss < state.best_loss and private is None:
+                if val_loss < state.best_loss and step.keeps_best:
                     state.best_loss, state.best = val_loss, {k: p.detach().clone() for k, p in params.items()}
                 model.train()
             if checkpoints is not None:
