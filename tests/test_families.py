@@ -18,7 +18,7 @@ from offsite.workflows.plug import plug
 
 FAMILY_NAMES = supported_model_types()
 REQUIRED = {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "opt", "gpt2", "gpt_neox",
-            "falcon", "bloom", "gptj"}
+            "falcon", "bloom", "gptj", "gemma3_text", "smollm3", "olmo2", "olmo3", "granite", "glm4"}
 
 
 def test_required_families_are_supported():
@@ -28,6 +28,25 @@ def test_required_families_are_supported():
 def test_unknown_architecture_is_refused_with_the_supported_list():
     with pytest.raises(OffsiteError, match="unsupported architecture model_type='t5'.*llama"):
         get_family("t5")
+
+
+@pytest.mark.parametrize("method, settings", [("uniform", {"emulator_layers": 2}),
+                                              ("crash", {"emulator_layers": 2, "seq_len": 16, "num_sequences": 4})])
+@pytest.mark.parametrize("model_type", [t for t in FAMILY_NAMES if len(get_family(t).per_layer) > 1
+                                        or t in ("gemma2", "gemma3_text", "olmo3")])
+def test_per_layer_config_lists_follow_the_layers(model_type, method, settings, saved_model, tmp_path, text_file):
+    """Each kept (or shared) layer keeps its own entry of every per-layer list: its attention window
+    (``layer_types``) and whether it uses RoPE (``no_rope_layers``), in the stock reload too."""
+    path, model = saved_model(model_type, 8)
+    lists = {n: list(getattr(model.config, n)) for n in get_family(model).per_layer
+             if isinstance(getattr(model.config, n, None), (list, tuple))}
+    assert lists and any(len(set(v)) > 1 for v in lists.values())  # the tiny config varies them
+    out = emulate(str(path), tmp_path / "emu", method=method, adapter_layers="2,2", calibration=text_file,
+                  **settings)
+    positions = load_emulator(out).layer_map
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    for name, values in lists.items():
+        assert list(getattr(stock.config, name)) == [values[i] for i in positions], name
 
 
 def ids(n=2, length=12, seed=1):

@@ -39,6 +39,11 @@ class Family:
         parallel_residual: attention and MLP read the same input (Phi, GPT-J, Falcon, NeoX).
         logit_softcap: config attribute of a final logit soft-cap ``c * tanh(logits / c)`` applied
             after the LM head (Gemma 2), or ``None``; see :mod:`offsite.families.head`.
+        logit_divisor: config attribute the logits are divided by after the LM head (Granite's
+            ``logits_scaling``), or ``None``.
+        per_layer: config attributes that hold one entry per decoder layer (``layer_types``:
+            sliding or full attention; SmolLM3's ``no_rope_layers``); they follow the layers when a
+            method drops, shares or reorders them (:func:`set_layers`).
         extra: other architecture notes shown by ``offsite families``.
     """
 
@@ -52,6 +57,8 @@ class Family:
     conv1d: bool = False
     parallel_residual: bool = False
     logit_softcap: str | None = None
+    logit_divisor: str | None = None
+    per_layer: tuple = ("layer_types",)
     extra: str = ""
 
     @property
@@ -133,8 +140,9 @@ def set_layers(model: nn.Module, family: Family, layers: Sequence[nn.Module], or
     ``origin[i]`` is the index that ``layers[i]`` had in the config being edited. Besides swapping
     the ModuleList this (1) renumbers every ``layer_idx`` attribute, because attention modules
     index the KV cache with it and ``generate()`` fails with an IndexError otherwise, (2) sets
-    ``config.num_hidden_layers``, and (3) keeps per-layer config lists (``layer_types``: sliding vs
-    full attention in Qwen2/Gemma2) aligned with the layers that remain.
+    ``config.num_hidden_layers``, and (3) keeps the family's per-layer config lists
+    (:attr:`Family.per_layer`: ``layer_types``, ``no_rope_layers``) aligned with the layers that remain,
+    so each layer keeps the attention window and positions it had.
     """
     if len(layers) != len(origin):
         raise OffsiteError(f"set_layers got {len(layers)} layers but {len(origin)} origin indices")
@@ -146,9 +154,10 @@ def set_layers(model: nn.Module, family: Family, layers: Sequence[nn.Module], or
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_idx
     cfg = model.config
-    layer_types = getattr(cfg, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == cfg.num_hidden_layers:
-        cfg.layer_types = [layer_types[i] for i in origin]
+    for name in family.per_layer:
+        values = getattr(cfg, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == cfg.num_hidden_layers:
+            setattr(cfg, name, [values[i] for i in origin])
     cfg.num_hidden_layers = len(layers)
 
 

@@ -34,6 +34,26 @@ FAMILIES: dict[str, Family] = {
             _llama_like("gemma2", norms=_PRE_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
                         extra="soft-capping; alternating sliding/full attention in config.layer_types"),
             logit_softcap="final_logit_softcapping"),
+        dataclasses.replace(
+            _llama_like("gemma3_text", norms=_PRE_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                        extra="q_norm/k_norm; five sliding layers per full one in config.layer_types; "
+                              "local and global RoPE; embeddings scaled; tied head"),
+            logit_softcap="final_logit_softcapping"),
+        dataclasses.replace(_llama_like("smollm3", extra="RoPE only where config.no_rope_layers says 1; "
+                                                         "config.layer_types"),
+                            per_layer=("layer_types", "no_rope_layers")),
+        _llama_like("olmo2", norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                    extra="norms after attention and MLP (none before); q_norm/k_norm over all heads"),
+        _llama_like("olmo3", norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                    extra="OLMo 2's layer; sliding/full attention in config.layer_types"),
+        dataclasses.replace(_llama_like("granite", extra="embedding, residual and attention multipliers inside "
+                                                         "HF's modules; logits divided by logits_scaling"),
+                            logit_divisor="logits_scaling"),
+        Family("glm4", layers="model.layers", final_norm="model.norm", attention=_LLAMA_ATTN,
+               mlp={"gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"},
+               norms=_PRE_NORMS + ("post_self_attn_layernorm", "post_mlp_layernorm"),
+               extra="fused gate_up_proj rows [gate; up]; norms before and after attention and MLP; "
+                     "partial RoPE; q/k/v biases"),
         Family("phi3", layers="model.layers", final_norm="model.norm",
                attention={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj"},
                mlp={"gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}, norms=_PRE_NORMS,
@@ -84,6 +104,14 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": dict(_SMALL, num_key_value_heads=2, head_dim=8),
     "gemma": dict(_SMALL, num_key_value_heads=2, head_dim=8),
     "gemma2": dict(_SMALL, num_key_value_heads=2, head_dim=8, sliding_window=16),
+    "gemma3_text": dict(_SMALL, num_key_value_heads=2, head_dim=8, sliding_window=16, sliding_window_pattern=3),
+    "smollm3": dict(_SMALL, num_key_value_heads=2, no_rope_layer_interval=3),
+    "olmo2": dict(_SMALL, num_key_value_heads=2),
+    "olmo3": dict(_SMALL, num_key_value_heads=2, sliding_window=16),
+    # Multipliers away from 1, so a missing one shows in the conformance suite.
+    "granite": dict(_SMALL, num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+                    attention_multiplier=0.25, logits_scaling=4.0),
+    "glm4": dict(_SMALL, num_key_value_heads=2, head_dim=8),
     "phi3": dict(_SMALL, num_key_value_heads=4),
     "phi": dict(_SMALL),
     "opt": dict(_COMMON, hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=128,

@@ -10,8 +10,8 @@ and project only those.
 What happens between the backbone and the logits is the one HF internal this needs, and it is read
 off the family: the backbone is the first component of :attr:`Family.layers` (``model``,
 ``transformer``, ``gpt_neox``), the head is ``model.get_output_embeddings()`` (bias included, as in
-Phi and GPT-J), and a final logit soft-cap (Gemma 2's ``final_logit_softcapping``) is
-:attr:`Family.logit_softcap`. ``tests/test_token_loss.py`` checks that the split forward gives the
+Phi and GPT-J), a final logit soft-cap (Gemma 2's ``final_logit_softcapping``) is
+:attr:`Family.logit_softcap` and a logit divisor (Granite's ``logits_scaling``) :attr:`Family.logit_divisor`. ``tests/test_token_loss.py`` checks that the split forward gives the
 model's own logits for every family in the catalog, so a family whose CausalLM does anything else
 after its backbone (a logit scale, say) fails there instead of scoring wrongly.
 """
@@ -65,6 +65,9 @@ def final_hidden(model: nn.Module, family: Family, **inputs) -> torch.Tensor:
 def project(model: nn.Module, family: Family, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of ``hidden`` ``(..., hidden)`` -> ``(..., vocab)``, exactly as the model's forward makes them."""
     logits = model.get_output_embeddings()(hidden)
+    divisor = getattr(model.config, family.logit_divisor, None) if family.logit_divisor else None
+    if divisor is not None:  # Granite: logits / logits_scaling, as its forward does
+        logits = logits / divisor
     cap = getattr(model.config, family.logit_softcap, None) if family.logit_softcap else None
     if cap is not None:  # the same three operations as HF, so the rounding is the same too
         logits = logits / cap
