@@ -52,3 +52,25 @@ def test_offsite_imports_sit_at_the_top_outside_the_cli():
                            and (node.level > 0 or (node.module or "").split(".")[0] == "offsite")
                            and (node.module or "").rsplit(".", 1)[-1] not in NEEDS_EXTRA]
     assert hidden == []
+
+
+def test_the_readme_support_table_is_the_generated_one():
+    """README's family x capability table is what ``offsite families --support`` prints from the registries."""
+    from offsite.cli.families import support_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("-->\n", readme.index("<!-- support table")) + 4
+    assert readme[start:readme.index("\n<!-- end of support table -->")] == support_table()
+
+
+def test_the_conformance_suite_runs_every_registered_method():
+    """The table's method columns claim every family; the suite must build every method on every family."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_families import METHOD_SETTINGS
+
+    from offsite.emulator import available_methods
+
+    # uniform is the TestConformance class itself; gradot has its own conformance test
+    assert set(METHOD_SETTINGS) | {"uniform", "gradot"} == set(available_methods())
