@@ -235,27 +235,44 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _swap(new: Path, out: Path, tag: str) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is set aside first and removed only afterwards.
+def replace_folder(new: Path, out: Path, old: Path) -> None:
+    """Move folder ``new`` to ``out``; an existing ``out`` is renamed to ``old`` first and removed only afterwards.
 
-    ``new`` is flushed to the disk first and the rename after, so a crash leaves the old artifact or
-    the whole new one, never a new one with empty files.
+    The one folder swap of offsite (artifacts, prepared models, training checkpoints). ``new`` is
+    flushed to the disk first and renamed after, so a crash leaves the old folder (at ``out``, or
+    at ``old`` between the two renames: the reader restores or resumes from it) or the whole new
+    one, never a new one with empty files. A failed second rename puts the old folder back. An
+    ``old`` left by an earlier crash while ``out`` exists is stale (``out`` is the good one) and
+    is removed first; while ``out`` is missing it stays the last good folder until ``new`` is in.
     """
     fsync_tree(new)
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.old-{tag}"
+    if out.exists():
+        if old.exists() or old.is_symlink():
+            remove_path(old)
         os.replace(out, old)
         try:
             os.replace(new, out)
         except BaseException:
-            os.replace(old, out)  # put the old artifact back; a hard kill here is undone by clean_leftovers
+            os.replace(old, out)  # put the old folder back; a hard kill here is undone by the reader
             raise
-        shutil.rmtree(old, ignore_errors=True)
     else:
-        if out.exists():
-            out.rmdir()
         os.replace(new, out)
     fsync_dir(out.parent)
+    if old.exists() or old.is_symlink():
+        remove_path(old)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a folder tree, a file or a link (a link is removed, never followed); nothing there is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _swap(new: Path, out: Path, tag: str) -> None:
+    """:func:`replace_folder` with a set-aside name that :func:`clean_leftovers` recognises."""
+    replace_folder(new, out, out.parent / f".{out.name}.old-{tag}")
 
 
 @contextlib.contextmanager

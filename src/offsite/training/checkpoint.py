@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import canonical_json, overlapping_input, sha256_file
-from ..artifacts.folder import fsync_dir, fsync_tree
+from ..artifacts.folder import remove_path, replace_folder
 from ..artifacts.tensors import load_tensors
 from ..core.errors import OffsiteError
 from ..core.schedule import optimizer_tensors, restore_optimizer
@@ -46,13 +46,6 @@ def _old_dir(folder: Path) -> Path:
 
 def _tmp_prefix(folder: Path) -> str:
     return f".{folder.name}.tmp-"
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def run_key(emulator_id: str, data, val_data, settings: dict) -> dict:
@@ -115,11 +108,11 @@ def recover_checkpoint(folder: Path) -> None:
         return
     for stale in folder.parent.iterdir():
         if stale.name.startswith(_tmp_prefix(folder)) and stale.is_dir() and not stale.is_symlink():
-            _remove(stale)
+            remove_path(stale)
     old = _old_dir(folder)
     if old.exists():
         if folder.exists():
-            _remove(old)
+            remove_path(old)
         else:
             os.replace(old, folder)
 
@@ -187,17 +180,9 @@ def _reuse_best(folder: Path, target: Path) -> str | None:
 
 
 def _swap(tmp: Path, folder: Path) -> None:
-    old = _old_dir(folder)
-    fsync_tree(tmp)  # data on the disk before the rename: a power loss never leaves a torn "good" checkpoint
-    if folder.exists():
-        if old.exists():
-            _remove(old)  # a leftover: ``folder`` is the good checkpoint here
-        os.replace(folder, old)
-    # When ``folder`` is missing, ``old`` (if any) stays the last good one until the new one is in.
-    os.replace(tmp, folder)
-    fsync_dir(folder.parent)
-    if old.exists():
-        _remove(old)
+    # A fixed set-aside name (not a writer's tag): resuming reads the last good checkpoint from it
+    # when a crash fell between the two renames (:func:`recover_checkpoint`).
+    replace_folder(tmp, folder, _old_dir(folder))
 
 
 def verified_state(folder: Path) -> dict:
@@ -293,8 +278,8 @@ def load_checkpoint(folder: Path, key: dict, params: dict, optimizer):
 
 
 def remove_checkpoint(folder: Path) -> None:
-    _remove(Path(folder))
-    _remove(_old_dir(Path(folder)))
+    remove_path(Path(folder))
+    remove_path(_old_dir(Path(folder)))
 
 
 def diverged(step: int, what: str, folder: Path, saved_step: int | None, lr: float) -> OffsiteError:
