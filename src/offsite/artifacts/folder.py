@@ -116,6 +116,16 @@ def overlapping_input(path, inputs) -> tuple:
     return None, None
 
 
+def refuse_overlap(folder: Path, inputs, label: str) -> None:
+    """Refuse a folder that is, lies in or contains one of ``inputs`` (``label`` names it in the error)."""
+    given, relation = overlapping_input(folder, inputs)
+    if relation == "inside":
+        raise OffsiteError(f"{label} {folder} is (inside) the input {given}; writing there would damage the input — "
+                           "pick a folder outside it")
+    if relation == "contains":
+        raise OffsiteError(f"{label} {folder} contains the input {given}; pick another folder")
+
+
 def guard_output(out: Path, kind: str, overwrite: bool, inputs=()) -> None:
     """Refuse a destination that writing (or overwriting) would damage; see the module docstring."""
     if out.is_symlink():
@@ -126,12 +136,7 @@ def guard_output(out: Path, kind: str, overwrite: bool, inputs=()) -> None:
     if out.exists() and not out.is_dir():
         raise OffsiteError(f"output {out} is a file, not a folder; pick a folder path")
     target = out.resolve()
-    given, relation = overlapping_input(out, inputs)
-    if relation == "inside":
-        raise OffsiteError(f"output {out} is (inside) the input {given}; writing there would damage the input — "
-                           "pick a folder outside it")
-    if relation == "contains":
-        raise OffsiteError(f"output {out} contains the input {given}; pick another output folder")
+    refuse_overlap(out, inputs, "output")
     if not out.exists() or not any(out.iterdir()):
         return
     if _inside(Path.cwd().resolve(), target):

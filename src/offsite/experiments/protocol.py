@@ -20,7 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..artifacts import overlapping_input
+from ..artifacts.folder import refuse_overlap
 from ..core.errors import OffsiteError
 from ..data.tasks import get_task
 from ..data.wikitext import split_wikitext_documents, wikitext_detokenize
@@ -170,10 +170,5 @@ def check_workdir(workdir, inputs: list) -> Path:
     workdir = Path(workdir)
     if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
         raise OffsiteError(f"--workdir {workdir} is a file or a link; give a folder")
-    given, relation = overlapping_input(workdir, inputs)
-    if relation == "inside":
-        raise OffsiteError(f"--workdir {workdir} is (inside) the input {given}; results are written there — "
-                           "pick a folder outside it")
-    if relation == "contains":
-        raise OffsiteError(f"--workdir {workdir} contains the input {given}; pick another folder")
+    refuse_overlap(workdir, inputs, "--workdir")
     return workdir
