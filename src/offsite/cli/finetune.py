@@ -91,7 +91,7 @@ def add_remaining_settings(p) -> None:
     dataclass: its docstring as help, its default shown; passed only when given)."""
     import argparse
 
-    from ..workflows.finetune import FinetuneConfig
+    from ..training.config import FinetuneConfig
     from .common import field_docs
 
     covered = {a.dest for a in p._actions}
