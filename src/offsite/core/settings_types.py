@@ -87,6 +87,30 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def check_range(name: str, value, *, at_least=None, above=None, at_most=None, below=None) -> None:
+    """Refuse a number outside its range, naming the setting, the range and the value given.
+
+    Give at most one lower bound (``at_least`` inclusive, ``above`` exclusive) and at most one upper
+    bound (``at_most``, ``below``). The comparisons are written so that NaN fails every range.
+
+    Raises:
+        OffsiteError: ``"<name> must be >= 1, got 0"``, ``"... must be > 0 ..."`` or, with both
+            bounds, ``"... must be in [0, 1), got 1.5"``.
+    """
+    low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
+    high_ok = (at_most is None or value <= at_most) and (below is None or value < below)
+    if low_ok and high_ok:
+        return
+    low, high = (at_least, above)[at_least is None], (at_most, below)[at_most is None]
+    if high is None:
+        wanted = f">= {at_least}" if at_least is not None else f"> {above}"
+    elif low is None:
+        wanted = f"<= {at_most}" if at_most is not None else f"< {below}"
+    else:
+        wanted = f"in {'[' if at_least is not None else '('}{low}, {high}{']' if at_most is not None else ')'}"
+    raise OffsiteError(f"{name} must be {wanted}, got {value}")
+
+
 def build_settings(cls: type, values: dict, owner: str):
     """An instance of settings dataclass ``cls`` from ``values``, every bad input refused in one error.
 

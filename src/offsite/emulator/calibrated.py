@@ -15,6 +15,7 @@ import torch
 
 from ..calibration.text import calibration_batches, resolve_calibration
 from ..core.errors import OffsiteError
+from ..core.settings_types import check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +125,7 @@ def check_fraction(name: str, value, *, low: float = 0.0, high: float = 1.0, hig
         value = float(value)
     except (TypeError, ValueError):
         raise OffsiteError(f"{name} must be a number, got {value!r}") from None
-    if not low <= value <= high or (high_open and value == high):
-        bracket = ")" if high_open else "]"
-        raise OffsiteError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    check_range(name, value, at_least=low, **({"below": high} if high_open else {"at_most": high}))
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core.errors import OffsiteError
-from ..core.settings_types import check_types
+from ..core.settings_types import check_range, check_types
 from ..workflows.finetune import make_config
 from .partition import DIRICHLET_BY, SPLITS
 
@@ -76,16 +76,13 @@ class FederateConfig:
         for name, value in check_types(type(self), given, "federation setting").items():
             setattr(self, name, value)
         for name in ("clients", "rounds"):
-            if getattr(self, name) < 1:
-                raise OffsiteError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_range(name, getattr(self, name), at_least=1)
         if self.split not in SPLITS:
             raise OffsiteError(f"split {self.split!r} unknown; allowed: {', '.join(SPLITS)}")
-        if self.dirichlet_alpha <= 0:
-            raise OffsiteError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        check_range("dirichlet_alpha", self.dirichlet_alpha, above=0)
         if self.dirichlet_by is not None and self.dirichlet_by not in DIRICHLET_BY:
             raise OffsiteError(f"dirichlet_by {self.dirichlet_by!r} unknown; allowed: {', '.join(DIRICHLET_BY)}")
-        if not 0 < self.fraction <= 1:
-            raise OffsiteError(f"fraction must be in (0, 1], got {self.fraction}")
+        check_range("fraction", self.fraction, above=0, at_most=1)
         if self.keep not in KEEP:
             raise OffsiteError(f"keep {self.keep!r} unknown; allowed: {', '.join(KEEP)}")
         if self.keep == "best" and not self.val_data:
@@ -93,8 +90,7 @@ class FederateConfig:
                                "(--val-data) too, or keep the last round")
         if self.strategy not in STRATEGIES:
             raise OffsiteError(f"strategy {self.strategy!r} unknown; allowed: {', '.join(STRATEGIES)}")
-        if self.mu < 0:
-            raise OffsiteError(f"mu must be >= 0, got {self.mu}")
+        check_range("mu", self.mu, at_least=0)
         if self.mu > 0 and self.strategy != "fedprox":
             raise OffsiteError(f"mu {self.mu} is FedProx's proximal weight; pass --strategy fedprox with it")
         if self.client_cpus <= 0 or self.client_gpus < 0:
@@ -109,13 +105,12 @@ class FederateConfig:
                 raise OffsiteError("client_dp_clipping_norm / client_dp_delta given without "
                                    "client_dp_noise_multiplier; client-level DP runs only with a noise multiplier")
             return
-        if noise <= 0:
-            raise OffsiteError(f"client_dp_noise_multiplier must be > 0, got {noise}")
+        check_range("client_dp_noise_multiplier", noise, above=0)
         if clip is None or clip <= 0:
             raise OffsiteError(f"client-level DP needs client_dp_clipping_norm > 0 (the L2 bound of one client's "
                                f"update), got {clip}")
-        if delta is not None and not 0 < delta < 1:
-            raise OffsiteError(f"client_dp_delta must be in (0, 1), got {delta}")
+        if delta is not None:
+            check_range("client_dp_delta", delta, above=0, below=1)
 
 
 def split_settings(settings: dict) -> tuple:

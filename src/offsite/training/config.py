@@ -7,7 +7,7 @@ import dataclasses
 from ..core.errors import OffsiteError
 from ..core.precision import PRECISIONS
 from ..core.schedule import SCHEDULES
-from ..core.settings_types import check_types
+from ..core.settings_types import check_range, check_types
 from ..data.token_loss import MODES as LOGITS
 from .dp import ACCOUNTANTS
 
@@ -125,31 +125,22 @@ class FinetuneConfig:
             raise OffsiteError(f"logits {self.logits!r} unknown; allowed: {', '.join(LOGITS)}")
         if self.precision not in PRECISIONS:
             raise OffsiteError(f"precision {self.precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
-        if self.pass_tokens is not None and self.pass_tokens < 0:
-            raise OffsiteError(f"pass_tokens must be >= 0 (0 = whole micro-batches), got {self.pass_tokens}")
+        if self.pass_tokens is not None:
+            check_range("pass_tokens", self.pass_tokens, at_least=0)  # 0 = whole micro-batches
         if self.train_adapter not in TRAIN_ADAPTER:
             raise OffsiteError(f"train_adapter {self.train_adapter!r} unknown; allowed: {', '.join(TRAIN_ADAPTER)}")
-        for name in ("batch_size", "grad_accum", "block_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise OffsiteError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise OffsiteError(f"max_steps must be >= 0, got {self.max_steps}")
-        if not 0 <= self.val_fraction < 1:
-            raise OffsiteError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_limit < 1:
-            raise OffsiteError(f"val_limit must be >= 1, got {self.val_limit}")
-        if self.lr <= 0:
-            raise OffsiteError(f"lr must be > 0, got {self.lr}")
+        for name in ("batch_size", "grad_accum", "block_size", "lora_r", "val_limit"):
+            check_range(name, getattr(self, name), at_least=1)
+        if self.max_steps is not None:
+            check_range("max_steps", self.max_steps, at_least=0)
+        check_range("val_fraction", self.val_fraction, at_least=0, below=1)
         # A negative clipping norm makes torch flip every gradient (ascent); the rest would train nothing
         # or crash inside AdamW/PEFT after the emulator is loaded.
-        for name in ("max_grad_norm", "epochs", "lora_alpha"):
-            if not getattr(self, name) > 0:  # NaN too: it compares false with everything
-                raise OffsiteError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "max_grad_norm", "epochs", "lora_alpha"):
+            check_range(name, getattr(self, name), above=0)
         for name in ("warmup_steps", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise OffsiteError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.lora_dropout < 1:
-            raise OffsiteError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            check_range(name, getattr(self, name), at_least=0)
+        check_range("lora_dropout", self.lora_dropout, at_least=0, below=1)
         targets = self.lora_targets
         if targets is not None and (not targets or not all(isinstance(t, str) for t in targets)):
             raise OffsiteError(f"lora_targets must be a non-empty list of module names (strings), got {targets!r}")
@@ -170,11 +161,9 @@ class FinetuneConfig:
             raise OffsiteError("DP-SGD needs dp_delta (--dp-delta), the delta of the (epsilon, delta) guarantee; "
                                "pick it well below 1 / number of training examples, e.g. 1e-5")
         for name in ("dp_epsilon", "dp_noise_multiplier", "dp_max_grad_norm"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise OffsiteError(f"{name} must be > 0, got {value}")
-        if not 0 < self.dp_delta < 1:
-            raise OffsiteError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), above=0)
+        check_range("dp_delta", self.dp_delta, above=0, below=1)
         if self.dp_accountant is not None and self.dp_accountant not in ACCOUNTANTS:
             raise OffsiteError(f"dp_accountant {self.dp_accountant!r} unknown; allowed: {', '.join(ACCOUNTANTS)}")
         if self.gradient_checkpointing:
