@@ -124,7 +124,7 @@ def test_bad_limit_is_refused(data_dir, tmp_path, capsys):
 
 
 def test_eval_scores_a_causal_lm_outside_the_families(mc_task, tmp_path, tokenizer, capsys):
-    """Scoring an untouched model needs no knowledge of its layers: an OLMo 2 folder (no offsite
+    """Scoring an untouched model needs no knowledge of its layers: a StarCoder2 folder (no offsite
     family) is scored, with the log-likelihoods of one plain forward pass per choice; emulating it
     or plugging an adapter into it is still refused in one line."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -132,12 +132,12 @@ def test_eval_scores_a_causal_lm_outside_the_families(mc_task, tmp_path, tokeniz
     from conftest import make_tokenizer
 
     tok = make_tokenizer()
-    cfg = AutoConfig.for_model("olmo2", vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+    cfg = AutoConfig.for_model("starcoder2", vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                num_hidden_layers=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
                                eos_token_id=2)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    path = tmp_path / "olmo2"
+    path = tmp_path / "starcoder2"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     template, folder = mc_task
@@ -156,4 +156,4 @@ def test_eval_scores_a_causal_lm_outside_the_families(mc_task, tmp_path, tokeniz
             assert abs(want - ll) <= 1e-4 * max(1.0, abs(want)), (row["id"], choice)
     capsys.readouterr()
     assert main(["emulate", "uniform", "--model", str(path), "--out", str(tmp_path / "emu")]) == 2
-    assert "unsupported architecture model_type='olmo2'" in capsys.readouterr().err
+    assert "unsupported architecture model_type='starcoder2'" in capsys.readouterr().err
