@@ -72,6 +72,8 @@ def main() -> int:
     p.add_argument("--out", default="bench/results/real_ot")
     p.add_argument("--list", action="store_true")
     p.add_argument("--render", action="store_true")
+    p.add_argument("--attacks", default="full,lora,recovery",
+                   help="audit cells: the attacks run (comma-separated; default all three)")
     args = p.parse_args()
     os.chdir(ROOT)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -196,9 +198,10 @@ def run_audit_cell(spec: dict, model: str, data: Path, work: Path, args) -> dict
     if not (emu_dir / "manifest.json").exists():  # the method cell's emulator, rebuilt when it was removed
         emulate(model, emu_dir, method=spec["method"], overwrite=True)
     settings = {**FINETUNE, "eval_every": FINETUNE["max_steps"] // 4, "progress": True, "device": "cpu"}
-    public = resolve_public(None)
-    cell = {"method": spec["method"], "emulator_of": spec["of"], "budget": "same", "attacks": {}}
-    for attack in ("full", "lora", "recovery"):
+    public = resolve_public(None) if "recovery" in args.attacks else None
+    cell = {"method": spec["method"], "emulator_of": spec["of"], "budget": "same", "attacks": {},
+            "attacks_run": args.attacks}
+    for attack in [a for a in args.attacks.split(",") if a]:
         t0 = time.time()
         done = run_attack(attack, emu_dir, data, "prompt", settings, "same", public)
         scores = {t: {"acc": (acc := score(done.model, done.tokenizer, t, args.data_dir, "validation", args.limit,
