@@ -284,7 +284,8 @@ def render(r: dict) -> str:
         for attack, a in v["attacks"].items():
             star = attack == v["strongest"]
             label = f"{name}: attack {attack} ({a['trainable_parameters'] / 1e6:.1f}M trained, {a['steps']} steps)"
-            lines.append(row(f"**{label}, the strongest**" if star else label, a["scores"]))
+            strongest = "the strongest" if len(v["attacks"]) > 1 else "the only attack run (--attacks)"
+            lines.append(row(f"**{label}, {strongest}**" if star else label, a["scores"]))
         plug = c.get(v["emulator_of"], {}).get("plug_in")
         if plug:
             margin = average(plug) - average(v["attacks"][v["strongest"]]["scores"])
