@@ -62,9 +62,15 @@ class TestConformance:
         layers = get_layers(model, family)
         assert len(layers) == model.config.num_hidden_layers == 4
         linears = layer_linears(layers[0], family)
-        assert any(r.startswith("attn.") for r in linears) and any(r.startswith("mlp.") for r in linears)
+        assert any(r.startswith("attn.") for r in linears)
+        # A dense MLP's linears, or (mixture of experts) a router and fused experts instead.
+        assert any(r.startswith("mlp.") for r in linears) != (family.experts is not None)
         for role, module in linears.items():
             assert module.weight.ndim == 2, role
+        if family.experts is not None:
+            from offsite.families.moe import experts_module
+            assert get_submodule(layers[0], family.experts.router).weight.shape[0] == \
+                experts_module(layers[0], family).gate_up_proj.shape[0]
         for norm in family.norms:
             get_submodule(layers[0], norm)
         get_submodule(model, family.final_norm)
@@ -238,7 +244,14 @@ def test_gradot_emulator_builds_reloads_finetunes_and_plugs(model_type, saved_mo
     middle = get_layers(emu.model, family)[2]
     assert any(isinstance(m, LowRankLinear) for m in middle.modules())
     assert emu.manifest["parameters"]["emulator"] < 0.75 * emu.manifest["parameters"]["full"] or \
-        model_type in ("gemma", "gemma2")  # embeddings dominate the tiny tied-embedding configs
+        model_type in ("gemma", "gemma2", "qwen2_moe")  # embeddings (a kept shared expert) dominate the tiny config
+    if family.experts is not None:  # experts pruned channel-wise, the router untouched
+        from offsite.families.moe import channel_count, experts_module
+        fused, base = experts_module(middle, family), experts_module(get_layers(model, family)[2], family)
+        if base is not None:
+            assert channel_count(fused, family.experts) < channel_count(base, family.experts)
+            router = family.experts.router + ".weight"
+            assert torch.equal(middle.get_parameter(router), get_layers(model, family)[2].get_parameter(router))
     x = ids()
     with torch.no_grad():
         assert torch.isfinite(emu.model(x).logits).all()

@@ -194,7 +194,10 @@ def check_lora_fields(data, manifest: dict, family: Family, where, layer_modules
         raise ArtifactError(f"{where}: adapter_config.json has fields {unknown} that the installed peft "
                             f"{peft.__version__} does not define; refusing what cannot be judged")
     for key in sorted(set(defaults) - set(LORA_FREE) - set(LORA_CHECKED)):
-        if key in data and data[key] != defaults[key]:
+        # peft writes target_parameters=[] for models with fused experts (Mixtral, Qwen-MoE): no parameter
+        # targeted, the same as its default None.
+        empty = key == "target_parameters" and data.get(key) == [] and defaults[key] is None
+        if key in data and data[key] != defaults[key] and not empty:
             raise ArtifactError(f"{where}: adapter_config.json sets {key}={data[key]!r}; an offsite LoRA keeps it at "
                                 f"{defaults[key]!r} (it could carry or change weights outside the adapter layers, "
                                 "or is a LoRA variant offsite does not train)")

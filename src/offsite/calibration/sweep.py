@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..core.device import model_device
 from ..core.progress import bar
 from ..families import Family, get_layers, layer_linears
+from ..families.moe import unfused_experts
 from .stats import gather_linear_stats
 
 
@@ -150,8 +151,10 @@ def backward_sweep(model, family: Family, bounds: Boundaries, wanted, on_layer, 
     with frozen(model):
         for i in bar(sweep, "backward sweep", "layer"):
             layer, new_grads = (stream.materialize(i) if stream is not None else layers[i]), []
-            linears = layer_linears(layer, family) if i in wanted else {}
-            with gather_linear_stats(linears, stats_dtype, with_grad) as stats, torch.enable_grad():
+            # A wanted MoE layer runs its experts unfused, so each expert's projections are hooked alone.
+            with unfused_experts(layer, family) if i in wanted else contextlib.nullcontext({}) as experts, \
+                    gather_linear_stats({**layer_linears(layer, family), **experts} if i in wanted else {},
+                                        stats_dtype, with_grad) as stats, torch.enable_grad():
                 for b, grad in enumerate(grads):
                     h = bounds.hidden[i][b].detach().requires_grad_(True)
                     rest, kwargs = bounds.calls[i][b]

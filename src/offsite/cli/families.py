@@ -26,7 +26,8 @@ def run(args) -> int:
     for key in sorted(FAMILIES):
         f = FAMILIES[key]
         attn = ",".join(p.rsplit(".", 1)[-1] for p in f.attention.values())
-        mlp = ",".join(p.rsplit(".", 1)[-1] for p in f.mlp.values())
+        mlp = ",".join(p.rsplit(".", 1)[-1] for p in f.mlp.values()) or (
+            f"router {f.experts.router} + fused experts {f.experts.path}" if f.experts else "")
         print(f"{key:<{width}} {f.layers:<22} {attn:<34} {mlp}")
     return 0
 
@@ -38,16 +39,22 @@ def support_table() -> str:
     method, LoRA and the streamed builds on every family (``tests/test_families.py``,
     ``tests/test_streaming.py``); the README holds this table and a test fails when it is stale.
     A method that cannot build from a streamed model (its ``stream_refusal``) is said in the
-    streamed column, the same for every family.
+    streamed column, the same for every family; a family whose checkpoints transformers converts on
+    load (one stored tensor per expert, fused on load) loads whole. LoRA on a mixture-of-experts
+    family targets the attention projections.
     """
     from ..emulator import available_methods, get_builder
-    from ..families import FAMILIES
+    from ..families import FAMILIES, tiny_config
+    from ..model.streaming import conversion_refusal
 
     methods = available_methods()
     streamed = ", ".join(m for m in methods if get_builder(m).supports_stream)
     head = ["family", *methods, "LoRA", "streamed build", "federate"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(FAMILIES):
-        cells = [f"`{key}`", *["✓"] * len(methods), "✓", streamed, "✓"]
+        converted = conversion_refusal(tiny_config(key, 1))
+        lora = "✓ (attention)" if FAMILIES[key].experts else "✓"
+        cells = [f"`{key}`", *["✓"] * len(methods), lora,
+                 "— (stored per expert: loads whole)" if converted else streamed, "✓"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -103,7 +103,8 @@ def load_terms(folder, key: str) -> dict | None:
                            "use another cache_dir or the same settings")
     tensors = load_tensors(root / TERMS_WEIGHTS)
     terms = {"attn": {k: {"shape": shape} for k, shape in meta["attn"].items()},
-             "mlp": {k: {"of": of} for k, of in meta["mlp"].items()}}
+             "mlp": {k: {"of": of} for k, of in meta["mlp"].items()},
+             "experts": {k: {"of": of} for k, of in meta.get("experts", {}).items()}}
     for name, t in tensors.items():
         kind, key_, term = name.split("|")
         if key_ not in terms.get(kind, {}):
@@ -116,10 +117,11 @@ def save_terms(folder, key: str, terms: dict, record: dict) -> Path:
     """Write GradOT's terms to ``folder`` (created; the JSON file last)."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{kind}|{k}|{name}": v for kind in ("attn", "mlp") for k, entry in terms[kind].items()
+    tensors = {f"{kind}|{k}|{name}": v for kind in ("attn", "mlp", "experts") for k, entry in terms.get(kind, {}).items()
                for name, v in entry.items() if torch.is_tensor(v)}
     save_tensors(tensors, root / TERMS_WEIGHTS)
     meta = {"key": key, "attn": {k: e["shape"] for k, e in terms["attn"].items()},
-            "mlp": {k: e["of"] for k, e in terms["mlp"].items()}, "record": record}
+            "mlp": {k: e["of"] for k, e in terms["mlp"].items()},
+            "experts": {k: e["of"] for k, e in terms.get("experts", {}).items()}, "record": record}
     (root / TERMS_META).write_text(json.dumps(meta, indent=2) + "\n")
     return root

@@ -29,6 +29,7 @@ from torch import nn
 from ..core.errors import OffsiteError
 from ..families import Family, get_layers, get_submodule
 from ..families.linears import linear_weight, mlp_channel_blocks, set_submodule
+from ..families.moe import resize_experts
 
 
 class LowRankLinear(nn.Module):
@@ -159,7 +160,11 @@ def restructure_linears(model: nn.Module, family: Family, plan: dict) -> None:
     position = {e["source"]: pos for pos, e in enumerate(plan["layers"])}
     layers = get_layers(model, family)
     for entry in plan.get("mlp", []):
-        prune_mlp_channels(layers[position[entry["layer"]]], family, range(len(entry["channels"])))
+        layer = layers[position[entry["layer"]]]
+        if "experts" in entry:
+            resize_experts(layer, family, len(entry["experts"][0]))
+        else:
+            prune_mlp_channels(layer, family, range(len(entry["channels"])))
     for entry in plan.get("linears", []):
         layer = layers[position[entry["layer"]]]
         old = get_submodule(layer, family.linear_roles[entry["role"]])

@@ -19,6 +19,32 @@ from ..core.errors import OffsiteError
 
 
 @dataclasses.dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts family keeps its experts and how their fused tensors lie
+    (see :mod:`offsite.families.moe`).
+
+    Attributes:
+        path: path inside a decoder layer of the module holding the fused expert parameters.
+        router: path inside a decoder layer of the router (kept whole by every method).
+        in_out: each expert's matrices are stored ``(in, out)`` (GPT-OSS) rather than ``(out, in)``.
+        interleaved: gate and up alternate along the fused dimension (GPT-OSS) rather than ``[gate; up]``.
+        biases: the fused tensors have ``gate_up_proj_bias`` / ``down_proj_bias``.
+        shared: path of a shared (always-on) expert, kept whole, or None.
+        sparse_step: the config places experts by ``mlp_only_layers`` and ``decoder_sparse_step``
+            (Qwen2/3-MoE): other layers hold a dense MLP, chosen by layer *index*, so
+            :func:`set_layers` rewrites both when layers move.
+    """
+
+    path: str = "mlp.experts"
+    router: str = "mlp.gate"
+    in_out: bool = False
+    interleaved: bool = False
+    biases: bool = False
+    shared: str | None = None
+    sparse_step: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """Roles of one architecture, as module paths.
 
@@ -44,6 +70,7 @@ class Family:
         per_layer: config attributes that hold one entry per decoder layer (``layer_types``:
             sliding or full attention; SmolLM3's ``no_rope_layers``); they follow the layers when a
             method drops, shares or reorders them (:func:`set_layers`).
+        experts: the layout of a mixture-of-experts family's fused experts (:class:`Experts`), or None.
         extra: other architecture notes shown by ``offsite families``.
     """
 
@@ -59,6 +86,7 @@ class Family:
     logit_softcap: str | None = None
     logit_divisor: str | None = None
     per_layer: tuple = ("layer_types",)
+    experts: Experts | None = None
     extra: str = ""
 
     @property
@@ -142,7 +170,8 @@ def set_layers(model: nn.Module, family: Family, layers: Sequence[nn.Module], or
     index the KV cache with it and ``generate()`` fails with an IndexError otherwise, (2) sets
     ``config.num_hidden_layers``, and (3) keeps the family's per-layer config lists
     (:attr:`Family.per_layer`: ``layer_types``, ``no_rope_layers``) aligned with the layers that remain,
-    so each layer keeps the attention window and positions it had.
+    so each layer keeps the attention window and positions it had; in a family that places experts by
+    layer index (Qwen2/3-MoE) ``mlp_only_layers`` is rewritten so each layer keeps its MLP kind.
     """
     if len(layers) != len(origin):
         raise OffsiteError(f"set_layers got {len(layers)} layers but {len(origin)} origin indices")
@@ -154,11 +183,24 @@ def set_layers(model: nn.Module, family: Family, layers: Sequence[nn.Module], or
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_idx
     cfg = model.config
+    if family.experts is not None and family.experts.sparse_step:
+        dense = dense_mlp_layers(cfg)
+        cfg.mlp_only_layers = [new for new, old in enumerate(origin) if old in dense]
+        cfg.decoder_sparse_step = 1
     for name in family.per_layer:
         values = getattr(cfg, name, None)
         if isinstance(values, (list, tuple)) and len(values) == cfg.num_hidden_layers:
             setattr(cfg, name, [values[i] for i in origin])
     cfg.num_hidden_layers = len(layers)
+
+
+def dense_mlp_layers(config) -> set:
+    """Layer indices whose MLP is dense in a config that places experts by ``mlp_only_layers`` and
+    ``decoder_sparse_step`` (transformers' own rule for Qwen2/3-MoE)."""
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    only = set(getattr(config, "mlp_only_layers", None) or [])
+    experts = int(getattr(config, "num_experts", 0) or 0)
+    return {i for i in range(config.num_hidden_layers) if i in only or experts <= 0 or (i + 1) % step != 0}
 
 
 def named_layer_parameters(model: nn.Module, family: Family, indices: Iterable[int]) -> dict:
@@ -193,6 +235,7 @@ def describe(family: Family) -> dict:
         "qkv_layout": family.qkv_layout,
         "conv1d": family.conv1d,
         "parallel_residual": family.parallel_residual,
+        "experts": None if family.experts is None else dataclasses.asdict(family.experts),
         "notes": family.extra,
     }
 

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Family
+from .base import Experts, Family
 
 _LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 _SWIGLU = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _moe(model_type: str, experts: Experts, extra: str) -> Family:
+    # Llama-like attention; the MLP is a router plus fused experts (offsite.families.moe), so the
+    # family has no dense MLP linears: LoRA targets attention, GradOT prunes experts channel-wise.
+    return Family(model_type, layers="model.layers", final_norm="model.norm", attention=_LLAMA_ATTN, mlp={},
+                  norms=_PRE_NORMS, experts=experts, extra=extra)
 
 
 def _llama_like(model_type: str, norms=_PRE_NORMS, extra: str = "") -> Family:
@@ -54,6 +61,16 @@ FAMILIES: dict[str, Family] = {
                norms=_PRE_NORMS + ("post_self_attn_layernorm", "post_mlp_layernorm"),
                extra="fused gate_up_proj rows [gate; up]; norms before and after attention and MLP; "
                      "partial RoPE; q/k/v biases"),
+        _moe("mixtral", Experts(), "fused experts gate_up [E, 2I, H]; top-k softmax router mlp.gate"),
+        _moe("qwen2_moe", Experts(shared="mlp.shared_expert", sparse_step=True),
+             "fused experts + a sigmoid-gated shared expert; dense MLP where mlp_only_layers / "
+             "decoder_sparse_step say; q/k/v biases"),
+        _moe("qwen3_moe", Experts(sparse_step=True), "fused experts (moe_intermediate_size); q_norm/k_norm; "
+             "dense MLP where mlp_only_layers / decoder_sparse_step say"),
+        _moe("olmoe", Experts(), "fused experts; q_norm/k_norm over all heads"),
+        _moe("gpt_oss", Experts(router="mlp.router", in_out=True, interleaved=True, biases=True),
+             "fused experts stored [E, H, 2I] with gate/up interleaved and biases; clamped gating; router bias; "
+             "attention sinks; sliding/full attention in config.layer_types"),
         Family("phi3", layers="model.layers", final_norm="model.norm",
                attention={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj"},
                mlp={"gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}, norms=_PRE_NORMS,
@@ -112,6 +129,15 @@ TINY_CONFIGS: dict[str, dict] = {
     "granite": dict(_SMALL, num_key_value_heads=2, embedding_multiplier=2.0, residual_multiplier=0.5,
                     attention_multiplier=0.25, logits_scaling=4.0),
     "glm4": dict(_SMALL, num_key_value_heads=2, head_dim=8),
+    "mixtral": dict(_SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    # A dense-MLP layer in the middle (mlp_only_layers), so moving layers must carry the kind along.
+    "qwen2_moe": dict(_SMALL, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "qwen3_moe": dict(_SMALL, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "olmoe": dict(_SMALL, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(_SMALL, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=16),
     "phi3": dict(_SMALL, num_key_value_heads=4),
     "phi": dict(_SMALL),
     "opt": dict(_COMMON, hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=128,

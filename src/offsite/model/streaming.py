@@ -42,25 +42,42 @@ from .gguf_input import refuse_stream
 from .loading import load_config
 
 
-def _renames(config):
-    """``stored name -> model name``: the renames transformers applies when it loads this architecture
-    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); other conversions are not streamed."""
-    import re
-
+def _load_transforms(config) -> list:
+    """The checkpoint conversions transformers applies when it loads this architecture (empty on 4.x)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
     except ImportError:  # transformers 4.x loads stored names as they are
-        return lambda name: name
+        return []
     arch = (getattr(config, "architectures", None) or [None])[0]
-    transforms = (arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(
-        config.model_type) or []
-    pairs = []
-    for t in transforms:
+    return list((arch and get_checkpoint_conversion_mapping(arch)) or get_checkpoint_conversion_mapping(
+        config.model_type) or [])
+
+
+def conversion_refusal(config) -> str | None:
+    """Why this architecture's checkpoints cannot be read tensor by tensor, or None when they can.
+
+    Renames are followed (:func:`_renames`); any other conversion (Mixtral, Qwen-MoE and OLMoE store one
+    tensor per expert and transformers fuses them on load) changes values, which the streamed reader does
+    not reproduce.
+    """
+    from transformers.core_model_loading import WeightRenaming
+
+    for t in _load_transforms(config):
         if type(t) is not WeightRenaming:
-            raise OffsiteError(f"{config.model_type} checkpoints are converted on load ({type(t).__name__}); "
-                               "--stream reads stored tensors as they are: load without --stream")
-        pairs += list(zip(t.source_patterns, t.target_patterns))
+            return (f"{config.model_type} checkpoints are converted on load ({type(t).__name__}: stored tensors "
+                    "are merged), which the layer-by-layer reader does not do")
+    return None
+
+
+def _renames(config):
+    """``stored name -> model name``: the renames transformers applies when it loads this architecture
+    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); other conversions are refused."""
+    import re
+
+    why = conversion_refusal(config) if _load_transforms(config) else None
+    if why:
+        raise OffsiteError(f"--stream: {why}; load without --stream")
+    pairs = [pair for t in _load_transforms(config) for pair in zip(t.source_patterns, t.target_patterns)]
 
     def rename(name: str) -> str:
         for source, target in pairs:

@@ -19,9 +19,9 @@ from ..families import count_parameters, describe, get_family
 from ..model.fingerprint import weight_files
 from ..model.gguf_input import is_gguf
 from ..model.identity import model_identity
-from ..model.loading import load_model, load_tokenizer
+from ..model.loading import load_config, load_model, load_tokenizer
 from ..model.split import make_split
-from ..model.streaming import StreamedModel
+from ..model.streaming import StreamedModel, conversion_refusal
 
 
 DEFAULT_SPILL = "2GB"
@@ -122,6 +122,9 @@ def choose_stream(model: str, builder) -> tuple:
         return False, f"{model} is a .gguf file, which is dequantised whole (offsite models convert writes a folder that streams)"
     if not weight_files(model):
         return False, f"{model} has no .safetensors weight files to read layer by layer"
+    why = conversion_refusal(load_config(model))
+    if why:
+        return False, why
     return True, None
 
 

@@ -36,6 +36,11 @@ Choices where the sources are silent (each is a setting):
   WikiText-2) λ moves gradient cosine and loss monotonically (λ 0: 0.890 / 5.761; λ 4: 0.630 / 5.990 on
   test windows); no λ beats both baselines on both at once: magnitude truncation is beaten on both
   for λ <= 0.25, random selection lies on the GCS curve (about λ 1.5).
+* Mixture of experts (not in the paper, which prunes dense MLPs): each expert is a gated MLP of its
+  own, scored on the tokens the router sent it (the sweep runs the experts unfused, see
+  :mod:`offsite.families.moe`) and pruned to its own channels; every expert keeps the same number
+  (rectangular fused tensors), rounded to a multiple of 8. Router and shared experts stay whole; an
+  expert no calibration token reaches is pruned by channel norm (``by_norm`` in the plan).
 * The 5% floor is per matrix (``top_fraction``); fused qkv is one matrix (see :mod:`.lowrank`).
   q, k, v and o are all decomposed; biases are kept and not scored.
 * ``scoring="magnitude"`` replaces GCS by the classic baselines at the same sizes: top singular
@@ -69,7 +74,7 @@ from ...importance_cache import cache_key, load_terms, save_terms
 from ...inputs import BuildInputs
 from ...lowrank import restructure_linears
 from . import gcs
-from .select import attention_terms, compress_layer, layer_part, mlp_terms, select
+from .select import attention_terms, compress_layer, expert_terms, layer_part, mlp_terms, select
 
 DEFAULT_BUDGET = 0.25
 TERMS_VERSION = 3  # bump when what the terms mean changes, so older caches are not reused
@@ -246,7 +251,7 @@ class GradOT(EmulatorBuilder):
         inputs = BuildInputs() if inputs is None else inputs
         stream = inputs.stream
         layers = get_layers(model, family)
-        terms = {"attn": {}, "mlp": {}}
+        terms = {"attn": {}, "mlp": {}, "experts": {}}
 
         def layer_done(index, stats, need_stats):
             if stream is not None:
@@ -258,7 +263,10 @@ class GradOT(EmulatorBuilder):
             # MLP's f x f factors are gone before the attention SVDs (kept for compression) pile up:
             # the layer's peak is the larger of the two phases, not their sum.
             with bar(len(attention) + 1, f"{config.scoring} terms, layer {index}", "matrix", leave=False) as step:
-                terms["mlp"][str(index)] = mlp_terms(layers[index], family, stats, need_stats)
+                if family.mlp:
+                    terms["mlp"][str(index)] = mlp_terms(layers[index], family, stats, need_stats)
+                for e, entry in expert_terms(layers[index], family, stats, need_stats).items():
+                    terms["experts"][f"{index}.{e}"] = entry
                 for role in [r for r in stats if not r.startswith("attn.")]:
                     del stats[role]
                 step.update()

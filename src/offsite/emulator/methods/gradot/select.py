@@ -15,6 +15,7 @@ import torch
 
 from ....families import get_submodule, layer_linears
 from ....families.linears import linear_weight, mlp_channel_blocks
+from ....families.moe import aligned_channels, channel_count, expert_matrices, experts_module, prune_experts
 from ...lowrank import make_dense, make_low_rank, prune_mlp_channels, replace_linear, truncated_svd, weight_svd
 from . import gcs
 
@@ -47,6 +48,30 @@ def mlp_terms(layer, family, stats, need_stats: bool) -> dict:
     if need_stats:
         entry.update(gcs.channel_terms(rows, (stats["mlp.down"], down)))
     return entry
+
+
+def expert_terms(layer, family, stats, need_stats: bool) -> dict:
+    """Per-expert channel terms of one MoE layer: ``{"<e>": {"of", "norm"[, GCS terms]}}`` ({} for a dense layer).
+
+    An expert is a SwiGLU MLP of its own (gate, up, down views of the fused tensors), scored like a
+    dense MLP on the tokens the router sent it (statistics of ``expert.<e>.<role>``, gathered through
+    :func:`offsite.families.moe.unfused_experts`). An expert that no calibration token reached has no
+    statistics: it gets the magnitude baseline's channel norms only, and selection falls back to them.
+    """
+    fused = experts_module(layer, family)
+    if fused is None:
+        return {}
+    out, channels = {}, channel_count(fused, family.experts)
+    for e in range(int(fused.gate_up_proj.shape[0])):
+        m = {k: (v.detach() if v is not None else None) for k, v in expert_matrices(fused, family.experts, e).items()}
+        norm = gcs.block_norm(m["down"], 0) * gcs.block_norm(m["gate"], 1) * gcs.block_norm(m["up"], 1)
+        entry = {"of": channels, "norm": norm}
+        roles = [f"expert.{e}.{r}" for r in ("gate", "up", "down")]
+        if need_stats and all(r in stats for r in roles):
+            rows = [(stats[roles[0]], m["gate"], 1), (stats[roles[1]], m["up"], 1)]
+            entry.update(gcs.channel_terms(rows, (stats[roles[2]], m["down"])))
+        out[str(e)] = entry
+    return out
 
 
 def _random_scores(seed: int, index: int, role: str, n: int) -> torch.Tensor:
@@ -91,21 +116,56 @@ def select(terms: dict, config) -> tuple:
         else:
             scores = gcs.scores(t, config.lambda_mlp, config.gcs_form, config.first_order)
         mlps.append({"layer": int(key), "channels": gcs.select_top(scores, keep), "of": t["of"]})
+    mlps += _select_experts(terms.get("experts", {}), config)
     return sorted(linears, key=lambda e: (e["layer"], e["role"])), sorted(mlps, key=lambda e: e["layer"])
+
+
+def _select_experts(terms: dict, config) -> list:
+    """Plan entries ``{"layer", "experts": [kept channels of expert e], "of", "by_norm": [e...]}``, one per
+    MoE layer: every expert keeps the same number of channels (the fused tensors are rectangular; the
+    count rounded to :data:`offsite.families.moe.CHANNEL_MULTIPLE`), each its own, by its own scores; ``by_norm`` lists the experts no calibration token reached (scored by
+    channel norm instead)."""
+    layers = {}
+    for key, t in terms.items():
+        index, e = (int(x) for x in key.split("."))
+        layers.setdefault(index, {})[e] = t
+    out = []
+    for index, experts in sorted(layers.items()):
+        of = experts[0]["of"]
+        keep = aligned_channels(config.target_channels(of), of)
+        if keep >= of:
+            continue
+        kept, by_norm = [], []
+        for e in range(len(experts)):
+            t = experts[e]
+            if config.scoring == "random":
+                scores = _random_scores(config.seed, index, f"expert.{e}", of)
+            elif config.scoring == "magnitude" or "shift" not in t:
+                scores = t["norm"]
+                by_norm += [e] if config.scoring == "gcs" else []
+            else:
+                scores = gcs.scores(t, config.lambda_mlp, config.gcs_form, config.first_order)
+            kept.append(gcs.select_top(scores, keep))
+        out.append({"layer": index, "experts": kept, "of": of, "by_norm": by_norm})
+    return out
 
 
 def layer_part(terms: dict, index: int) -> dict:
     """The terms of one layer's matrices (the shape :func:`select` takes)."""
     prefix = f"{index}."
     return {"attn": {k: v for k, v in terms["attn"].items() if k.startswith(prefix)},
-            "mlp": {k: v for k, v in terms["mlp"].items() if k == str(index)}}
+            "mlp": {k: v for k, v in terms["mlp"].items() if k == str(index)},
+            "experts": {k: v for k, v in terms.get("experts", {}).items() if k.startswith(prefix)}}
 
 
 def compress_layer(layer, family, linears: list, mlps: list, svds: dict) -> None:
     """Apply one layer's plan entries in place: channel pruning, then each matrix's kept components
     (from ``svds["<layer>.<role>"]`` when the scoring already decomposed it, else decomposed here)."""
     for entry in mlps:
-        prune_mlp_channels(layer, family, entry["channels"])
+        if "experts" in entry:
+            prune_experts(layer, family, entry["experts"])
+        else:
+            prune_mlp_channels(layer, family, entry["channels"])
     for entry in linears:
         module = get_submodule(layer, family.linear_roles[entry["role"]])
         up, down = truncated_svd(linear_weight(module, family), components=entry["components"],
