@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 RELATIVE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 1e6)
 PAPER = (0.25, 4.0)
 RANDOM_SEEDS = (0, 1, 2, 3, 4)
@@ -58,9 +59,7 @@ def main() -> int:
     os.chdir(ROOT)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     import torch
-    import torch.nn.functional as F
 
-    from offsite.calibration import calibration_batches
     from offsite.emulator import get_builder
     from offsite.emulator.inputs import BuildInputs
     from offsite.emulator.methods.gradot import select
@@ -69,22 +68,14 @@ def main() -> int:
     from offsite.model.loading import load_model
     from offsite.model.split import make_split
 
+    from heldout import lm_loss, windows
+
     torch.set_num_threads(2)
     started = time.time()
     full, tok = load_model(args.model)
     family, split = get_family(full), make_split(full.config.num_hidden_layers, "2,2")
-    data = Path(args.data_dir)
-    calib = calibration_batches(data / "lm/war_and_peace/war_and_peace_pg2600.txt.gz", tok, seq_len=128,
-                                num_sequences=args.windows, batch_size=8)
-    held = {name: calibration_batches(data / f"lm/wikitext-2-raw/wiki.{name}.raw.gz", tok, seq_len=128,
-                                      num_sequences=args.held_windows, batch_size=8, seed=2)
-            for name in ("valid", "test")}
+    calib, held = windows(args.data_dir, tok, args.windows, args.held_windows)
 
-    def lm_loss(model, batches):
-        with torch.no_grad():
-            total = sum(float(F.cross_entropy(model(input_ids=b).logits[:, :-1].flatten(0, 1), b[:, 1:].flatten(),
-                                              reduction="sum")) for b in batches)
-        return total / sum(b[:, 1:].numel() for b in batches)
 
     builder = get_builder("gradot")
     cache = tempfile.mkdtemp(prefix="gcs-terms-")

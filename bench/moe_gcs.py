@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 POINTS = [("gcs", 4.0), ("gcs", 1.0), ("gcs", 0.25), ("gcs", 0.0), ("magnitude", None), ("random", 0), ("random", 1), ("random", 2)]
 
 
@@ -80,9 +81,7 @@ def main() -> int:
     os.chdir(ROOT)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     import torch
-    import torch.nn.functional as F
 
-    from offsite.calibration import calibration_batches
     from offsite.emulator import get_builder
     from offsite.emulator.inputs import BuildInputs
     from offsite.eval.gradients import adapter_gradient_cosine
@@ -90,26 +89,18 @@ def main() -> int:
     from offsite.model.loading import load_model
     from offsite.model.split import make_split
 
+    from heldout import lm_loss, windows
+
     torch.set_num_threads(2)
     started = time.time()
     dense, tok = load_model(args.model)
     full = upcycle(dense, args.experts, args.top_k)
     family, split = get_family(full), make_split(full.config.num_hidden_layers, "2,2")
-    data = Path(args.data_dir)
-    calib = calibration_batches(data / "lm/war_and_peace/war_and_peace_pg2600.txt.gz", tok, seq_len=128,
-                                num_sequences=args.windows, batch_size=8)
-    held = {name: calibration_batches(data / f"lm/wikitext-2-raw/wiki.{name}.raw.gz", tok, seq_len=128,
-                                      num_sequences=args.held_windows, batch_size=8, seed=2)
-            for name in ("valid", "test")}
+    calib, held = windows(args.data_dir, tok, args.windows, args.held_windows)
     with torch.no_grad():
         gap = max(float((full(input_ids=b).logits - dense(input_ids=b).logits).abs().max()) for b in held["valid"])
     print(f"upcycled MoE vs the dense model: max |logit difference| {gap:.2e}", flush=True)
 
-    def lm_loss(model, batches):
-        with torch.no_grad():
-            total = sum(float(F.cross_entropy(model(input_ids=b).logits[:, :-1].flatten(0, 1), b[:, 1:].flatten(),
-                                              reduction="sum")) for b in batches)
-        return total / sum(b[:, 1:].numel() for b in batches)
 
     builder = get_builder("gradot")
     cache = tempfile.mkdtemp(prefix="moe-gcs-terms-")
@@ -156,7 +147,7 @@ def main() -> int:
 
 
 def render(r: dict) -> str:
-    lines = [f"# GradOT on experts: GCS vs magnitude vs random per-expert channel pruning\n",
+    lines = ["# GradOT on experts: GCS vs magnitude vs random per-expert channel pruning\n",
              f"`{r['command']}` ({r['seconds']} s on 2 CPU cores). The reference Llama upcycled into a Mixtral "
              f"({r['experts']} copies of each layer's MLP, top-{r['top_k']}, seeded random router; max logit gap to "
              f"the dense model {r['upcycled_max_logit_gap']:.1e}). Every expert keeps {r['rows'][0]['kept_channels']} "
