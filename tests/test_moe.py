@@ -113,3 +113,24 @@ def test_gradot_scores_each_expert_and_falls_back_for_an_expert_no_token_reaches
         assert e["by_norm"] == [3]
         assert {len(k) for k in e["experts"]} == {16} and e["of"] == 64
         assert len({tuple(k) for k in e["experts"]}) > 1  # experts choose their own channels
+
+
+def test_expert_terms_survive_the_terms_cache(tmp_path):
+    """``offsite frontier`` reuses GradOT's terms through ``cache_dir``: the per-expert terms come back
+    from it and select the same channels as the fresh ones."""
+    from offsite.emulator import get_builder
+    from offsite.emulator.inputs import BuildInputs
+    from offsite.emulator.methods.gradot import select
+    from offsite.model.split import make_split
+
+    model = make_model("mixtral", 4, 0)
+    family, split = get_family(model), make_split(4, "1,1")
+    batches = [torch.randint(4, 120, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    builder = get_builder("gradot")
+    config = builder.make_config(param_budget=0.3, cache_dir=str(tmp_path / "cache"))
+    fresh, record = builder.terms(model, family, split, config, BuildInputs(calibration=batches))
+    again, record_again = builder.terms(model, family, split, config, BuildInputs(calibration=batches))
+    assert "cache_dir" in record_again and sorted(again["experts"]) == sorted(fresh["experts"]) == [
+        f"{i}.{e}" for i in (1, 2) for e in range(4)]
+    assert select(fresh, config) == select(again, config)
+    assert [e for e in select(fresh, config)[1] if "experts" in e]
