@@ -39,8 +39,8 @@ def support_table() -> str:
     method, LoRA and the streamed builds on every family (``tests/test_families.py``,
     ``tests/test_streaming.py``); the README holds this table and a test fails when it is stale.
     A method that cannot build from a streamed model (its ``stream_refusal``) is said in the
-    streamed column, the same for every family; a family whose checkpoints transformers converts on
-    load (one stored tensor per expert, fused on load) loads whole. LoRA on a mixture-of-experts
+    streamed column, the same for every family, and so is a family whose checkpoints transformers
+    converts on load in a way the streamed reader does not reproduce. LoRA on a mixture-of-experts
     family targets the attention projections.
     """
     from ..emulator import available_methods, get_builder
@@ -55,6 +55,6 @@ def support_table() -> str:
         converted = conversion_refusal(tiny_config(key, 1))
         lora = "✓ (attention)" if FAMILIES[key].experts else "✓"
         cells = [f"`{key}`", *["✓"] * len(methods), lora,
-                 "— (stored per expert: loads whole)" if converted else streamed, "✓"]
+                 "— (converted on load: loads whole)" if converted else streamed, "✓"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

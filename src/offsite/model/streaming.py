@@ -25,6 +25,7 @@ is removed by :meth:`StreamedModel.close`.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,37 +54,64 @@ def _load_transforms(config) -> list:
         config.model_type) or [])
 
 
+_MERGES = {"MergeModulelist", "Concatenate"}
+"""Conversions the streamed reader reproduces: stacking one stored tensor per expert into a fused
+parameter (``MergeModulelist`` along dim 0) and joining the stacks (``Concatenate``: gate, then up)."""
+
+
 def conversion_refusal(config) -> str | None:
     """Why this architecture's checkpoints cannot be read tensor by tensor, or None when they can.
 
-    Renames are followed (:func:`_renames`); any other conversion (Mixtral, Qwen-MoE and OLMoE store one
-    tensor per expert and transformers fuses them on load) changes values, which the streamed reader does
-    not reproduce.
+    Renames are followed (GPT-NeoX's ``embed_out`` is the model's ``lm_head``), and so are the expert
+    merges of Mixtral, Qwen2/3-MoE and OLMoE, whose checkpoints store one tensor per expert that
+    transformers fuses on load (:class:`_Conversion` does the same, one layer at a time). Any other
+    conversion changes values in ways the reader does not reproduce.
     """
     from transformers.core_model_loading import WeightRenaming
 
     for t in _load_transforms(config):
-        if type(t) is not WeightRenaming:
-            return (f"{config.model_type} checkpoints are converted on load ({type(t).__name__}: stored tensors "
-                    "are merged), which the layer-by-layer reader does not do")
+        ops = [type(o).__name__ for o in getattr(t, "operations", None) or []]
+        if type(t) is not WeightRenaming and not (ops and set(ops) <= _MERGES):
+            return (f"{config.model_type} checkpoints are converted on load ({type(t).__name__}: {', '.join(ops)}), "
+                    "which the layer-by-layer reader does not do")
     return None
 
 
-def _renames(config):
-    """``stored name -> model name``: the renames transformers applies when it loads this architecture
-    (GPT-NeoX's ``embed_out`` is the model's ``lm_head``); other conversions are refused."""
-    import re
+class _Conversion:
+    """Stored names -> model names (renames), and fused model tensors made of several stored ones (merges).
 
-    why = conversion_refusal(config) if _load_transforms(config) else None
-    if why:
-        raise OffsiteError(f"--stream: {why}; load without --stream")
-    pairs = [pair for t in _load_transforms(config) for pair in zip(t.source_patterns, t.target_patterns)]
+    A merge's source patterns (``.experts.*.w1.weight``, ``.experts.*.w3.weight``) match stored names with
+    the expert index at ``*``; the model name puts the target pattern (``.experts.gate_up_proj``) where the
+    source matched. Reading it stacks each source over the experts (dim 0) and concatenates the stacks
+    along the converter's ``Concatenate`` dim, as transformers does when it loads the whole model.
+    """
 
-    def rename(name: str) -> str:
-        for source, target in pairs:
+    def __init__(self, config):
+        why = conversion_refusal(config)
+        if why:
+            raise OffsiteError(f"--stream: {why}; load without --stream")
+        self.renames, self.merges = [], []
+        for t in _load_transforms(config):
+            if not getattr(t, "operations", None):
+                self.renames += list(zip(t.source_patterns, t.target_patterns))
+                continue
+            concat = [o.dim for o in t.operations if type(o).__name__ == "Concatenate"]
+            sources = [re.compile(re.escape(p).replace(r"\*", r"(\d+)")) for p in t.source_patterns]
+            self.merges.append((sources, t.target_patterns[0], concat[0] if concat else None))
+
+    def rename(self, name: str) -> str:
+        for source, target in self.renames:
             name = re.sub(source, target, name)
         return name
-    return rename
+
+    def merge_key(self, name: str):
+        """``(model name, merge index, source index, expert)`` when ``name`` (renamed) is part of a merge, else None."""
+        for m, (sources, target, _) in enumerate(self.merges):
+            for k, pattern in enumerate(sources):
+                hit = pattern.search(name)
+                if hit:
+                    return name[:hit.start()] + target + name[hit.end():], m, k, int(hit.group(1))
+        return None
 
 
 def return_freed_memory() -> None:
@@ -135,13 +163,21 @@ class StreamedModel:
         if not files:
             raise OffsiteError(f"--stream reads a checkpoint's .safetensors files; {name_or_path} has none "
                                "(load it without --stream, or save it with save_pretrained first)")
-        rename = _renames(config)
-        self._where, self._stored = {}, {}
+        conversion = _Conversion(config)
+        self._where, self._stored, self._merged = {}, {}, {}
         for path in files:
             with safe_open(str(path), framework="pt") as fh:
                 for stored in fh.keys():
-                    name = rename(stored)
-                    self._where[name], self._stored[name] = path, stored
+                    name = conversion.rename(stored)
+                    part = conversion.merge_key(name)
+                    if part is None:
+                        self._where[name], self._stored[name] = path, stored
+                        continue
+                    fused, m, k, expert = part
+                    entry = self._merged.setdefault(fused, {"dim": conversion.merges[m][2], "parts": {}})
+                    entry["parts"].setdefault(k, {})[expert] = (path, stored)
+        for fused, entry in self._merged.items():  # listed where its first part lies (lookups, fingerprints)
+            self._where[fused] = next(iter(entry["parts"][0].values()))[0]
         wanted = resolve_dtype(dtype)
         if wanted == "auto" or wanted is None:
             wanted = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
@@ -191,12 +227,21 @@ class StreamedModel:
     def _read(self, names: list) -> dict:
         from safetensors import safe_open
 
-        out = {}
-        for name in names:
+        def one(path, stored):
             # A handle per tensor: every page read through an open handle stays mapped (and counted as
             # resident) until it closes, so one handle for a group would hold the group twice.
-            with safe_open(str(self._where[name]), framework="pt") as fh:
-                t = fh.get_tensor(self._stored[name])
+            with safe_open(str(path), framework="pt") as fh:
+                return fh.get_tensor(stored)
+
+        out = {}
+        for name in names:
+            if name in self._merged:  # one stored tensor per expert: stacked, then gate and up joined
+                entry = self._merged[name]
+                stacks = [torch.stack([one(*parts[e]) for e in sorted(parts)])
+                          for _, parts in sorted(entry["parts"].items())]
+                t = torch.cat(stacks, dim=entry["dim"]) if entry["dim"] is not None else stacks[0]
+            else:
+                t = one(self._where[name], self._stored[name])
             out[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
         return out
 
