@@ -34,6 +34,11 @@ SHAPES = {
                             num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
     "llama-1.5gb-12l": dict(model_type="llama", hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
                             num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
+    # allenai/OLMoE-1B-7B-0924's layer (64 experts of 1024 channels, top-8) at 3 of its 16 layers: one
+    # middle layer with --adapter-layers 1,1, the MoE cost figure of issue 28
+    "olmoe-1b-7b-3l": dict(model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=3,
+                           num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                           vocab_size=50304, max_position_embeddings=4096, rms_norm_eps=1e-5),
     # the depth pair of bench/scale.py: one width, two depths (how cost grows with depth alone)
     "llama-w512-12l": dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=12,
                            num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
