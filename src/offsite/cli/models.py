@@ -4,6 +4,7 @@
     offsite models path smollm2-135m [--format fp32|bf16|gguf]   # prints the path, for $(...)
     offsite models list
     offsite models convert FILE.gguf --out DIR [--dtype float32]
+    offsite models extract-text MODEL --out DIR   # the language model inside a multimodal (Gemma 3) folder
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ def add_parser(sub) -> None:
     conv.add_argument("--out", required=True, help="new folder to write")
     conv.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     conv.set_defaults(func=run_convert)
+    text = verbs.add_parser("extract-text", help="write the language model inside a multimodal folder (gemma3) "
+                                                 "alone, as a stock causal-LM folder every offsite workflow reads")
+    text.add_argument("model", help="the multimodal folder or hub id")
+    text.add_argument("--out", required=True, help="new folder to write")
+    text.add_argument("--dtype", default="auto", help="auto (the checkpoint's, default), float32, bfloat16, float16")
+    text.set_defaults(func=run_extract_text)
     from . import QUIET_HELP
 
-    for verb in (prep, path, lst, conv):  # the top-level parser adds --quiet to "models" only, not to its verbs
+    for verb in (prep, path, lst, conv, text):  # the top-level parser adds --quiet to "models" only, not to its verbs
         verb.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
 
 
@@ -76,4 +83,11 @@ def run_convert(args) -> int:
     from ..model.gguf_input import convert_gguf
 
     print(f"written {convert_gguf(args.gguf, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def run_extract_text(args) -> int:
+    from ..model.text_inside import extract_text
+
+    print(f"written {extract_text(args.model, args.out, dtype=args.dtype)}")
     return 0

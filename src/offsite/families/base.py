@@ -45,6 +45,21 @@ class Experts:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextInside:
+    """Where a multimodal checkpoint keeps its language model, so offsite can work on that alone.
+
+    Attributes:
+        text_config: config attribute holding the text model's config (a supported family's type).
+        backbone: path, from the multimodal CausalLM root, of the text backbone (the text CausalLM's ``model``).
+        head: path of the LM head.
+    """
+
+    text_config: str
+    backbone: str
+    head: str = "lm_head"
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """Roles of one architecture, as module paths.
 

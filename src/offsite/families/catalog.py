@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Experts, Family
+from .base import Experts, Family, TextInside
 
 _LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
 _SWIGLU = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -107,6 +107,12 @@ FAMILIES: dict[str, Family] = {
                mlp={"up": "mlp.fc_in", "down": "mlp.fc_out"}, norms=("ln_1",), parallel_residual=True,
                extra="rotary on rotary_dim; biases on MLP only"),
     ]
+}
+
+# Multimodal folders whose language model is a supported family: ``offsite models extract-text`` writes
+# that model alone as a stock causal-LM folder (the vision tower is not part of offsite-tuning).
+TEXT_INSIDE: dict[str, TextInside] = {
+    "gemma3": TextInside(text_config="text_config", backbone="model.language_model"),
 }
 
 _COMMON = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
