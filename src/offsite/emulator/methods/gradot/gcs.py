@@ -109,6 +109,16 @@ def component_terms(stats: dict, svd) -> dict:
     return {"shift": shift, "gain": gain, "curvature": curvature, "loss": gain + curvature}
 
 
+def product_column_l1(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``column_l1(a @ w.T)`` a block of ``w``'s rows at a time, ``(n, n), (m, n) -> (m,)``.
+
+    Neither the ``(n, m)`` product nor ``w`` in ``a``'s dtype (a bf16 model's weights are widened to
+    fp32) is made whole: at n = 1536, m = 4096 they are 25 MB each, at the peak of a streamed build.
+    """
+    step = _block_width(a.shape[0])
+    return torch.cat([(a @ w[j:j + step].to(a.dtype).T).abs().sum(0) for j in range(0, w.shape[0], step)])
+
+
 def channel_terms(row_parts: list, down_part: tuple) -> dict:
     """``shift``, ``gain`` (summed over the MLP's matrices) and ``loss`` (down column) per channel j.
 
@@ -126,16 +136,19 @@ def channel_terms(row_parts: list, down_part: tuple) -> dict:
     curvature = 0.5 * (d_w * g_d).sum(0) * d_stats["A"].diagonal()
     channels = d_w.shape[1]
     first = d_stats.get("grad") is not None
-    gain = -(d_stats["grad"] * d_w).sum(0) if first else None
+    down_gain = -(d_stats["grad"] * d_w).sum(0) if first else None
+    # The down matrix's fp32 copy and G @ W_down (out x channels each) are done with: freed before the
+    # row matrices' products, which are the layer's peak in a streamed build.
+    del d_w, g_d
+    gain = down_gain
     for stats, w, blocks in row_parts:
-        w = w.to(stats["A"].dtype)
-        row_shift = column_l1(stats["G"]) * column_l1(stats["A"] @ w.T)
+        row_shift = column_l1(stats["G"]) * product_column_l1(stats["A"], w)
         shift = shift + row_shift.view(blocks, channels).sum(0)
         if first:
-            gain = gain + (-(stats["grad"] * w).sum(1)).view(blocks, channels).sum(0)
+            gain = gain + (-(stats["grad"] * w.to(stats["A"].dtype)).sum(1)).view(blocks, channels).sum(0)
     if not first:  # gathered without the gradient: the first-order terms are not known
         return {"shift": shift, "curvature": curvature}
-    return {"shift": shift, "gain": gain, "curvature": curvature, "loss": -(d_stats["grad"] * d_w).sum(0) + curvature}
+    return {"shift": shift, "gain": gain, "curvature": curvature, "loss": down_gain + curvature}
 
 
 def scores(terms: dict, lam: float, form: str = "relative", first_order: bool = False) -> torch.Tensor:
