@@ -235,15 +235,41 @@ class StreamedModel:
 
         out = {}
         for name in names:
-            if name in self._merged:  # one stored tensor per expert: stacked, then gate and up joined
-                entry = self._merged[name]
-                stacks = [torch.stack([one(*parts[e]) for e in sorted(parts)])
-                          for _, parts in sorted(entry["parts"].items())]
-                t = torch.cat(stacks, dim=entry["dim"]) if entry["dim"] is not None else stacks[0]
-            else:
-                t = one(self._where[name], self._stored[name])
+            if name in self._merged:
+                out[name] = self._read_merged(self._merged[name], one)
+                continue
+            t = one(self._where[name], self._stored[name])
             out[name] = (t.to(self.dtype) if t.is_floating_point() else t).to(self.device)
         return out
+
+    def _read_merged(self, entry: dict, one) -> torch.Tensor:
+        """A fused expert tensor from one stored tensor per expert (and per source: gate, up).
+
+        The result is what ``torch.cat([torch.stack(source) for source in sources], dim)`` gives, written
+        into one preallocated tensor an expert at a time, so reading holds the fused tensor and one stored
+        expert tensor rather than the stacks and their concatenation (4x a 1 GB fused tensor).
+        """
+        sources = [parts for _, parts in sorted(entry["parts"].items())]
+        experts = sorted(sources[0])
+        if experts != list(range(len(experts))) or any(sorted(parts) != experts for parts in sources):
+            raise OffsiteError(f"{self.name_or_path}: the stored expert tensors are not numbered 0..E-1 alike "
+                               "for every part of a fused tensor; load without --stream")
+        dim = entry["dim"]  # in the stacked tensor's coordinates: dim - 1 in one expert's
+        shapes = [list(one(*parts[0]).shape) for parts in sources]
+        widths = [shape[dim - 1] for shape in shapes] if dim is not None else [0]
+        shape = shapes[0]
+        if dim is not None:
+            shape[dim - 1] = sum(widths)
+        probe = one(*sources[0][0])
+        dtype = self.dtype if probe.is_floating_point() else probe.dtype
+        fused = torch.empty(len(experts), *shape, dtype=dtype, device=self.device)
+        offset = 0
+        for parts, width in zip(sources, widths):
+            for e in experts:
+                target = fused[e] if dim is None else fused[e].narrow(dim - 1, offset, width)
+                target.copy_(one(*parts[e]))
+            offset += width
+        return fused
 
     @staticmethod
     def _assign(module: nn.Module, tensors: dict, strict: bool = True) -> None:
