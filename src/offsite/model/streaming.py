@@ -255,21 +255,30 @@ class StreamedModel:
             raise OffsiteError(f"{self.name_or_path}: the stored expert tensors are not numbered 0..E-1 alike "
                                "for every part of a fused tensor; load without --stream")
         dim = entry["dim"]  # in the stacked tensor's coordinates: dim - 1 in one expert's
-        shapes = [list(one(*parts[0]).shape) for parts in sources]
+        shapes = [self._stored_shape(*parts[0]) for parts in sources]  # from the headers: no tensor read
         widths = [shape[dim - 1] for shape in shapes] if dim is not None else [0]
         shape = shapes[0]
         if dim is not None:
             shape[dim - 1] = sum(widths)
-        probe = one(*sources[0][0])
-        dtype = self.dtype if probe.is_floating_point() else probe.dtype
-        fused = torch.empty(len(experts), *shape, dtype=dtype, device=self.device)
-        offset = 0
+        fused, offset = None, 0
         for parts, width in zip(sources, widths):
             for e in experts:
+                t = one(*parts[e])
+                if fused is None:
+                    dtype = self.dtype if t.is_floating_point() else t.dtype
+                    fused = torch.empty(len(experts), *shape, dtype=dtype, device=self.device)
                 target = fused[e] if dim is None else fused[e].narrow(dim - 1, offset, width)
-                target.copy_(one(*parts[e]))
+                target.copy_(t)
             offset += width
         return fused
+
+    @staticmethod
+    def _stored_shape(path, stored) -> list:
+        """Shape of one stored tensor, read from the file's header."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return list(fh.get_slice(stored).get_shape())
 
     @staticmethod
     def _assign(module: nn.Module, tensors: dict, strict: bool = True) -> None:
