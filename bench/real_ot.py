@@ -115,6 +115,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = mixture(args.data_dir, work, args.per_task)
     for name in args.cells:
+        if known[name]["kind"] == "audit":  # resumable per attack: only the attacks not yet in the cell run
+            run_audit_cell(known[name], name, model, data, work, args, results, out)
+            continue
         if name in results["cells"]:
             print(f"{name}: done before, skipped", flush=True)
             continue
@@ -169,8 +172,6 @@ def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) ->
                  **{**ft, "lr": spec["lr"]})
         return {"lr": spec["lr"], "finetune_s": round(time.time() - t0, 1), "val_loss": _best_val(adapter),
                 "scores": score_all(model, adapter, args)}
-    if spec["kind"] == "audit":
-        return run_audit_cell(spec, model, data, work, args)
     emu_dir, adapter = work / f"emulator-{name}", work / f"adapter-{name}"
     t0 = time.time()
     emulate(model, emu_dir, method=spec["method"], overwrite=True, **spec["emulate"])
@@ -192,12 +193,14 @@ def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) ->
     return cell
 
 
-def run_audit_cell(spec: dict, model: str, data: Path, work: Path, args) -> dict:
+def run_audit_cell(spec: dict, name: str, model: str, data: Path, work: Path, args, results: dict,
+                   out: Path) -> None:
     """The data owner's attacks (``offsite audit``, budget ``same``) on a method's default emulator.
 
     Each attack trains on the same mixture with the same steps, lr and batch as the honest adapter and
     is scored on the five tasks; attack (a), the honest adapter, is the method cell's emulator FT row.
-    The strongest attack is the one with the highest average accuracy.
+    The strongest attack is the one with the highest average accuracy. Attacks already in the cell are
+    kept and skipped; each finished attack is saved at once, so a later run adds the others.
     """
     from offsite.experiments.audit import resolve_public
     from offsite.experiments.audit.attacks import run_attack
@@ -209,9 +212,13 @@ def run_audit_cell(spec: dict, model: str, data: Path, work: Path, args) -> dict
         emulate(model, emu_dir, method=spec["method"], overwrite=True)
     settings = {**FINETUNE, "eval_every": FINETUNE["max_steps"] // 4, "progress": True, "device": "cpu"}
     public = resolve_public(None) if "recovery" in args.attacks else None
-    cell = {"method": spec["method"], "emulator_of": spec["of"], "budget": "same", "attacks": {},
-            "attacks_run": args.attacks}
+    cell = results["cells"].setdefault(name, {"method": spec["method"], "emulator_of": spec["of"],
+                                               "budget": "same", "attacks": {}})
+    cell.pop("attacks_run", None)  # older cells recorded the --attacks flag; the attacks dict says it
     for attack in [a for a in args.attacks.split(",") if a]:
+        if attack in cell["attacks"]:
+            print(f"{name}: attack {attack} done before, skipped", flush=True)
+            continue
         t0 = time.time()
         done = run_attack(attack, emu_dir, data, "prompt", settings, "same", public)
         scores = {t: {"acc": (acc := score(done.model, done.tokenizer, t, args.data_dir, "validation", args.limit,
@@ -222,10 +229,12 @@ def run_audit_cell(spec: dict, model: str, data: Path, work: Path, args) -> dict
                                    "seconds": round(time.time() - t0, 1)}
         print(f"audit {spec['method']}: {attack} avg {average(scores) * 100:.1f}", flush=True)
         del done
-    cell["strongest"] = max(cell["attacks"], key=lambda a: average(cell["attacks"][a]["scores"]))
-    cell["command"] = (f"offsite audit --emulator E --model SMOL --tasks {','.join(TASKS)} --budget same "
-                       f"(here on one mixture of the five training sets, as every row)")
-    return cell
+        cell["strongest"] = max(cell["attacks"], key=lambda a: average(cell["attacks"][a]["scores"]))
+        cell["seconds"] = round(sum(a["seconds"] for a in cell["attacks"].values()), 1)
+        cell["command"] = (f"offsite audit --emulator E --model SMOL --tasks {','.join(TASKS)} --budget same "
+                           f"(here on one mixture of the five training sets, as every row)")
+        save(results, out)
+        write(results, out)
 
 
 def _best_val(adapter: Path):
