@@ -72,6 +72,10 @@ def cells() -> dict:
     for lr in (3e-4, 1e-3):
         out[f"crash-lr{lr:g}"] = {"kind": "method", "method": "crash", "emulate": {}, "finetune": {"lr": lr}}
     out["crash-steps600"] = {"kind": "method", "method": "crash", "emulate": {}, "finetune": {"max_steps": 600}}
+    # How far tuning only the adapter can go at all: the "emulator" is the whole middle, so emulator FT
+    # and plug-in are one model (scored once). The ceiling of every method's plug-in at that adapter.
+    for ad in ("2,2", "3,3"):
+        out[f"ceiling-{ad.replace(',', '+')}"] = {"kind": "ceiling", "adapter_layers": ad}
     # The layer-drop default before bench/real_curve.py chose 70% of the middle: 25%, 6 of 26 here.
     out["uniform-6"] = {"kind": "method", "method": "uniform", "emulate": {"emulator_layers": 6}, "finetune": {}}
     return out
@@ -179,6 +183,17 @@ def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) ->
         return {"lr": spec["lr"], "finetune_s": round(time.time() - t0, 1), "val_loss": _best_val(adapter),
                 "scores": score_all(model, adapter, args)}
     emu_dir, adapter = work / f"emulator-{name}", work / f"adapter-{name}"
+    if spec["kind"] == "ceiling":
+        import transformers
+
+        depth = transformers.AutoConfig.from_pretrained(model).num_hidden_layers
+        middle = depth - sum(int(x) for x in spec["adapter_layers"].split(","))
+        emulate(model, emu_dir, method="uniform", adapter_layers=spec["adapter_layers"], emulator_layers=middle,
+                overwrite=True, allow_verbatim_middle=True, device="cpu")
+        t0 = time.time()
+        finetune(emu_dir, data, adapter, format="prompt", overwrite=True, **ft)
+        return {"adapter_layers": spec["adapter_layers"], "finetune_s": round(time.time() - t0, 1),
+                "val_loss": _best_val(adapter), "scores": score_all(model, adapter, args)}
     t0 = time.time()
     emulate(model, emu_dir, method=spec["method"], overwrite=True, **spec["emulate"])
     cell = {"method": spec["method"], "emulate": spec["emulate"], "finetune": {**ft, **spec["finetune"]},
@@ -293,6 +308,10 @@ def render(r: dict) -> str:
     for k, v in fts.items():
         lines.append(row(f"full fine-tuning, lr {v['lr']:g}{' (chosen: lowest held-out loss)' if k == best else ''}",
                          v["scores"]))
+    for name, v in c.items():
+        if name.startswith("ceiling-"):
+            lines.append(row(f"{name}: adapter {v['adapter_layers']} tuned against the whole middle "
+                             f"(emulator FT = plug-in; no method's plug-in can expect more)", v["scores"]))
     for name, v in c.items():
         if "plug_in" not in v:
             continue
