@@ -184,9 +184,9 @@ def run_cell(spec: dict, name: str, model: str, data: Path, work: Path, args) ->
                 "scores": score_all(model, adapter, args)}
     emu_dir, adapter = work / f"emulator-{name}", work / f"adapter-{name}"
     if spec["kind"] == "ceiling":
-        import transformers
+        from offsite.model.loading import load_config
 
-        depth = transformers.AutoConfig.from_pretrained(model).num_hidden_layers
+        depth = load_config(model).num_hidden_layers
         middle = depth - sum(int(x) for x in spec["adapter_layers"].split(","))
         emulate(model, emu_dir, method="uniform", adapter_layers=spec["adapter_layers"], emulator_layers=middle,
                 overwrite=True, allow_verbatim_middle=True, device="cpu")
